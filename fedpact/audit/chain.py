@@ -1,0 +1,205 @@
+"""Hash-chain primitives of the audit ledger: canonical JSON, event hashes and chain verification.
+
+Pure functions with no database, so an auditor can re-check an exported ledger with this module alone.
+Each event's hash covers its predecessor's hash, so altering, removing or reordering any stored
+event breaks the chain at that point. Truncating the newest events, or rewriting every hash after
+an edit, can only be caught by comparing `head_hash` with a copy kept elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from fedpact.audit.events import LedgerError
+
+GENESIS_HASH = "0" * 64
+"""The prev_hash of event 1: the chain starts from this fixed value."""
+
+
+@dataclass(frozen=True)
+class ChainVerification:
+    """Outcome of checking a ledger's hash chain; `reason` is written for a compliance officer.
+
+    On failure, `first_bad_seq` is the earliest sequence number that cannot be trusted and
+    `head_hash` is the hash of the last event that verified (GENESIS_HASH if none did).
+    """
+
+    ok: bool
+    events_checked: int
+    first_bad_seq: int | None
+    reason: str
+    head_hash: str
+
+
+def _check_json_value(value: Any, path: str) -> None:
+    """Raise LedgerError naming `path` if `value` is not plain, finite, UTF-8-encodable JSON data."""
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, str):
+        _check_text(value, path)
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise LedgerError(
+                f"{path} is {value!r}: NaN and infinity cannot be recorded in the ledger"
+            )
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise LedgerError(
+                    f"{path} has a {type(key).__name__} key {key!r}: ledger keys must be strings"
+                )
+            _check_text(key, f"key {key!r} of {path}")
+            _check_json_value(item, f"{path}[{key!r}]")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{path}[{index}]")
+        return
+    raise LedgerError(
+        f"{path} is a {type(value).__name__}, which is not JSON-serialisable "
+        "(use str, int, float, bool, None, lists and dicts; convert numpy values with .item())"
+    )
+
+
+def _check_text(text: str, path: str) -> None:
+    """Raise LedgerError if `text` cannot be encoded as UTF-8 (e.g. holds a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LedgerError(f"{path} is not valid Unicode text: {exc.reason}") from None
+
+
+def canonical_json(obj: Any, *, label: str = "value") -> bytes:
+    """Encode `obj` as canonical JSON bytes: sorted keys, compact, UTF-8; NaN/inf are refused.
+
+    `label` names the object in error messages (e.g. "payload" gives "payload['auc'] is nan ...").
+    """
+    try:
+        _check_json_value(obj, label)
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except RecursionError:
+        raise LedgerError(f"{label} is nested too deeply to record in the ledger") from None
+    except (TypeError, ValueError) as exc:
+        raise LedgerError(f"{label} cannot be encoded as canonical JSON: {exc}") from exc
+    return text.encode("utf-8")
+
+
+def event_hash(
+    prev_hash: str,
+    seq: int,
+    timestamp: str,
+    event_type: str,
+    actor: str,
+    job_id: str | None,
+    payload: Mapping[str, Any],
+) -> str:
+    """Return the hex SHA-256 of the canonical JSON of an event's fields and its predecessor's hash."""
+    record = {
+        "prev_hash": prev_hash,
+        "seq": seq,
+        "timestamp": timestamp,
+        "event_type": event_type.value if isinstance(event_type, Enum) else event_type,
+        "actor": actor,
+        "job_id": job_id,
+        "payload": payload,
+    }
+    return hashlib.sha256(canonical_json(record, label="event")).hexdigest()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_stored_payload(text: str) -> dict[str, Any]:
+    """Decode a payload stored as canonical JSON text; raise LedgerError if it is not canonical."""
+    if not isinstance(text, str):
+        raise LedgerError(f"stored payload is a {type(text).__name__}, not JSON text")
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise LedgerError(f"stored payload is not valid JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise LedgerError(f"stored payload is a JSON {type(payload).__name__}, not an object")
+    if canonical_json(payload, label="payload").decode("utf-8") != text:
+        raise LedgerError("stored payload is not in canonical form")
+    return payload
+
+
+def _field(row: Any, name: str) -> Any:
+    """Read column `name` from a mapping or an object with attributes (dataclass, SQLAlchemy Row)."""
+    return row[name] if isinstance(row, Mapping) else getattr(row, name)
+
+
+def verify_chain(rows: Iterable[Any]) -> ChainVerification:
+    """Check events given in seq order: seq runs 1, 2, 3…, each links to its predecessor, hashes recompute.
+
+    Each row has seq, timestamp, event_type, actor, job_id, payload (a dict, or the stored canonical
+    JSON text), prev_hash and hash. Stops at the first event that fails.
+    """
+    checked = 0
+    last_seq = 0
+    last_hash = GENESIS_HASH
+
+    def failure(first_bad_seq: int, reason: str) -> ChainVerification:
+        return ChainVerification(False, checked, first_bad_seq, reason, last_hash)
+
+    for row in rows:
+        checked += 1
+        seq = _field(row, "seq")
+        expected_seq = last_seq + 1
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            return failure(
+                expected_seq, f"event after event {last_seq} has a malformed seq {seq!r}"
+            )
+        if seq > expected_seq:
+            if last_seq == 0:
+                reason = f"gap: the first event is event {seq}; event 1 is missing"
+            else:
+                reason = f"gap: event {seq} follows event {last_seq}"
+            return failure(expected_seq, reason)
+        if seq < expected_seq:
+            return failure(seq, f"event {seq} is out of order: it follows event {last_seq}")
+
+        predecessor = f"event {last_seq}" if last_seq else "the genesis hash"
+        if _field(row, "prev_hash") != last_hash:
+            return failure(seq, f"event {seq}: prev_hash does not link to {predecessor}")
+
+        payload = _field(row, "payload")
+        try:
+            if not isinstance(payload, Mapping):
+                payload = parse_stored_payload(payload)
+            recomputed = event_hash(
+                last_hash,
+                seq,
+                _field(row, "timestamp"),
+                _field(row, "event_type"),
+                _field(row, "actor"),
+                _field(row, "job_id"),
+                payload,
+            )
+        except LedgerError as exc:
+            return failure(seq, f"event {seq}: {exc} (altered after it was written)")
+        stored_hash = _field(row, "hash")
+        if recomputed != stored_hash:
+            return failure(
+                seq, f"event {seq}: hash does not match its contents (altered after it was written)"
+            )
+        last_seq, last_hash = seq, stored_hash
+
+    noun = "event" if checked == 1 else "events"
+    summary = (
+        f"{checked} {noun} verified; chain intact"
+        if checked
+        else "ledger is empty; nothing to verify"
+    )
+    return ChainVerification(True, checked, None, summary, last_hash)

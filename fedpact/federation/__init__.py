@@ -1,0 +1,1 @@
+"""Flower apps and job orchestration: composes models, privacy and audit into federated jobs."""

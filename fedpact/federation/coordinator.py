@@ -1,0 +1,152 @@
+"""The coordinator's side of a job: handshake, FedAvg rounds, ledger events, the delivered model.
+
+`run_job` takes any Flower `Grid` — the simulation engine's or a real SuperLink's — so the same
+code runs the demo and a deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedpact.audit import EventType, Ledger
+from fedpact.errors import FedpactError
+from fedpact.models.networks import build_model
+
+from .job import JobConfig
+from .strategy import AuditedFedAvg, RoundFailed
+
+
+class JobFailed(FedpactError):
+    """The federated job stopped; the message says at which step and why."""
+
+
+@dataclass
+class PartnerSummary:
+    name: str
+    train_rows: int
+    test_rows: int
+    epsilon: float = 0.0
+    noise_multiplier: float = 0.0
+
+
+@dataclass
+class JobResult:
+    """What a data team receives: final pooled metrics, per-round history, privacy spent."""
+
+    job_id: str
+    config: dict
+    partners: list[PartnerSummary]
+    rounds: list[dict]
+    final: dict
+    epsilon: float
+    delta: float
+    ledger_events: int
+    seconds: float
+    model_path: str = ""
+    layout: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> JobResult:
+        doc = dict(doc)
+        doc["partners"] = [PartnerSummary(**p) for p in doc["partners"]]
+        return cls(**doc)
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= n:
+            return sorted(nodes)[:n] if len(nodes) > n else sorted(nodes)
+        if time.monotonic() > deadline:
+            raise JobFailed(f"only {len(nodes)} of {n} partner nodes connected within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _handshake(grid: Grid, job: JobConfig, node_ids: list[int], timeout: float):
+    """Ask each node for its feature layout and row counts; all layouts must be identical."""
+    content = RecordDict({"config": ConfigRecord(job.to_config())})
+    msgs = [Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    errors = [r for r in replies if r.has_error()]
+    if errors or len(replies) < len(node_ids):
+        reasons = "; ".join(r.error.reason for r in errors) or "no reply"
+        raise JobFailed(f"handshake failed: {reasons}")
+    names, partners, layouts = {}, [], set()
+    for reply in replies:
+        rec = reply.content["layout"]
+        names[reply.metadata.src_node_id] = str(rec["partner"])
+        partners.append(PartnerSummary(str(rec["partner"]), int(rec["train-rows"]), int(rec["test-rows"])))
+        layouts.add(str(rec["layout"]))
+    if len(layouts) != 1:
+        raise JobFailed("partners disagree on the feature layout (columns or categories differ); "
+                        "declare the same categories in every partner's mapping")
+    partners.sort(key=lambda p: p.name)
+    return names, partners, json.loads(layouts.pop())
+
+
+def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
+            on_round: Callable[[int, dict], None] | None = None, *, timeout: float = 600) -> JobResult:
+    """Run `job` on the nodes behind `grid`; write the ledger; save the model; return the result."""
+    job.validate()
+    started = time.monotonic()
+    first_seq = (ledger.head().seq if ledger.head() else 0)
+    job.job_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        node_ids = _wait_for_nodes(grid, job.num_partitions, timeout)
+        names, partners, layout = _handshake(grid, job, node_ids, timeout)
+        ledger.append(
+            EventType.JOB_CREATED,
+            {"task": job.dataset, "partners": [p.name for p in partners], "purpose": job.purpose,
+             "rows": {p.name: p.train_rows for p in partners}, "config": job.as_dict()},
+            actor="coordinator", job_id=job.job_id,
+        )
+        n_features = sum(len(v) for v in layout["categorical"].values()) + len(layout["numeric"])
+        model = build_model(job.model, n_features, seed=job.seed)
+        strategy = AuditedFedAvg(job, ledger, names, on_round)
+        outcome = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=job.rounds,
+            timeout=timeout,
+            train_config=ConfigRecord(job.to_config()),
+            evaluate_config=ConfigRecord(job.to_config()),
+        )
+    except (RoundFailed, FedpactError) as exc:
+        ledger.append(EventType.JOB_FAILED, {"reason": str(exc)}, actor="coordinator", job_id=job.job_id)
+        raise JobFailed(f"job {job.job_id} failed: {exc}") from None
+
+    model.load_state_dict(outcome.arrays.to_torch_state_dict())
+    model_path = job.job_dir / "model.pt"
+    torch.save({"state_dict": model.state_dict(), "model": job.model, "layout": layout}, model_path)
+    for p in partners:
+        p.epsilon = strategy.partner_epsilon.get(p.name, 0.0)
+        p.noise_multiplier = strategy.partner_sigma.get(p.name, 0.0)
+    final = strategy.round_log[-1] if strategy.round_log else {}
+    epsilon = max((p.epsilon for p in partners), default=0.0)
+    ledger.append(
+        EventType.JOB_FINISHED,
+        {"metrics": {k: v for k, v in final.items() if k != "round"}, "epsilon": epsilon,
+         "delta": job.target_delta if job.dp else 0.0,
+         "per_partner_epsilon": {p.name: p.epsilon for p in partners}, "model": str(model_path)},
+        actor="coordinator", job_id=job.job_id,
+    )
+    head = ledger.head()
+    result = JobResult(
+        job_id=job.job_id, config=job.as_dict(), partners=partners, rounds=strategy.round_log,
+        final=final, epsilon=epsilon, delta=job.target_delta if job.dp else 0.0,
+        ledger_events=(head.seq if head else 0) - first_seq,
+        seconds=time.monotonic() - started, model_path=str(model_path), layout=layout,
+    )
+    (job.job_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
+    return result

