@@ -320,6 +320,17 @@ _MAPPING_KEYS = {
 }
 
 
+class _MappingYamlLoader(yaml.SafeLoader):
+    """Safe YAML without YAML 1.1 booleans: every mapping value is a column name or a cell value,
+    so `positive: yes` must stay the string 'yes' (bank-full's label), not become True -> 'True'."""
+
+
+_MappingYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_mapping(path: str | Path) -> DatasetSpec:
     """Read a TOML or YAML mapping file describing a partner CSV (see docs/data.md)."""
     path = Path(path)
@@ -330,7 +341,7 @@ def load_mapping(path: str | Path) -> DatasetSpec:
         if path.suffix.lower() == ".toml":
             doc = tomllib.loads(text)
         elif path.suffix.lower() in (".yaml", ".yml"):
-            doc = yaml.safe_load(text) or {}
+            doc = yaml.load(text, Loader=_MappingYamlLoader) or {}
         else:
             raise ConfigurationError(f"{path}: mapping files must end in .toml, .yaml or .yml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
@@ -431,7 +442,7 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, *, source: str) -> Pa
         role = ("id" if col == spec.id_column else "label" if col == spec.label
                 else "categorical" if col in spec.categorical else "numeric")
         problems.append(
-            f"column {col!r} ({role} in the mapping) is missing; the file has "
+            f"column {col!r} ({role} in the mapping) is missing; the file has {n} rows and "
             f"{len(frame.columns)} columns: {', '.join(map(str, frame.columns[:25]))}"
         )
     if missing_cols:

