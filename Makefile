@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -m bench -s -p no:cacheprovider bench/
 
 lint: $(STAMP)
-	$(BIN)/ruff check fedpact tests bench
+	$(BIN)/ruff check fedpact tests bench conftest.py
 
 clean:
 	rm -rf .fedpact .pytest_cache .ruff_cache

@@ -274,3 +274,15 @@ def test_opacus_rdp_epsilon_agrees_with_google_dp_accounting(sigma, q, steps):
     google.compose(event)
     theirs = google.get_epsilon(DELTA)
     assert ours == pytest.approx(theirs, rel=0.05)
+
+
+def test_store_keeps_look_alike_job_ids_apart(tmp_path):
+    """Jobs 'a/b' and 'a_b' (same sanitised name) keep separate privacy histories."""
+    store = AccountantStore(tmp_path)
+    common = dict(accountant="rdp", target_epsilon=1.0, delta=1e-5, noise_multiplier=1.0,
+                  sample_rate=0.01, planned_steps=100)
+    store.save(AccountantState(job_id="a/b", dataset="d", history=[(1.0, 0.01, 10)], **common))
+    store.save(AccountantState(job_id="a_b", dataset="d", history=[(1.0, 0.01, 99)], **common))
+    assert store.load("a/b", "d").steps_taken == 10
+    assert store.load("a_b", "d").steps_taken == 99
+    assert len(list(tmp_path.glob("*.json"))) == 2

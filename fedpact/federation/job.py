@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fedpact.errors import ConfigurationError
+from fedpact.models.datasets import BUILTIN_SPECS
 from fedpact.models.networks import MODEL_KINDS
 from fedpact.privacy.accounting import ACCOUNTANTS
 
@@ -45,6 +46,8 @@ class JobConfig:
         def bad(name: str, why: str):
             raise ConfigurationError(f"job setting {name} = {getattr(self, name)!r}: {why}")
 
+        if self.dataset not in BUILTIN_SPECS:
+            bad("dataset", f"choose one of {', '.join(BUILTIN_SPECS)}")
         if self.partitioning not in SCHEMES:
             bad("partitioning", f"choose one of {', '.join(SCHEMES)}")
         if self.model not in MODEL_KINDS:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedpact.errors import FedpactError
+from fedpact.models.datasets import load_dataset
 
 from .coordinator import JobFailed, JobResult
 from .job import JobConfig
@@ -36,6 +37,8 @@ def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | No
                       *, quiet: bool = True) -> JobResult:
     """Run `job` with one simulated SuperNode per partition; return the coordinator's result."""
     job.validate()
+    # Pre-flight on this machine (it hosts every simulated node): fail before starting Ray.
+    load_dataset(job.dataset)
     prepare_flower_env(job.home)
     from flwr.simulation import run_simulation
 

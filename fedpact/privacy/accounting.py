@@ -7,6 +7,7 @@ reported at the end of a job composes every round, also across restarts of the p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+import fedpact.privacy.dp_sgd  # noqa: F401  (installs the Opacus notice filters)
 from fedpact.errors import ConfigurationError
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -99,14 +101,21 @@ class AccountantStore:
         self.folder = Path(folder)
 
     def _path(self, job_id: str, dataset: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{job_id}__{dataset}")
-        return self.folder / f"{safe}.json"
+        """A readable prefix plus a digest of the exact (job, dataset) pair, so names never collide."""
+        readable = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{job_id}__{dataset}")[:80]
+        digest = hashlib.sha256(f"{job_id}\0{dataset}".encode()).hexdigest()[:16]
+        return self.folder / f"{readable}.{digest}.json"
 
     def load(self, job_id: str, dataset: str) -> AccountantState | None:
         path = self._path(job_id, dataset)
         if not path.exists():
             return None
         doc = json.loads(path.read_text())
+        if doc.get("job_id") != job_id or doc.get("dataset") != dataset:
+            raise ConfigurationError(
+                f"{path}: holds the privacy history of job {doc.get('job_id')!r} / dataset "
+                f"{doc.get('dataset')!r}, not {job_id!r} / {dataset!r}; refusing to mix histories"
+            )
         doc["history"] = [tuple(h) for h in doc["history"]]
         return AccountantState(**doc)
 

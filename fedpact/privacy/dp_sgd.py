@@ -9,6 +9,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+# Known, understood Opacus/torch notices that would otherwise flood every round's output:
+# - secure_mode is off (see docs/privacy.md: torchcsprng has no build for this torch);
+# - Opacus' per-sample hooks on a first layer whose input needs no gradient;
+# - the RDP optimum at the largest order: the bound stays valid, only slightly conservative.
+for _notice in ("Secure RNG turned off", "Full backward hook is firing",
+                "Optimal order is the largest alpha"):
+    warnings.filterwarnings("ignore", message=_notice, category=UserWarning)
+
 
 class PrivateTraining:
     """Wraps a model/optimizer/loader for DP-SGD and accounts every step it takes.

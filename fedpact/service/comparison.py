@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+from torch import nn
+
 from fedpact.federation.coordinator import JobResult
 from fedpact.federation.job import JobConfig
 from fedpact.federation.node_data import load_node_data
 from fedpact.federation.simulation import run_simulated_job
 from fedpact.models.baselines import BaselineReport, compare_baselines
+from fedpact.models.networks import build_model
+from fedpact.models.training import make_loader, make_optimizer, run_epochs
+from fedpact.privacy.accounting import plan_noise_multiplier
+from fedpact.privacy.dp_sgd import PrivateTraining
 
 
 @dataclass
@@ -21,14 +29,35 @@ class JobComparison:
     partner_positive_rates: list[float]
 
 
+def private_local_fit(job: JobConfig) -> Callable[[np.ndarray, np.ndarray], nn.Module]:
+    """DP-SGD on one partner alone with the job's ε, δ, batch, learning rate and number of epochs."""
+    epochs = job.rounds * job.local_epochs
+
+    def fit(X: np.ndarray, y: np.ndarray) -> nn.Module:
+        torch.manual_seed(job.seed)
+        model = build_model(job.model, X.shape[1], seed=job.seed)
+        loader = make_loader(X, y, job.batch_size, seed=job.seed)
+        sigma = plan_noise_multiplier(job.target_epsilon, job.target_delta, 1.0 / len(loader),
+                                      epochs * len(loader), job.accountant)
+        session = PrivateTraining(noise_multiplier=sigma, max_grad_norm=job.max_grad_norm,
+                                  accountant=job.accountant)
+        m, opt, dl = session.wrap(model, make_optimizer(model, job.learning_rate), loader)
+        run_epochs(m, opt, dl, epochs)
+        return model
+
+    return fit
+
+
 def run_with_baselines(job: JobConfig, on_round: Callable[[int, dict], None] | None = None,
                        on_baselines: Callable[[], None] | None = None) -> JobComparison:
     """Run `job` in simulation, then train the references on exactly the partners' own splits."""
     result = run_simulated_job(job, on_round)
     nodes = [load_node_data({"partition-id": i}, job) for i in range(job.num_partitions)]
-    # References use the non-private training defaults (tuned for plain SGD), not the DP job's.
+    # Non-private references use plain-SGD defaults (tuned for it), not the DP job's settings;
+    # the private partner-alone references use exactly the job's DP settings.
     baselines = compare_baselines([n.train for n in nodes], [n.test for n in nodes],
-                                  kind=job.model, seed=job.seed)
+                                  kind=job.model, seed=job.seed,
+                                  private_fit=private_local_fit(job) if job.dp else None)
     if on_baselines:
         on_baselines()
     return JobComparison(job, result, baselines, [n.partner for n in nodes],

@@ -16,27 +16,31 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def comparison_table(cmp: JobComparison, *, title: str) -> Table:
-    """Federated-DP model vs centralised, partner-alone and averaged-local models on pooled test rows."""
+    """Federated model vs partner-alone (same ε), centralised and local references, pooled test rows."""
     job, res, base = cmp.job, cmp.result, cmp.baselines
     table = Table(title=title, title_justify="left", show_lines=False)
     for col in ("model", "trained on", "ROC-AUC", "PR-AUC", "lift@10%", "Brier", "ε"):
         table.add_column(col, justify="left" if col in ("model", "trained on") else "right")
-    fed = res.final
+
+    def row(name: str, where: str, m: dict, eps: str, bold: bool = False) -> None:
+        auc = _fmt(m.get("roc_auc"))
+        table.add_row(f"[bold]{name}" if bold else name, where, f"[bold]{auc}" if bold else auc,
+                      _fmt(m.get("pr_auc")), _fmt(m.get("lift_at_10"), 2), _fmt(m.get("brier")), eps)
+
     eps = f"{res.epsilon:.3f}" if job.dp else "∞ (no DP)"
-    table.add_row("[bold]federated" + (" + DP-SGD" if job.dp else ""),
-                  f"{len(res.partners)} partners, {job.rounds} rounds",
-                  f"[bold]{_fmt(fed.get('roc_auc'))}", _fmt(fed.get("pr_auc")),
-                  _fmt(fed.get("lift_at_10"), 2), _fmt(fed.get("brier")), eps)
-    c = base.centralised
-    table.add_row("centralised, non-private", "pooled rows (not allowed in reality)",
-                  _fmt(c["roc_auc"]), _fmt(c["pr_auc"]), _fmt(c["lift_at_10"], 2), _fmt(c["brier"]), "∞")
-    e = base.local_ensemble
-    table.add_row("local models averaged", "each partner alone, scores averaged",
-                  _fmt(e["roc_auc"]), _fmt(e["pr_auc"]), _fmt(e["lift_at_10"], 2), _fmt(e["brier"]), "∞")
-    for name, alone in zip(cmp.partner_names, base.alone, strict=True):
-        table.add_row(f"  {name.split('/')[-1]} alone", "its own rows",
-                      _fmt(alone["roc_auc"]), _fmt(alone["pr_auc"]), _fmt(alone["lift_at_10"], 2),
-                      _fmt(alone["brier"]), "∞")
+    short = [n.split("/")[-1] for n in cmp.partner_names]
+    row("federated" + (" + DP-SGD" if job.dp else ""),
+        f"{len(res.partners)} partners, {job.rounds} rounds", res.final, eps, bold=True)
+    if base.local_private is not None:
+        row("local DP models averaged", f"each partner alone at ε={job.target_epsilon:g}",
+            base.local_private.ensemble, f"{job.target_epsilon:g}")
+        for name, alone in zip(short, base.local_private.alone, strict=True):
+            row(f"  {name} alone, DP", "its own rows", alone, f"{job.target_epsilon:g}")
+    table.add_section()
+    row("centralised, non-private", "pooled rows (not allowed in reality)", base.centralised, "∞")
+    row("local models averaged", "each partner alone, non-private", base.local.ensemble, "∞")
+    for name, alone in zip(short, base.local.alone, strict=True):
+        row(f"  {name} alone", "its own rows", alone, "∞")
     return table
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks run with `make bench` (pytest -m bench); CI skips them. Fixtures: ../conftest.py."""
