@@ -24,6 +24,12 @@ class EventType(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) for
     JOB_FINISHED = "job.finished"
     JOB_FAILED = "job.failed"
     MODEL_DELIVERED = "model.delivered"
+    # audience matching (privacy/matching)
+    MATCH_COMPLETED = "match.completed"
+    # privacy budgets per dataset (privacy/budget)
+    BUDGET_SET = "privacy.budget_set"
+    PRIVACY_SPENT = "privacy.spent"
+    JOB_REFUSED = "job.refused"
 
     def __str__(self) -> str:
         return self.value
@@ -49,6 +55,10 @@ REQUIRED_FIELDS: dict[EventType, set[str]] = {
     EventType.JOB_FINISHED: {"metrics", "epsilon"},
     EventType.JOB_FAILED: set(),
     EventType.MODEL_DELIVERED: set(),
+    EventType.MATCH_COMPLETED: {"mode", "parties", "datasets", "sizes", "overlap", "purpose"},
+    EventType.BUDGET_SET: {"dataset", "epsilon_max", "delta"},
+    EventType.PRIVACY_SPENT: {"dataset", "epsilon", "delta"},
+    EventType.JOB_REFUSED: {"reason"},
 }
 
 
