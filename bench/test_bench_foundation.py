@@ -18,7 +18,7 @@ from fedpact.models.networks import build_model
 from fedpact.models.training import make_loader, make_optimizer, run_epochs
 from fedpact.privacy.dp_sgd import PrivateTraining
 from fedpact.service.comparison import run_with_baselines
-from fedpact.service.demo import DEMO_DEFAULTS
+from fedpact.service.demo import DEMO_DEFAULTS, ensure_budgets
 
 pytestmark = pytest.mark.bench
 
@@ -29,6 +29,7 @@ def test_federated_dp_vs_references(dataset, partitioning, tmp_path, shared_data
     """ROC-AUC of federated DP-SGD (ε=1) vs centralised, partner-alone and averaged-local models."""
     job = JobConfig(dataset=dataset, partitioning=partitioning, num_partitions=3,
                     target_epsilon=1.0, target_delta=1e-5, home=str(tmp_path), **DEMO_DEFAULTS)
+    ensure_budgets(str(tmp_path), job)
     t0 = time.perf_counter()
     cmp = run_with_baselines(job)
     seconds = time.perf_counter() - t0

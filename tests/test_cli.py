@@ -25,8 +25,10 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 600):
     (["audit", "verify", "--home", "/nonexistent/fedpact"], "no ledger"),
     (["audit", "events", "--home", "/nonexistent/fedpact"], "no ledger"),
 ])
-def test_bad_input_gives_one_clear_error(args, needle):
+def test_bad_input_gives_one_clear_error(args, needle, tmp_path):
     """Bad settings end with exit code 2 and a message naming the setting, never a traceback."""
+    if args[0] == "train":
+        args = [*args, "--home", str(tmp_path)]
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert needle in proc.stderr

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from fedpact.audit import EventType, Ledger
+from fedpact.federation.coordinator import partner_datasets
 from fedpact.federation.job import JobConfig
 from fedpact.federation.simulation import run_simulated_job
 from fedpact.privacy.accounting import AccountantStore
+from fedpact.privacy.budget import PrivacyBudgets
 
 pytestmark = [pytest.mark.slow]
 
@@ -27,6 +29,9 @@ def bank_job(tmp_path_factory, shared_data):
     job = JobConfig(dataset="bank", partitioning="segment", num_partitions=3, rounds=ROUNDS,
                     batch_size=512, learning_rate=0.3, target_epsilon=1.0, target_delta=1e-5,
                     home=str(home))
+    with Ledger.open(job.ledger_path) as ledger:
+        for name in partner_datasets(job):
+            PrivacyBudgets(ledger).set(name, 3.0, 1e-4, actor="partner_admin:test")
     seen = []
     result = run_simulated_job(job, on_round=lambda r, entry: seen.append((r, entry)))
     return job, result, seen
@@ -127,3 +132,56 @@ def test_model_saved_with_layout(bank_job):
     n_features = sum(len(v) for v in saved["layout"]["categorical"].values()) + len(saved["layout"]["numeric"])
     assert saved["state_dict"]["0.weight"].shape == (1, n_features)
     assert "duration" not in saved["layout"]["numeric"]
+
+
+@pytest.mark.shared_data
+def test_job_spend_is_charged_to_each_dataset_budget(bank_job):
+    """Per-round charges in the ledger add up to each partner's composed ε; δ is charged once."""
+    job, result, _ = bank_job
+    with Ledger.open(job.ledger_path) as ledger:
+        budgets = PrivacyBudgets(ledger).all()
+    for p in result.partners:
+        b = budgets[p.name]
+        assert b.jobs[job.job_id] == pytest.approx(p.epsilon, rel=1e-9)
+        assert b.delta_spent == pytest.approx(job.target_delta)
+        assert b.epsilon_remaining == pytest.approx(3.0 - p.epsilon, rel=1e-9)
+
+
+@pytest.mark.shared_data
+def test_epsilon_cross_checked_with_dp_accounting(bank_job):
+    """Google's dp-accounting RDP reproduces Opacus' ε; its PLD bound is tighter, never looser."""
+    _, result, _ = bank_job
+    for p in result.partners:
+        assert p.epsilon_google_rdp == pytest.approx(p.epsilon, rel=0.02)
+        assert 0 < p.epsilon_google_pld <= p.epsilon_google_rdp * 1.001
+        assert p.steps > 0 and 0 < p.sample_rate < 1
+
+
+@pytest.mark.shared_data
+def test_membership_attack_finds_nothing_at_epsilon_one(bank_job):
+    """The loss-threshold attack on the ε ≤ 1 model is no better than chance (AUC ≤ 0.55)."""
+    _, result, _ = bank_job
+    assert result.membership_auc is not None
+    for p in result.partners:
+        assert p.membership_auc is not None and p.membership_auc <= 0.55
+
+
+@pytest.mark.shared_data
+def test_budget_exhausted_job_is_refused_before_any_node_runs(bank_job):
+    """A job asking more ε than a dataset has left is refused up front: one job.refused event."""
+    job, _, _ = bank_job
+    greedy = JobConfig(dataset="bank", partitioning="segment", rounds=2, target_epsilon=2.5,
+                       home=job.home)
+    with Ledger.open(job.ledger_path) as ledger:
+        before = ledger.count()
+    from fedpact.privacy.budget import BudgetError
+
+    with pytest.raises(BudgetError) as err:
+        run_simulated_job(greedy)
+    message = str(err.value)
+    assert "bank-marketing/white-collar" in message and "requested ε=2.500" in message
+    assert "remains" in message
+    with Ledger.open(job.ledger_path) as ledger:
+        new = ledger.events(since_seq=before)
+    assert [e.event_type for e in new] == [EventType.JOB_REFUSED.value]
+    assert not (Path(job.home) / "jobs" / greedy.job_id).exists()

@@ -112,5 +112,15 @@ def test_telco_segment_gives_three_internet_service_partners(telco):
     assert sum(len(p.data) for p in parts) == 7_043
     ids = np.concatenate([p.data.ids.to_numpy() for p in parts])
     assert len(set(ids)) == 7_043
-    assert all(p.name.startswith("telco-churn/InternetService-") for p in parts)
+    assert [p.name for p in parts] == ["telco-churn/dsl", "telco-churn/fiber-optic",
+                                       "telco-churn/no-internet"]
+
+
+@pytest.mark.parametrize("scheme", ["segment", "period", "iid"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_partition_names_are_known_before_reading_rows(telco, scheme, n):
+    """partition_names() (used for budget checks before a job starts) matches the real split."""
+    from fedpact.federation.partition import partition_names
+
+    assert partition_names(telco.spec.name, scheme, n) == [p.name for p in partition(telco, scheme, n)]
 

@@ -17,9 +17,15 @@ from flwr.serverapp import Grid
 
 from fedpact.audit import EventType, Ledger
 from fedpact.errors import FedpactError
+from fedpact.models.datasets import BUILTIN_SPECS
 from fedpact.models.networks import build_model
+from fedpact.privacy.accounting import epsilon_of
+from fedpact.privacy.budget import PrivacyBudgets
+from fedpact.privacy.crosscheck import cross_check
 
 from .job import JobConfig
+from .local_round import plan_for
+from .partition import partition_names
 from .strategy import AuditedFedAvg, RoundFailed
 
 
@@ -34,6 +40,11 @@ class PartnerSummary:
     test_rows: int
     epsilon: float = 0.0
     noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    steps: int = 0
+    epsilon_google_rdp: float = 0.0
+    epsilon_google_pld: float = 0.0
+    membership_auc: float | None = None
 
 
 @dataclass
@@ -51,6 +62,7 @@ class JobResult:
     seconds: float
     model_path: str = ""
     layout: dict = field(default_factory=dict)
+    membership_auc: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,16 +107,74 @@ def _handshake(grid: Grid, job: JobConfig, node_ids: list[int], timeout: float):
     return names, partners, json.loads(layouts.pop())
 
 
+def _json_safe(config: dict) -> dict:
+    return {k: (v if not isinstance(v, float) or v == v and abs(v) != float("inf") else str(v))
+            for k, v in config.items()}
+
+
+def partner_datasets(job: JobConfig) -> list[str]:
+    """The dataset names this job will touch, known before any row is read."""
+    return partition_names(BUILTIN_SPECS[job.dataset].name, job.partitioning, job.num_partitions)
+
+
+def refuse(job: JobConfig, ledger: Ledger, exc: FedpactError) -> None:
+    ledger.append(EventType.JOB_REFUSED, {"reason": str(exc), "config": _json_safe(job.as_dict())},
+                  actor="coordinator", job_id=job.job_id)
+
+
+def admit_job(job: JobConfig, ledger: Ledger) -> list[str]:
+    """Check settings and every dataset's privacy budget before any node is contacted.
+
+    On failure the only thing written is one `job.refused` event; the error names the setting or
+    the dataset, the remaining ε and the requested ε.
+    """
+    try:
+        job.validate()
+        names = partner_datasets(job)
+        if job.dp:
+            requested = job.target_epsilon if job.noise_multiplier <= 0 else 0.0
+            PrivacyBudgets(ledger).check({n: requested for n in names}, job.target_delta)
+    except FedpactError as exc:
+        refuse(job, ledger, exc)
+        raise
+    return names
+
+
+def _check_plan_against_rows(job: JobConfig, ledger: Ledger, partners: list[PartnerSummary],
+                             admitted: list[str]) -> None:
+    """After the handshake (row counts known): δ < 1/n, and an explicit σ's ε within budget."""
+    problems = []
+    for p in partners:
+        if p.name not in admitted:
+            problems.append(f"partner dataset {p.name!r} was not part of the admitted plan {admitted}")
+        if job.dp and job.target_delta >= 1.0 / max(p.train_rows, 1):
+            problems.append(f"target_delta = {job.target_delta:g} is not below 1/n = "
+                            f"{1.0 / p.train_rows:.3g} for {p.name} ({p.train_rows} training rows)")
+    if problems:
+        raise FedpactError("; ".join(problems))
+    if job.dp and job.noise_multiplier > 0:
+        requests = {}
+        for p in partners:
+            sigma, q, steps = plan_for(job, p.train_rows)
+            requests[p.name] = epsilon_of([(sigma, q, steps * job.rounds)], job.target_delta, job.accountant)
+        PrivacyBudgets(ledger).check(requests, job.target_delta)
+
+
 def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
             on_round: Callable[[int, dict], None] | None = None, *, timeout: float = 600) -> JobResult:
     """Run `job` on the nodes behind `grid`; write the ledger; save the model; return the result."""
-    job.validate()
     started = time.monotonic()
     first_seq = (ledger.head().seq if ledger.head() else 0)
+    admitted = admit_job(job, ledger)
     job.job_dir.mkdir(parents=True, exist_ok=True)
     try:
         node_ids = _wait_for_nodes(grid, job.num_partitions, timeout)
         names, partners, layout = _handshake(grid, job, node_ids, timeout)
+        try:
+            _check_plan_against_rows(job, ledger, partners, admitted)
+        except FedpactError as exc:
+            refuse(job, ledger, exc)
+            raise
         ledger.append(
             EventType.JOB_CREATED,
             {"task": job.dataset, "partners": [p.name for p in partners], "purpose": job.purpose,
@@ -123,6 +193,8 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
             evaluate_config=ConfigRecord(job.to_config()),
         )
     except (RoundFailed, FedpactError) as exc:
+        if ledger.events(job_id=job.job_id, event_type=EventType.JOB_REFUSED.value):
+            raise
         ledger.append(EventType.JOB_FAILED, {"reason": str(exc)}, actor="coordinator", job_id=job.job_id)
         raise JobFailed(f"job {job.job_id} failed: {exc}") from None
 
@@ -132,13 +204,24 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
     for p in partners:
         p.epsilon = strategy.partner_epsilon.get(p.name, 0.0)
         p.noise_multiplier = strategy.partner_sigma.get(p.name, 0.0)
+        p.membership_auc = strategy.partner_membership_auc.get(p.name)
+        if p.name in strategy.partner_history:
+            sigma, q, steps = strategy.partner_history[p.name]
+            p.sample_rate, p.steps = q, steps
+            check = cross_check([(sigma, q, steps)], job.target_delta, p.epsilon)
+            p.epsilon_google_rdp, p.epsilon_google_pld = check.google_rdp, check.google_pld
+    audits = [p.membership_auc for p in partners if p.membership_auc is not None]
+    membership_auc = max(audits) if audits else None
     final = strategy.round_log[-1] if strategy.round_log else {}
     epsilon = max((p.epsilon for p in partners), default=0.0)
     ledger.append(
         EventType.JOB_FINISHED,
         {"metrics": {k: v for k, v in final.items() if k != "round"}, "epsilon": epsilon,
          "delta": job.target_delta if job.dp else 0.0,
-         "per_partner_epsilon": {p.name: p.epsilon for p in partners}, "model": str(model_path)},
+         "per_partner_epsilon": {p.name: p.epsilon for p in partners},
+         "epsilon_crosscheck": {p.name: {"opacus_rdp": p.epsilon, "google_rdp": p.epsilon_google_rdp,
+                                         "google_pld": p.epsilon_google_pld} for p in partners},
+         "membership_auc": membership_auc, "model": str(model_path)},
         actor="coordinator", job_id=job.job_id,
     )
     head = ledger.head()
@@ -147,6 +230,7 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
         final=final, epsilon=epsilon, delta=job.target_delta if job.dp else 0.0,
         ledger_events=(head.seq if head else 0) - first_seq,
         seconds=time.monotonic() - started, model_path=str(model_path), layout=layout,
+        membership_auc=membership_auc,
     )
     (job.job_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
     return result

@@ -30,7 +30,11 @@ class JobConfig:
     target_epsilon: float = 1.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
+    # > 0: use this noise multiplier and report the ε it gives; 0: solve it for target_epsilon.
+    noise_multiplier: float = 0.0
     accountant: str = "rdp"
+    # Loss-threshold membership-inference attack on the final model, run on each partner's node.
+    membership_audit: bool = True
     seed: int = 0
     test_fraction: float = 0.2
     purpose: str = "model_training"
@@ -65,10 +69,12 @@ class JobConfig:
         if not self.learning_rate > 0:
             bad("learning_rate", "must be positive")
         if self.dp:
-            if not self.target_epsilon > 0:
+            if self.noise_multiplier < 0:
+                bad("noise_multiplier", "must be positive (or 0 to solve it from target_epsilon)")
+            if self.noise_multiplier == 0 and not self.target_epsilon > 0:
                 bad("target_epsilon", "must be positive (or turn DP off explicitly with dp=false)")
             if not 0 < self.target_delta < 1:
-                bad("target_delta", "must be in (0, 1)")
+                bad("target_delta", "must be in (0, 1); choose it below 1/n for a dataset of n rows")
             if not self.max_grad_norm > 0:
                 bad("max_grad_norm", "must be positive")
         if not 0 < self.test_fraction < 1:

@@ -21,12 +21,24 @@ SEGMENT_COLUMNS = {
     "bank-marketing": "job",
     "telco-churn": "InternetService",
     "caravan-insurance": "MOSHOOFD",
+    "cdnow-churn": "cohort",  # month of first purchase: partners acquired customers at different times
 }
 NAMED_SEGMENTS = {
     ("bank-marketing", 3): {
         "white-collar": ("management", "admin.", "technician", "entrepreneur", "self-employed"),
         "blue-collar-services": ("blue-collar", "services", "housemaid"),
         "other-jobs": ("retired", "student", "unemployed", "unknown"),
+    },
+    ("telco-churn", 3): {
+        "dsl": ("DSL",),
+        "fiber-optic": ("Fiber optic",),
+        "no-internet": ("No",),
+    },
+    # CoIL 2000 customer main types (MOSHOOFD), grouped into three of similar size.
+    ("caravan-insurance", 3): {
+        "hedonists-growers-average-families": ("1", "2", "3"),
+        "grown-up-families-farmers-loners": ("8", "10", "4"),
+        "conservative-seniors-retired": ("9", "5", "7", "6"),
     },
 }
 
@@ -48,6 +60,19 @@ def _greedy_groups(values: list[str], sizes: dict[str, int], n: int) -> list[lis
         groups[i].append(value)
         totals[i] += sizes[value]
     return groups
+
+
+def partition_names(spec_name: str, scheme: str, n: int) -> list[str]:
+    """The partners' dataset names for a split, known without reading any row (budgets use them)."""
+    if scheme == "period":
+        return [f"{spec_name}/period-{i + 1}" for i in range(n)]
+    if scheme == "iid":
+        return [f"{spec_name}/share-{i + 1}" for i in range(n)]
+    named = NAMED_SEGMENTS.get((spec_name, n))
+    if named is not None:
+        return [f"{spec_name}/{name}" for name in named]
+    column = SEGMENT_COLUMNS.get(spec_name, "segment")
+    return [f"{spec_name}/{column}-group-{i + 1}" for i in range(n)]
 
 
 def partition(data: PartnerData, scheme: str, n: int, *, seed: int = 0,
@@ -81,7 +106,7 @@ def partition(data: PartnerData, scheme: str, n: int, *, seed: int = 0,
             raise ConfigurationError(
                 f"column {column!r} has only {len(sizes)} distinct values: cannot make {n} segments")
         groups = _greedy_groups(list(sizes), sizes, n)
-        named = {f"{column}-{'+'.join(g[:3])}{'+…' if len(g) > 3 else ''}": tuple(g) for g in groups}
+        named = {f"{column}-group-{i + 1}": tuple(g) for i, g in enumerate(groups)}
     parts = []
     for name, members in named.items():
         mask = values.isin(members).to_numpy()

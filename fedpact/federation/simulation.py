@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedpact.errors import FedpactError
-from fedpact.models.datasets import load_dataset
+from fedpact.models.datasets import BUILTIN_SPECS, load_dataset
 
 from .coordinator import JobFailed, JobResult
 from .job import JobConfig
@@ -36,9 +36,17 @@ def prepare_flower_env(home: str | Path) -> None:
 def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | None = None,
                       *, quiet: bool = True) -> JobResult:
     """Run `job` with one simulated SuperNode per partition; return the coordinator's result."""
-    job.validate()
+    from fedpact.audit import Ledger
+
+    from .coordinator import admit_job
+
     # Pre-flight on this machine (it hosts every simulated node): fail before starting Ray.
-    load_dataset(job.dataset)
+    if job.dataset in BUILTIN_SPECS:
+        load_dataset(job.dataset)
+    # Admission (settings + privacy budgets) before anything starts; a refusal is written to the ledger.
+    Path(job.home).mkdir(parents=True, exist_ok=True)
+    with Ledger.open(job.ledger_path) as ledger:
+        admit_job(job, ledger)
     prepare_flower_env(job.home)
     from flwr.simulation import run_simulation
 

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedpact.audit import EventType, Ledger
 from fedpact.models.metrics import HISTOGRAM_BINS, metrics_from_histograms
+from fedpact.privacy.budget import PrivacyBudgets
 
 from .job import JobConfig
 
@@ -38,6 +39,9 @@ class AuditedFedAvg(FedAvg):
         self.round_log: list[dict] = []
         self.partner_epsilon: dict[str, float] = {}
         self.partner_sigma: dict[str, float] = {}
+        self.partner_history: dict[str, tuple[float, float, int]] = {}
+        self.partner_membership_auc: dict[str, float] = {}
+        self.budgets = PrivacyBudgets(ledger)
         self._pending: dict = {}
 
     def _record_access(self, replies: list[Message], server_round: int) -> None:
@@ -75,8 +79,17 @@ class AuditedFedAvg(FedAvg):
         self._record_access(good, server_round)
         for msg in good:
             name = str(msg.content["access"]["partner"])
-            self.partner_epsilon[name] = float(msg.content["metrics"]["epsilon"])
-            self.partner_sigma[name] = float(msg.content["metrics"]["noise-multiplier"])
+            metrics = msg.content["metrics"]
+            previous = self.partner_epsilon.get(name, 0.0)
+            self.partner_epsilon[name] = float(metrics["epsilon"])
+            self.partner_sigma[name] = float(metrics["noise-multiplier"])
+            if self.job.dp:
+                self.partner_history[name] = (float(metrics["noise-multiplier"]),
+                                              float(metrics["sample-rate"]), int(metrics["steps"]))
+                # Charge this round's share; the per-round charges add up to the composed ε.
+                self.budgets.charge(name, self.partner_epsilon[name] - previous,
+                                    self.job.target_delta if previous == 0.0 else 0.0,
+                                    job_id=self.job.job_id, actor=f"node:{name}", round=server_round)
         arrays, metrics = super().aggregate_train(server_round, good)
         self._pending = {"train_loss": float(metrics["train-loss"]) if metrics else float("nan")}
         return arrays, metrics
@@ -93,6 +106,10 @@ class AuditedFedAvg(FedAvg):
             neg += np.asarray(hist["neg"], np.int64)
             sq_error += float(hist["sq-error"])
         pooled = metrics_from_histograms(pos, neg, sq_error)
+        for msg in good:
+            auc = float(msg.content["metrics"].get("membership-auc", -1.0))
+            if auc >= 0:
+                self.partner_membership_auc[str(msg.content["access"]["partner"])] = auc
         epsilon = max(self.partner_epsilon.values(), default=0.0)
         entry = {"round": server_round, **self._pending, **pooled, "epsilon": epsilon}
         self.round_log.append(entry)

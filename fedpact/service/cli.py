@@ -25,8 +25,10 @@ app = typer.Typer(
 )
 audit_app = typer.Typer(help="Inspect and verify the tamper-evident audit ledger.", no_args_is_help=True)
 data_app = typer.Typer(help="Check partner data files and list the built-in data sets.", no_args_is_help=True)
+privacy_app = typer.Typer(help="Privacy budgets per partner dataset.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(data_app, name="data")
+app.add_typer(privacy_app, name="privacy")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -94,7 +96,7 @@ def train(
     job = JobConfig(dataset=dataset, partitioning=partitioning, num_partitions=partners,
                     rounds=rounds, target_epsilon=epsilon, target_delta=delta, dp=not no_dp,
                     model=model, batch_size=batch_size, learning_rate=learning_rate,
-                    max_grad_norm=max_grad_norm, seed=seed, home=home).validate()
+                    max_grad_norm=max_grad_norm, seed=seed, home=home)
     if not as_json:
         console.print(f"job {job.job_id}: {dataset} split by {partitioning} into {partners} partners")
 
@@ -205,6 +207,52 @@ def audit_events(
         return
     console.print(events_table(events))
     console.print(f"{len(events)} events shown")
+
+
+@privacy_app.command("set-budget")
+def privacy_set_budget(
+    dataset: Annotated[str, typer.Argument(help="Partner dataset name, e.g. bank-marketing/white-collar.")],
+    epsilon: Annotated[float, typer.Option(help="Total ε this dataset may spend over all jobs.")],
+    delta: Annotated[float, typer.Option(help="Total δ over all jobs (keep it below 1/rows).")] = 1e-4,
+    actor: Annotated[str, typer.Option(help="Who sets it (recorded in the ledger).")] = "partner_admin",
+    home: HomeOption = ".fedpact",
+) -> None:
+    """Set (or change) a dataset's total privacy budget; recorded in the ledger."""
+    from fedpact.privacy.budget import PrivacyBudgets
+
+    Path(home).mkdir(parents=True, exist_ok=True)
+    with Ledger.open(Path(home) / "ledger.db") as ledger:
+        PrivacyBudgets(ledger).set(dataset, epsilon, delta, actor=actor)
+    console.print(f"budget of {dataset}: ε ≤ {epsilon:g}, δ ≤ {delta:g}")
+
+
+@privacy_app.command("budget")
+def privacy_budget(
+    home: HomeOption = ".fedpact",
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show each dataset's budget, what it has spent, what remains, and the spend per job."""
+    from fedpact.privacy.budget import PrivacyBudgets
+
+    with Ledger.open(_ledger_path(home)) as ledger:
+        budgets = PrivacyBudgets(ledger).all()
+    if as_json:
+        console.print_json(json.dumps({d: {"epsilon_max": b.epsilon_max, "delta": b.delta,
+                                           "epsilon_spent": b.epsilon_spent, "delta_spent": b.delta_spent,
+                                           "epsilon_remaining": b.epsilon_remaining, "jobs": b.jobs}
+                                       for d, b in budgets.items()}))
+        return
+    table = Table(title="privacy budgets (ε adds up across jobs: basic composition)", title_justify="left")
+    for col in ("dataset", "ε budget", "ε spent", "ε remaining", "δ budget", "δ spent", "job", "job ε"):
+        table.add_column(col, justify="left" if col in ("dataset", "job") else "right")
+    for d, b in budgets.items():
+        jobs = list(b.jobs.items()) or [("–", 0.0)]
+        for i, (job_id, eps) in enumerate(jobs):
+            head = (d, f"{b.epsilon_max:g}" if b.epsilon_max else "[red]none",
+                    f"{b.epsilon_spent:.3f}", f"{b.epsilon_remaining:.3f}", f"{b.delta:g}",
+                    f"{b.delta_spent:g}") if i == 0 else ("",) * 6
+            table.add_row(*head, job_id, f"{eps:.3f}")
+    console.print(table)
 
 
 def main() -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedpact.audit import Ledger
+from fedpact.federation.coordinator import partner_datasets
 from fedpact.federation.job import JobConfig
 from fedpact.models.datasets import SHARED_FILES, shared_data_dir
+from fedpact.privacy.budget import PrivacyBudgets
 
 from .comparison import JobComparison, run_with_baselines
 from .reporting import comparison_table, partners_table, verification_line
@@ -18,6 +21,20 @@ from .reporting import comparison_table, partners_table, verification_line
 # DP-SGD settings measured on these data sets (docs/benchmarks.md): larger batches and a higher
 # learning rate than non-private training, 10 rounds of one local epoch.
 DEMO_DEFAULTS = {"rounds": 10, "batch_size": 512, "learning_rate": 0.3, "max_grad_norm": 1.0}
+# What each simulated partner's admin allows its dataset to spend over all jobs.
+DEMO_BUDGET = {"epsilon": 10.0, "delta": 1e-4}
+
+
+def ensure_budgets(home: str, job: JobConfig, console: Console | None = None) -> None:
+    """Set a budget for each partner dataset of `job` that has none (as its partner admin would)."""
+    with Ledger.open(f"{home}/ledger.db") as ledger:
+        budgets = PrivacyBudgets(ledger)
+        for name in partner_datasets(job):
+            if budgets.get(name) is None:
+                budgets.set(name, DEMO_BUDGET["epsilon"], DEMO_BUDGET["delta"], actor="partner_admin:demo")
+                if console:
+                    console.print(f"  budget set by the partner admin: {name} ε ≤ {DEMO_BUDGET['epsilon']:g}, "
+                                  f"δ ≤ {DEMO_BUDGET['delta']:g}")
 
 
 @dataclass
@@ -64,11 +81,13 @@ def run_demo(console: Console, *, home: str, epsilon: float = 1.0, delta: float 
     console.print(f"Run folder: {home}  ·  ledger: {home}/ledger.db  ·  target ε={epsilon:g}, δ={delta:g}\n")
     results = []
     started = time.monotonic()
+    Path(home).mkdir(parents=True, exist_ok=True)
     for spec in jobs:
         job = JobConfig(dataset=spec.dataset, partitioning=spec.partitioning, num_partitions=3,
                         target_epsilon=epsilon, target_delta=delta, home=home,
                         purpose=f"{spec.task}_model_training", **settings)
         console.print(f"[bold]{spec.title}[/bold]\n  data: {spec.source_note}\n  job: {job.job_id}")
+        ensure_budgets(home, job, console)
         with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                       console=console, transient=False) as progress:

@@ -45,15 +45,21 @@ def comparison_table(cmp: JobComparison, *, title: str) -> Table:
 
 
 def partners_table(cmp: JobComparison) -> Table:
+    """Each partner's rows, noise, ε (Opacus RDP and the dp-accounting cross-check) and MIA AUC."""
     res = cmp.result
     table = Table(title_justify="left")
-    for col in ("partner", "train rows", "test rows", "positive rate", "noise σ", "ε spent"):
+    for col in ("partner", "train rows", "test rows", "positive rate", "noise σ", "ε (Opacus RDP)",
+                "ε (dp-accounting RDP / PLD)", "membership-attack AUC"):
         table.add_column(col, justify="left" if col == "partner" else "right")
     rates = dict(zip(cmp.partner_names, cmp.partner_positive_rates, strict=True))
+    dp = cmp.job.dp
     for p in res.partners:
-        table.add_row(p.name, f"{p.train_rows:,}", f"{p.test_rows:,}", f"{rates.get(p.name, float('nan')):.1%}",
-                      _fmt(p.noise_multiplier, 2) if cmp.job.dp else "–",
-                      _fmt(p.epsilon) if cmp.job.dp else "–")
+        table.add_row(p.name, f"{p.train_rows:,}", f"{p.test_rows:,}",
+                      f"{rates.get(p.name, float('nan')):.1%}",
+                      _fmt(p.noise_multiplier, 2) if dp else "–",
+                      _fmt(p.epsilon) if dp else "–",
+                      f"{p.epsilon_google_rdp:.3f} / {p.epsilon_google_pld:.3f}" if dp else "–",
+                      _fmt(p.membership_auc) if p.membership_auc is not None else "–")
     return table
 
 

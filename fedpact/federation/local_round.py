@@ -1,0 +1,177 @@
+"""What a partner node does in one round, as plain functions (no Flower types).
+
+Both Flower paths call these: the Message-API ClientApp (`client_app.py`) and the legacy
+NumPyClient used under SecAgg+. Rows, feature statistics and labels stay inside this module's
+callers on the partner's machine; only weights, counts, ε and score histograms are returned.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedpact.errors import FedpactError
+from fedpact.models.features import FeaturePipeline
+from fedpact.models.metrics import evaluate_scores, score_histogram
+from fedpact.models.networks import build_model
+from fedpact.models.training import make_loader, make_optimizer, predict_proba, run_epochs
+from fedpact.privacy.accounting import (
+    AccountantState,
+    AccountantStore,
+    epsilon_of,
+    plan_noise_multiplier,
+)
+from fedpact.privacy.dp_sgd import PrivateTraining
+from fedpact.privacy.membership import membership_attack_auc
+
+from .job import JobConfig
+from .node_data import NodeData
+
+torch.set_num_threads(1)
+
+
+def node_state_dir(node_config: Mapping, job: JobConfig, partner: str) -> Path:
+    """The partner's own disk: node-config `state-dir`, else a folder per partner under the job home."""
+    configured = dict(node_config).get("state-dir")
+    if configured:
+        return Path(str(configured))
+    return Path(job.home) / "nodes" / re.sub(r"[^A-Za-z0-9_.-]", "_", partner)
+
+
+def pipeline_for(node: NodeData) -> FeaturePipeline:
+    """Feature statistics fitted on this partner's training rows only."""
+    return FeaturePipeline.fit(node.train)
+
+
+def model_from_weights(weights: Mapping[str, np.ndarray | torch.Tensor], n_features: int,
+                       job: JobConfig) -> torch.nn.Module:
+    """The job's model with the global weights, after checking they fit this partner's layout."""
+    model = build_model(job.model, n_features, seed=job.seed)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    received = {k: tuple(np.shape(v)) for k, v in weights.items()}
+    if expected != received:
+        raise FedpactError(
+            f"feature layout differs: the job's model has shapes {received}, this partner's data "
+            f"gives {expected}; declare the same categories in every partner's mapping"
+        )
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()})
+    return model
+
+
+@dataclass
+class RoundUpdate:
+    """A partner's reply to a training round."""
+
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    rows: int
+
+
+def train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Path,
+                server_round: int) -> RoundUpdate:
+    """Local epochs on this partner's training rows from the global weights (DP-SGD if the job asks)."""
+    pipe = pipeline_for(node)
+    X, y = pipe.transform(node.train), node.train.labels
+    model = model_from_weights(weights, pipe.n_features, job)
+    torch.manual_seed(job.seed * 1_000_003 + server_round * 101 + len(y))
+    optimizer = make_optimizer(model, job.learning_rate)
+    loader = make_loader(X, y, job.batch_size, seed=job.seed + server_round)
+    metrics: dict[str, float] = {"num-examples": float(len(y))}
+    if job.dp:
+        metrics.update(_train_private(model, optimizer, loader, node, job, state_dir, server_round))
+    else:
+        metrics["train-loss"] = run_epochs(model, optimizer, loader, job.local_epochs)
+        metrics.update({"epsilon": 0.0, "noise-multiplier": 0.0, "steps": 0.0, "sample-rate": 0.0})
+    return RoundUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, len(y))
+
+
+def plan_for(job: JobConfig, rows: int) -> tuple[float, float, int]:
+    """(noise multiplier, sampling rate, steps per round) for a partner with `rows` training rows.
+
+    Opacus' Poisson loader draws len(loader) = ceil(rows / batch) batches per epoch at rate
+    1 / len(loader); the noise is either given (`noise_multiplier`) or solved for the target ε
+    over every planned step of the job.
+    """
+    batches = max(1, -(-rows // job.batch_size))
+    sample_rate = 1.0 / batches
+    steps_per_round = job.local_epochs * batches
+    if job.noise_multiplier > 0:
+        sigma = job.noise_multiplier
+    else:
+        sigma = plan_noise_multiplier(job.target_epsilon, job.target_delta, sample_rate,
+                                      steps_per_round * job.rounds, job.accountant)
+    return sigma, sample_rate, steps_per_round
+
+
+def _train_private(model, optimizer, loader, node: NodeData, job: JobConfig, state_dir: Path,
+                   server_round: int) -> dict:
+    """DP-SGD for this round; the accountant history is restored from and saved to the node's disk."""
+    store = AccountantStore(state_dir / "accountants")
+    dataset = node.partner
+    state = store.load(job.job_id, dataset)
+    sigma, sample_rate, steps_per_round = plan_for(job, len(node.train))
+    if abs(sample_rate - 1.0 / len(loader)) > 1e-12:
+        raise FedpactError(f"internal: planned sampling rate {sample_rate} differs from the loader's")
+    if state is None:
+        state = AccountantState(
+            job_id=job.job_id, dataset=dataset, accountant=job.accountant,
+            target_epsilon=job.target_epsilon, delta=job.target_delta, noise_multiplier=sigma,
+            sample_rate=sample_rate, planned_steps=steps_per_round * job.rounds,
+        )
+    if server_round in state.rounds_done:
+        # A retried round after a restart: do not spend the budget twice for the same round.
+        raise FedpactError(f"round {server_round} was already trained on {dataset} for {job.job_id}")
+    projected = state.projected_epsilon(steps_per_round)
+    # The job's plan is the limit: the target ε, or with a given noise multiplier the ε of the plan.
+    limit = (job.target_epsilon if job.noise_multiplier <= 0 else
+             epsilon_of([(sigma, sample_rate, steps_per_round * job.rounds)], job.target_delta,
+                        job.accountant))
+    if projected > limit * 1.005:
+        raise FedpactError(
+            f"privacy budget: another round on {dataset} would bring ε to {projected:.3f}, above the "
+            f"job's limit ε={limit:.3f} (spent {state.epsilon():.3f})"
+        )
+    session = PrivateTraining(noise_multiplier=state.noise_multiplier,
+                              max_grad_norm=job.max_grad_norm, accountant=job.accountant,
+                              history=state.history)
+    private_model, private_opt, private_loader = session.wrap(model, optimizer, loader)
+    loss = run_epochs(private_model, private_opt, private_loader, job.local_epochs)
+    state.history = session.history
+    state.rounds_done.append(server_round)
+    store.save(state)
+    return {"train-loss": loss, "epsilon": state.epsilon(),
+            "noise-multiplier": state.noise_multiplier, "steps": float(state.steps_taken),
+            "sample-rate": state.sample_rate}
+
+
+@dataclass
+class RoundEvaluation:
+    """A partner's held-out scores summarised: local metrics, histograms, membership-attack AUC."""
+
+    rows: int
+    metrics: dict[str, float]
+    pos: np.ndarray
+    neg: np.ndarray
+    sq_error: float
+
+
+def evaluate_round(node: NodeData, weights: Mapping, job: JobConfig, *,
+                   membership_audit: bool = False) -> RoundEvaluation:
+    """Score this partner's held-out rows; optionally run the loss-threshold membership attack."""
+    pipe = pipeline_for(node)
+    model = model_from_weights(weights, pipe.n_features, job)
+    scores = predict_proba(model, pipe.transform(node.test))
+    local = evaluate_scores(node.test.labels, scores)
+    pos, neg, sq_error = score_histogram(node.test.labels, scores)
+    metrics = {k.replace("_", "-"): (v if np.isfinite(v) else -1.0)
+               for k, v in local.items() if k in ("roc_auc", "pr_auc", "brier")}
+    if membership_audit:
+        train_scores = predict_proba(model, pipe.transform(node.train))
+        metrics["membership-auc"] = membership_attack_auc(
+            node.train.labels, train_scores, node.test.labels, scores, seed=job.seed)
+    return RoundEvaluation(len(scores), metrics, pos, neg, sq_error)
