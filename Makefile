@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -m bench -s -p no:cacheprovider bench/
+	$(BIN)/python -m pytest -m bench -s -p no:cacheprovider --timeout 3600 bench/
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedpact tests bench conftest.py

@@ -218,15 +218,16 @@ def one_private_epoch(history=None, *, n=200, batch_size=50, sigma=1.3):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     session = PrivateTraining(noise_multiplier=sigma, max_grad_norm=1.0, history=history)
     before = [p.detach().clone() for p in model.parameters()]
-    private_model, private_opt, private_loader = session.wrap(model, optimizer, loader)
-    loss_fn = nn.BCEWithLogitsLoss()
+    private = session.wrap(model, optimizer, loader)
     steps = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for xb, yb in private_loader:
-            private_opt.zero_grad()
-            loss_fn(private_model(xb).squeeze(-1), yb).backward()
-            private_opt.step()
+        for xb, yb in private.loader:
+            if len(xb) == 0:
+                continue
+            private.optimizer.zero_grad()
+            private.loss_fn(private.model(xb).squeeze(-1), yb).backward()
+            private.optimizer.step()
             steps += 1
     changed = any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     return session, len(loader), steps, changed
@@ -286,3 +287,34 @@ def test_store_keeps_look_alike_job_ids_apart(tmp_path):
     assert store.load("a/b", "d").steps_taken == 10
     assert store.load("a_b", "d").steps_taken == 99
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
+def test_ghost_clipping_gives_the_same_update_as_per_sample_hooks(mode):
+    """Without noise, fast (ghost) clipping and per-sample gradients make the identical step."""
+    rng = np.random.default_rng(1)
+    X = torch.from_numpy(rng.normal(scale=3.0, size=(64, 6)).astype(np.float32))
+    y = torch.from_numpy((rng.random(64) < 0.4).astype(np.float32))
+
+    def one_step(grad_mode: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
+        loader = DataLoader(TensorDataset(X, y), batch_size=64)
+        session = PrivateTraining(noise_multiplier=0.0, max_grad_norm=0.5, grad_sample_mode=grad_mode)
+        private = session.wrap(model, torch.optim.SGD(model.parameters(), lr=1.0), loader)
+        torch.manual_seed(7)  # same Poisson batch in both runs
+        for xb, yb in private.loader:
+            if len(xb):
+                private.optimizer.zero_grad()
+                private.loss_fn(private.model(xb).squeeze(-1), yb).backward()
+                private.optimizer.step()
+            break
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(one_step("ghost"), one_step(mode), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_unknown_grad_sample_mode_is_refused():
+    with pytest.raises(ConfigurationError, match="grad_sample_mode"):
+        PrivateTraining(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="magic")

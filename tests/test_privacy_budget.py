@@ -102,8 +102,8 @@ def test_membership_attack_detects_an_overfit_model_but_not_a_dp_one():
     loader = make_loader(X, y, 64, seed=0)
     sigma = plan_noise_multiplier(1.0, 1e-3, 1 / len(loader), 30 * len(loader))
     session = PrivateTraining(noise_multiplier=sigma, max_grad_norm=1.0)
-    m, opt, dl = session.wrap(model, make_optimizer(model, 0.1), loader)
-    run_epochs(m, opt, dl, 30)
+    private = session.wrap(model, make_optimizer(model, 0.1), loader)
+    run_epochs(private.model, private.optimizer, private.loader, 30, loss_fn=private.loss_fn)
     assert session.epsilon(1e-3) <= 1.0
     private = membership_attack_auc(y, predict_proba(model, X), yt, predict_proba(model, Xt))
     assert private <= 0.55, private

@@ -23,6 +23,7 @@ from fedpact.privacy.accounting import epsilon_of
 from fedpact.privacy.budget import PrivacyBudgets
 from fedpact.privacy.crosscheck import cross_check
 
+from .central_dp import client_level_privacy, with_central_dp
 from .job import JobConfig
 from .local_round import plan_for
 from .partition import partition_names
@@ -63,6 +64,8 @@ class JobResult:
     model_path: str = ""
     layout: dict = field(default_factory=dict)
     membership_auc: float | None = None
+    # Client-level DP on the aggregate (JobConfig.central_dp_noise > 0); empty when off.
+    central_dp: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,9 +163,36 @@ def _check_plan_against_rows(job: JobConfig, ledger: Ledger, partners: list[Part
         PrivacyBudgets(ledger).check(requests, job.target_delta)
 
 
+RoundsRunner = Callable[..., tuple[AuditedFedAvg, dict]]
+"""(grid, job, ledger, node names, partners, initial model, on_round, timeout) -> (the strategy
+holding the per-partner bookkeeping, the final global state_dict)."""
+
+
+def fedavg_rounds(grid: Grid, job: JobConfig, ledger: Ledger, names: dict[int, str],
+                  partners: list[PartnerSummary], model: torch.nn.Module,
+                  on_round: Callable[[int, dict], None] | None,
+                  timeout: float) -> tuple[AuditedFedAvg, dict]:
+    """The rounds on Flower's Message API: `AuditedFedAvg`, with central DP when the job asks."""
+    strategy = AuditedFedAvg(job, ledger, names, on_round)
+    outcome = with_central_dp(strategy, job).start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=job.rounds,
+        timeout=timeout,
+        train_config=ConfigRecord(job.to_config()),
+        evaluate_config=ConfigRecord(job.to_config()),
+    )
+    return strategy, outcome.arrays.to_torch_state_dict()
+
+
 def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
-            on_round: Callable[[int, dict], None] | None = None, *, timeout: float = 600) -> JobResult:
-    """Run `job` on the nodes behind `grid`; write the ledger; save the model; return the result."""
+            on_round: Callable[[int, dict], None] | None = None, *, timeout: float = 600,
+            rounds: RoundsRunner = fedavg_rounds) -> JobResult:
+    """Run `job` on the nodes behind `grid`; write the ledger; save the model; return the result.
+
+    `rounds` runs the training rounds (default: Message-API FedAvg; `secagg.secagg_rounds` for
+    SecAgg+); admission, handshake, ledger and result are the same for both.
+    """
     started = time.monotonic()
     first_seq = (ledger.head().seq if ledger.head() else 0)
     admitted = admit_job(job, ledger)
@@ -183,22 +213,14 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
         )
         n_features = sum(len(v) for v in layout["categorical"].values()) + len(layout["numeric"])
         model = build_model(job.model, n_features, seed=job.seed)
-        strategy = AuditedFedAvg(job, ledger, names, on_round)
-        outcome = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=job.rounds,
-            timeout=timeout,
-            train_config=ConfigRecord(job.to_config()),
-            evaluate_config=ConfigRecord(job.to_config()),
-        )
+        strategy, final_state = rounds(grid, job, ledger, names, partners, model, on_round, timeout)
     except (RoundFailed, FedpactError) as exc:
         if ledger.events(job_id=job.job_id, event_type=EventType.JOB_REFUSED.value):
             raise
         ledger.append(EventType.JOB_FAILED, {"reason": str(exc)}, actor="coordinator", job_id=job.job_id)
         raise JobFailed(f"job {job.job_id} failed: {exc}") from None
 
-    model.load_state_dict(outcome.arrays.to_torch_state_dict())
+    model.load_state_dict(final_state)
     model_path = job.job_dir / "model.pt"
     torch.save({"state_dict": model.state_dict(), "model": job.model, "layout": layout}, model_path)
     for p in partners:
@@ -214,23 +236,26 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
     membership_auc = max(audits) if audits else None
     final = strategy.round_log[-1] if strategy.round_log else {}
     epsilon = max((p.epsilon for p in partners), default=0.0)
-    ledger.append(
-        EventType.JOB_FINISHED,
-        {"metrics": {k: v for k, v in final.items() if k != "round"}, "epsilon": epsilon,
-         "delta": job.target_delta if job.dp else 0.0,
-         "per_partner_epsilon": {p.name: p.epsilon for p in partners},
-         "epsilon_crosscheck": {p.name: {"opacus_rdp": p.epsilon, "google_rdp": p.epsilon_google_rdp,
-                                         "google_pld": p.epsilon_google_pld} for p in partners},
-         "membership_auc": membership_auc, "model": str(model_path)},
-        actor="coordinator", job_id=job.job_id,
-    )
+    central = client_level_privacy(job, {p.name: p.train_rows for p in partners},
+                                   secure_aggregation=job.secure_aggregation)
+    finished = {"metrics": {k: v for k, v in final.items() if k != "round"}, "epsilon": epsilon,
+                "delta": job.target_delta if job.dp else 0.0,
+                "per_partner_epsilon": {p.name: p.epsilon for p in partners},
+                "epsilon_crosscheck": {p.name: {"opacus_rdp": p.epsilon,
+                                                "google_rdp": p.epsilon_google_rdp,
+                                                "google_pld": p.epsilon_google_pld}
+                                       for p in partners},
+                "membership_auc": membership_auc, "model": str(model_path)}
+    if central:
+        finished["central_dp"] = central
+    ledger.append(EventType.JOB_FINISHED, finished, actor="coordinator", job_id=job.job_id)
     head = ledger.head()
     result = JobResult(
         job_id=job.job_id, config=job.as_dict(), partners=partners, rounds=strategy.round_log,
         final=final, epsilon=epsilon, delta=job.target_delta if job.dp else 0.0,
         ledger_events=(head.seq if head else 0) - first_seq,
         seconds=time.monotonic() - started, model_path=str(model_path), layout=layout,
-        membership_auc=membership_auc,
+        membership_auc=membership_auc, central_dp=central,
     )
     (job.job_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -10,6 +11,7 @@ from fedpact.errors import ConfigurationError
 from fedpact.models.datasets import BUILTIN_SPECS
 from fedpact.models.networks import MODEL_KINDS
 from fedpact.privacy.accounting import ACCOUNTANTS
+from fedpact.privacy.dp_sgd import GRAD_SAMPLE_MODES
 
 from .partition import SCHEMES
 
@@ -33,8 +35,18 @@ class JobConfig:
     # > 0: use this noise multiplier and report the ε it gives; 0: solve it for target_epsilon.
     noise_multiplier: float = 0.0
     accountant: str = "rdp"
+    # How Opacus computes per-example gradient norms; every mode clips exactly (same guarantee).
+    grad_sample_mode: str = "ghost"
     # Loss-threshold membership-inference attack on the final model, run on each partner's node.
     membership_audit: bool = True
+    # Flower SecAgg+: the coordinator receives only the masked updates and their sum
+    # (docs/secure-aggregation.md); needs at least 2 partners, and all of them in every round.
+    secure_aggregation: bool = False
+    # Central (client-level) DP on the aggregate: Gaussian noise of std
+    # central_dp_noise * central_dp_clip / partners on the average of updates clipped to
+    # central_dp_clip (L2). 0 = off. Record-level DP-SGD (`dp`) is unaffected.
+    central_dp_noise: float = 0.0
+    central_dp_clip: float = 1.0
     seed: int = 0
     test_fraction: float = 0.2
     purpose: str = "model_training"
@@ -56,6 +68,8 @@ class JobConfig:
             bad("partitioning", f"choose one of {', '.join(SCHEMES)}")
         if self.model not in MODEL_KINDS:
             bad("model", f"choose one of {', '.join(MODEL_KINDS)}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            bad("grad_sample_mode", f"choose one of {', '.join(GRAD_SAMPLE_MODES)}")
         if self.accountant not in ACCOUNTANTS:
             bad("accountant", f"choose one of {', '.join(ACCOUNTANTS)}")
         if not 1 <= self.num_partitions <= 1000:
@@ -79,6 +93,14 @@ class JobConfig:
                 bad("max_grad_norm", "must be positive")
         if not 0 < self.test_fraction < 1:
             bad("test_fraction", "must be in (0, 1)")
+        if self.secure_aggregation and self.num_partitions < 2:
+            bad("num_partitions", "secure aggregation needs at least 2 partners (the sum of one "
+                "update is that update)")
+        if not (self.central_dp_noise >= 0 and math.isfinite(self.central_dp_noise)):
+            bad("central_dp_noise", "must be 0 (off) or a positive noise multiplier")
+        if self.central_dp_noise > 0 and not (self.central_dp_clip > 0
+                                              and math.isfinite(self.central_dp_clip)):
+            bad("central_dp_clip", "must be a positive L2 bound on each partner's update")
         return self
 
     @property

@@ -138,9 +138,10 @@ def _train_private(model, optimizer, loader, node: NodeData, job: JobConfig, sta
         )
     session = PrivateTraining(noise_multiplier=state.noise_multiplier,
                               max_grad_norm=job.max_grad_norm, accountant=job.accountant,
-                              history=state.history)
-    private_model, private_opt, private_loader = session.wrap(model, optimizer, loader)
-    loss = run_epochs(private_model, private_opt, private_loader, job.local_epochs)
+                              history=state.history, grad_sample_mode=job.grad_sample_mode)
+    private = session.wrap(model, optimizer, loader)
+    loss = run_epochs(private.model, private.optimizer, private.loader, job.local_epochs,
+                      loss_fn=private.loss_fn)
     state.history = session.history
     state.rounds_done.append(server_round)
     store.save(state)

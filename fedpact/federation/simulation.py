@@ -50,10 +50,17 @@ def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | No
     prepare_flower_env(job.home)
     from flwr.simulation import run_simulation
 
-    from .client_app import app as client_app
-    from .server_app import make_server_app
-
     results: list[JobResult] = []
+    if job.secure_aggregation:  # Flower SecAgg+ (older API): fedpact.federation.secagg
+        from .secagg import make_secagg_server_app, secagg_client_app
+
+        server_app = make_secagg_server_app(job, results=results, on_round=on_round)
+        client_app = secagg_client_app
+    else:
+        from .client_app import app as client_app
+        from .server_app import make_server_app
+
+        server_app = make_server_app(job, results=results, on_round=on_round)
     cpus = max(1, os.cpu_count() or 1)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -68,7 +75,7 @@ def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(
-                server_app=make_server_app(job, results=results, on_round=on_round),
+                server_app=server_app,
                 client_app=client_app,
                 num_supernodes=job.num_partitions,
                 backend_config=backend_config,

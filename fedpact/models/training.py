@@ -30,10 +30,15 @@ def run_epochs(
     loader: DataLoader,
     epochs: int,
     *,
+    loss_fn: Callable | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> float:
-    """Train for `epochs` passes over `loader`; return the mean loss of the last epoch."""
-    loss_fn = nn.BCEWithLogitsLoss()
+    """Train for `epochs` passes over `loader`; return the mean loss of the last epoch.
+
+    `loss_fn` defaults to binary cross-entropy on logits; DP-SGD with ghost clipping passes the
+    wrapped criterion Opacus returns.
+    """
+    loss_fn = loss_fn or nn.BCEWithLogitsLoss()
     model.train()
     last = float("nan")
     for _ in range(epochs):
@@ -45,7 +50,7 @@ def run_epochs(
             loss = loss_fn(model(xb).squeeze(-1), yb)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach())
+            total += float(loss.item())
             batches += 1
             if on_step:
                 on_step()

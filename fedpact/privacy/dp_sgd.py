@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from opacus import PrivacyEngine
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
+
+from fedpact.errors import ConfigurationError
 
 # Known, understood Opacus/torch notices that would otherwise flood every round's output:
 # - secure_mode is off (see docs/privacy.md: torchcsprng has no build for this torch);
@@ -18,11 +22,27 @@ for _notice in ("Secure RNG turned off", "Full backward hook is firing",
     warnings.filterwarnings("ignore", message=_notice, category=UserWarning)
 
 
+GRAD_SAMPLE_MODES = ("ghost", "hooks", "ew", "functorch")
+
+
+@dataclass
+class PrivateSetup:
+    """What DP-SGD trains with: the wrapped model, optimizer, Poisson loader and loss function."""
+
+    model: nn.Module
+    optimizer: Optimizer
+    loader: DataLoader
+    loss_fn: Callable
+
+
 class PrivateTraining:
     """Wraps a model/optimizer/loader for DP-SGD and accounts every step it takes.
 
     `history` carries the accountant's earlier steps in (from this dataset's `AccountantState`), so
-    `epsilon()` reports the composition over all rounds, not this round alone.
+    `epsilon()` reports the composition over all rounds, not this round alone. `grad_sample_mode`
+    picks how per-example gradient norms are computed; all modes clip every example's gradient to
+    `max_grad_norm` exactly, so the guarantee is the same ("ghost" — fast gradient clipping — was the
+    quickest here: docs/benchmarks.md).
     """
 
     def __init__(
@@ -32,28 +52,39 @@ class PrivateTraining:
         max_grad_norm: float,
         accountant: str = "rdp",
         history: list[tuple[float, float, int]] | None = None,
-        grad_sample_mode: str = "hooks",
+        grad_sample_mode: str = "ghost",
     ):
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ConfigurationError(
+                f"grad_sample_mode {grad_sample_mode!r}: choose one of {', '.join(GRAD_SAMPLE_MODES)}")
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.grad_sample_mode = grad_sample_mode
         self.engine = PrivacyEngine(accountant=accountant)
         self.engine.accountant.history = [tuple(h) for h in (history or [])]
 
-    def wrap(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader):
-        """Return the private (model, optimizer, loader); the loader samples batches by Poisson."""
+    def wrap(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader,
+             criterion: nn.Module | None = None) -> PrivateSetup:
+        """Make training private; the loader samples batches by Poisson sampling."""
         model.train()
+        criterion = criterion or nn.BCEWithLogitsLoss()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return self.engine.make_private(
+            out = self.engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
+                criterion=criterion,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
                 poisson_sampling=True,
                 grad_sample_mode=self.grad_sample_mode,
             )
+        if self.grad_sample_mode == "ghost":
+            private_model, private_opt, loss_fn, private_loader = out
+        else:
+            (private_model, private_opt, private_loader), loss_fn = out, criterion
+        return PrivateSetup(private_model, private_opt, private_loader, loss_fn)
 
     @property
     def history(self) -> list[tuple[float, float, int]]:

@@ -40,9 +40,9 @@ def private_local_fit(job: JobConfig) -> Callable[[np.ndarray, np.ndarray], nn.M
         sigma = plan_noise_multiplier(job.target_epsilon, job.target_delta, 1.0 / len(loader),
                                       epochs * len(loader), job.accountant)
         session = PrivateTraining(noise_multiplier=sigma, max_grad_norm=job.max_grad_norm,
-                                  accountant=job.accountant)
-        m, opt, dl = session.wrap(model, make_optimizer(model, job.learning_rate), loader)
-        run_epochs(m, opt, dl, epochs)
+                                  accountant=job.accountant, grad_sample_mode=job.grad_sample_mode)
+        private = session.wrap(model, make_optimizer(model, job.learning_rate), loader)
+        run_epochs(private.model, private.optimizer, private.loader, epochs, loss_fn=private.loss_fn)
         return model
 
     return fit
