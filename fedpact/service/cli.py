@@ -81,6 +81,13 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = 512,
     learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.3,
     max_grad_norm: Annotated[float, typer.Option(help="Per-example gradient clipping bound.")] = 1.0,
+    noise_multiplier: Annotated[float, typer.Option(
+        help="Use this DP-SGD noise multiplier and report the ε it gives (0: solve it for --epsilon).")] = 0.0,
+    secure_aggregation: Annotated[bool, typer.Option(
+        "--secure-aggregation", help="Flower SecAgg+: the coordinator sees only the sum of updates.")] = False,
+    central_dp_noise: Annotated[float, typer.Option(
+        help="Client-level DP noise on the aggregate (0: off; see docs/privacy.md).")] = 0.0,
+    central_dp_clip: Annotated[float, typer.Option(help="Client-level DP update clipping norm.")] = 1.0,
     compare: Annotated[bool, typer.Option(help="Also train the centralised and local references.")] = True,
     seed: int = 0,
     home: HomeOption = ".fedpact",
@@ -96,7 +103,9 @@ def train(
     job = JobConfig(dataset=dataset, partitioning=partitioning, num_partitions=partners,
                     rounds=rounds, target_epsilon=epsilon, target_delta=delta, dp=not no_dp,
                     model=model, batch_size=batch_size, learning_rate=learning_rate,
-                    max_grad_norm=max_grad_norm, seed=seed, home=home)
+                    max_grad_norm=max_grad_norm, seed=seed, home=home,
+                    noise_multiplier=noise_multiplier, secure_aggregation=secure_aggregation,
+                    central_dp_noise=central_dp_noise, central_dp_clip=central_dp_clip)
     if not as_json:
         console.print(f"job {job.job_id}: {dataset} split by {partitioning} into {partners} partners")
 
