@@ -34,6 +34,12 @@ NAMED_SEGMENTS = {
         "fiber-optic": ("Fiber optic",),
         "no-internet": ("No",),
     },
+    # CDNOW customers by the month of their first purchase.
+    ("cdnow-churn", 3): {
+        "cohort-1997-01": ("1997-01",),
+        "cohort-1997-02": ("1997-02",),
+        "cohort-1997-03": ("1997-03",),
+    },
     # CoIL 2000 customer main types (MOSHOOFD), grouped into three of similar size.
     ("caravan-insurance", 3): {
         "hedonists-growers-average-families": ("1", "2", "3"),
