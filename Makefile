@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	@$(PIP) install "torch==2.13.0" 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(BIN)/python -c "import torch" || { echo "error: torch did not install"; exit 2; }
 	@$(PIP) install -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	@# Test-only PSI peer; it pins an older protobuf than Flower needs, so without its deps.
+	@$(PIP) install --no-deps "openmined-psi==2.0.6" 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(BIN)/python -c "import fedpact, flwr, opacus" || { echo "error: fedpact did not install"; exit 2; }
 	@touch $(STAMP)
 

@@ -3,7 +3,8 @@
 Pure functions with no database, so an auditor can re-check an exported ledger with this module alone.
 Each event's hash covers its predecessor's hash, so altering, removing or reordering any stored
 event breaks the chain at that point. Truncating the newest events, or rewriting every hash after
-an edit, can only be caught by comparing `head_hash` with a copy kept elsewhere.
+an edit, is caught by the signed checkpoints over the Merkle tree of event hashes (`merkle.py`,
+`checkpoint.py`); the chain alone would need `head_hash` compared with a copy kept elsewhere.
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from json.encoder import encode_basestring as _quote
 from typing import Any
 
 from fedpact.audit.events import LedgerError
+
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_DECODER = json.JSONDecoder()
 
 GENESIS_HASH = "0" * 64
 """The prev_hash of event 1: the chain starts from this fixed value."""
@@ -35,6 +42,8 @@ class ChainVerification:
     first_bad_seq: int | None
     reason: str
     head_hash: str
+    checkpoints_checked: int = 0
+    signed_tree_size: int = 0
 
 
 def _check_json_value(value: Any, path: str) -> None:
@@ -82,6 +91,19 @@ def canonical_json(obj: Any, *, label: str = "value") -> bytes:
 
     `label` names the object in error messages (e.g. "payload" gives "payload['auc'] is nan ...").
     """
+    return canonical_json_and_value(obj, label=label)[0]
+
+
+def canonical_json_and_value(obj: Any, *, label: str = "value") -> tuple[bytes, Any]:
+    """`canonical_json(obj)` and the plain JSON value it encodes (what a reader will decode)."""
+    try:  # fast path: encode, and accept only if decoding gives back exactly `obj`
+        text = _ENCODER.encode(obj)
+        encoded = text.encode("utf-8")
+        decoded = _DECODER.decode(text)
+        if decoded == obj and type(decoded) is type(obj):
+            return encoded, decoded
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+        pass  # the slow path below names the offending field
     try:
         _check_json_value(obj, label)
         text = json.dumps(
@@ -91,7 +113,7 @@ def canonical_json(obj: Any, *, label: str = "value") -> bytes:
         raise LedgerError(f"{label} is nested too deeply to record in the ledger") from None
     except (TypeError, ValueError) as exc:
         raise LedgerError(f"{label} cannot be encoded as canonical JSON: {exc}") from exc
-    return text.encode("utf-8")
+    return text.encode("utf-8"), json.loads(text)
 
 
 def event_hash(
@@ -140,61 +162,95 @@ def _field(row: Any, name: str) -> Any:
     return row[name] if isinstance(row, Mapping) else getattr(row, name)
 
 
-def verify_chain(rows: Iterable[Any]) -> ChainVerification:
+def record_text(
+    prev_hash: str,
+    seq: int,
+    timestamp: str,
+    event_type: str,
+    actor: str,
+    job_id: str | None,
+    payload_text: str,
+) -> str:
+    """The canonical JSON text that `event_hash` hashes, built from an already-canonical payload.
+
+    Equal to `canonical_json(record)` whenever `payload_text` is `canonical_json(payload)`: the
+    record's keys sort as actor, event_type, job_id, payload, prev_hash, seq, timestamp.
+    """
+    return (
+        f'{{"actor":{_quote(actor)},"event_type":{_quote(event_type)},'
+        f'"job_id":{"null" if job_id is None else _quote(job_id)},"payload":{payload_text},'
+        f'"prev_hash":{_quote(prev_hash)},"seq":{seq},"timestamp":{_quote(timestamp)}}}'
+    )
+
+
+def event_hash_from_text(
+    prev_hash: str,
+    seq: int,
+    timestamp: str,
+    event_type: str,
+    actor: str,
+    job_id: str | None,
+    payload_text: str,
+) -> str:
+    """`event_hash` for a payload already encoded by `canonical_json` (no re-encoding)."""
+    text = record_text(prev_hash, seq, timestamp, event_type, actor, job_id, payload_text)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_row(row: Any, last_seq: int, last_hash: str) -> tuple[int, str] | None:
+    """Check one stored event against its predecessor; return (first bad seq, reason) or None."""
+    seq = _field(row, "seq")
+    expected_seq = last_seq + 1
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        return expected_seq, f"event after event {last_seq} has a malformed seq {seq!r}"
+    if seq > expected_seq:
+        if last_seq == 0:
+            return expected_seq, f"gap: the first event is event {seq}; event 1 is missing"
+        return expected_seq, f"gap: event {seq} follows event {last_seq}"
+    if seq < expected_seq:
+        return seq, f"event {seq} is out of order: it follows event {last_seq}"
+
+    predecessor = f"event {last_seq}" if last_seq else "the genesis hash"
+    if _field(row, "prev_hash") != last_hash:
+        return seq, f"event {seq}: prev_hash does not link to {predecessor}"
+
+    payload = _field(row, "payload")
+    try:
+        if not isinstance(payload, Mapping):
+            payload = parse_stored_payload(payload)
+        recomputed = event_hash(
+            last_hash,
+            seq,
+            _field(row, "timestamp"),
+            _field(row, "event_type"),
+            _field(row, "actor"),
+            _field(row, "job_id"),
+            payload,
+        )
+    except LedgerError as exc:
+        return seq, f"event {seq}: {exc} (altered after it was written)"
+    if recomputed != _field(row, "hash"):
+        return seq, f"event {seq}: hash does not match its contents (altered after it was written)"
+    return None
+
+
+def verify_chain(
+    rows: Iterable[Any], *, start_seq: int = 0, start_hash: str = GENESIS_HASH
+) -> ChainVerification:
     """Check events given in seq order: seq runs 1, 2, 3…, each links to its predecessor, hashes recompute.
 
     Each row has seq, timestamp, event_type, actor, job_id, payload (a dict, or the stored canonical
-    JSON text), prev_hash and hash. Stops at the first event that fails.
+    JSON text), prev_hash and hash. Stops at the first event that fails. `start_seq`/`start_hash`
+    resume from an already-verified event (checking a segment of a longer log).
     """
     checked = 0
-    last_seq = 0
-    last_hash = GENESIS_HASH
-
-    def failure(first_bad_seq: int, reason: str) -> ChainVerification:
-        return ChainVerification(False, checked, first_bad_seq, reason, last_hash)
-
+    last_seq, last_hash = start_seq, start_hash
     for row in rows:
         checked += 1
-        seq = _field(row, "seq")
-        expected_seq = last_seq + 1
-        if not isinstance(seq, int) or isinstance(seq, bool):
-            return failure(
-                expected_seq, f"event after event {last_seq} has a malformed seq {seq!r}"
-            )
-        if seq > expected_seq:
-            if last_seq == 0:
-                reason = f"gap: the first event is event {seq}; event 1 is missing"
-            else:
-                reason = f"gap: event {seq} follows event {last_seq}"
-            return failure(expected_seq, reason)
-        if seq < expected_seq:
-            return failure(seq, f"event {seq} is out of order: it follows event {last_seq}")
-
-        predecessor = f"event {last_seq}" if last_seq else "the genesis hash"
-        if _field(row, "prev_hash") != last_hash:
-            return failure(seq, f"event {seq}: prev_hash does not link to {predecessor}")
-
-        payload = _field(row, "payload")
-        try:
-            if not isinstance(payload, Mapping):
-                payload = parse_stored_payload(payload)
-            recomputed = event_hash(
-                last_hash,
-                seq,
-                _field(row, "timestamp"),
-                _field(row, "event_type"),
-                _field(row, "actor"),
-                _field(row, "job_id"),
-                payload,
-            )
-        except LedgerError as exc:
-            return failure(seq, f"event {seq}: {exc} (altered after it was written)")
-        stored_hash = _field(row, "hash")
-        if recomputed != stored_hash:
-            return failure(
-                seq, f"event {seq}: hash does not match its contents (altered after it was written)"
-            )
-        last_seq, last_hash = seq, stored_hash
+        problem = check_row(row, last_seq, last_hash)
+        if problem is not None:
+            return ChainVerification(False, checked, problem[0], problem[1], last_hash)
+        last_seq, last_hash = _field(row, "seq"), _field(row, "hash")
 
     noun = "event" if checked == 1 else "events"
     summary = (

@@ -7,7 +7,9 @@ a regulator asks about (which node touched which dataset, for what purpose) is r
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 
@@ -30,6 +32,41 @@ class EventType(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) for
     BUDGET_SET = "privacy.budget_set"
     PRIVACY_SPENT = "privacy.spent"
     JOB_REFUSED = "job.refused"
+    # governed job workflow, accounts and sign-in (service/api)
+    JOB_REQUESTED = "job.requested"
+    JOB_APPROVED = "job.approved"
+    JOB_REJECTED = "job.rejected"
+    JOB_REVOKED = "job.revoked"
+    TOKEN_ISSUED = "admin.token_issued"
+    TOKEN_REVOKED = "admin.token_revoked"
+    USER_CREATED = "admin.user_created"
+    LOGIN = "auth.login"
+    # consent registry (audit/consent.py); subjects appear only as pseudonyms
+    CONSENT_GRANTED = "consent.granted"
+    CONSENT_WITHDRAWN = "consent.withdrawn"
+    CONSENT_EXPIRED = "consent.expired"
+    DATA_EXCLUDED = "data.excluded"
+    SUBJECTS_USED = "data.subjects_used"
+    MATCH_STARTED = "match.started"
+    JOB_STARTED = "job.started"
+    MODEL_EXPORTED = "model.exported"
+    MODEL_FLAGGED = "model.flagged"
+    # data-subject requests (audit/dsar.py)
+    DSAR_RECEIVED = "dsar.received"
+    DSAR_FULFILLED = "dsar.fulfilled"
+    SUBJECT_RECTIFIED = "subject.rectified"
+    SUBJECT_ERASED = "subject.erased"
+    # four-eyes exports of personal data (audit/exports.py)
+    EXPORT_REQUESTED = "export.requested"
+    EXPORT_APPROVED = "export.approved"
+    EXPORT_REJECTED = "export.rejected"
+    EXPORT_DOWNLOADED = "export.downloaded"
+    # administration
+    KEYS_ROTATED = "admin.keys_rotated"
+    BUDGET_CHANGED = "admin.budget_changed"
+    ROLE_GRANTED = "admin.role_granted"
+    ROLE_REVOKED = "admin.role_revoked"
+    RETENTION_ENFORCED = "retention.enforced"
 
     def __str__(self) -> str:
         return self.value
@@ -48,22 +85,179 @@ class EventType(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) for
             ) from None
 
 
-REQUIRED_FIELDS: dict[EventType, set[str]] = {
-    EventType.JOB_CREATED: {"task", "partners", "purpose"},
-    EventType.DATA_ACCESSED: {"node", "dataset", "rows", "columns", "purpose"},
-    EventType.ROUND_AGGREGATED: {"round", "nodes"},
-    EventType.JOB_FINISHED: {"metrics", "epsilon"},
-    EventType.JOB_FAILED: set(),
-    EventType.MODEL_DELIVERED: set(),
-    EventType.MATCH_COMPLETED: {"mode", "parties", "datasets", "sizes", "overlap", "purpose"},
-    EventType.BUDGET_SET: {"dataset", "epsilon_max", "delta"},
-    EventType.PRIVACY_SPENT: {"dataset", "epsilon", "delta"},
-    EventType.JOB_REFUSED: {"reason"},
+
+PSEUDONYM = re.compile(r"^ps_[0-9a-f]{32}$")
+"""How a data subject appears in the ledger: a keyed hash of their id (see `audit/subjects.py`)."""
+
+# Field kinds: how each payload field of a typed event is checked.
+STR, INT, COUNT, NUMBER, BOOL, TIMESTAMP, OPT_TIMESTAMP, SUBJECT, STR_LIST, OPT_STR, ANY, DICT = (
+    "text", "integer", "count", "number", "boolean", "timestamp", "timestamp or null",
+    "subject pseudonym", "list of text", "text or null", "any", "object",
+)
+
+FIELD_KINDS: dict[EventType, dict[str, str]] = {
+    EventType.JOB_CREATED: {"task": STR, "partners": STR_LIST, "purpose": STR},
+    EventType.DATA_ACCESSED: {
+        "node": STR, "dataset": STR, "rows": COUNT, "columns": STR_LIST, "purpose": STR,
+    },
+    EventType.ROUND_AGGREGATED: {"round": INT, "nodes": STR_LIST},
+    EventType.JOB_FINISHED: {"metrics": DICT, "epsilon": ANY},
+    EventType.JOB_FAILED: {},
+    EventType.MODEL_DELIVERED: {},
+    EventType.MATCH_COMPLETED: {
+        "mode": STR, "parties": ANY, "datasets": ANY, "sizes": ANY, "overlap": ANY, "purpose": STR,
+    },
+    EventType.BUDGET_SET: {"dataset": STR, "epsilon_max": ANY, "delta": ANY},
+    EventType.PRIVACY_SPENT: {"dataset": STR, "epsilon": ANY, "delta": ANY},
+    EventType.JOB_REFUSED: {"reason": STR},
+    EventType.CONSENT_GRANTED: {
+        "subject": SUBJECT, "purpose": STR, "channel": STR, "legal_basis": STR,
+        "notice_version": STR, "source": STR, "timestamp": TIMESTAMP, "expires_at": OPT_TIMESTAMP,
+    },
+    EventType.CONSENT_WITHDRAWN: {
+        "subject": SUBJECT, "purpose": STR, "channel": STR, "source": STR, "timestamp": TIMESTAMP,
+    },
+    EventType.CONSENT_EXPIRED: {"subject": SUBJECT, "purpose": STR, "timestamp": TIMESTAMP},
+    EventType.DATA_EXCLUDED: {
+        "dataset": STR, "purpose": STR, "excluded": COUNT, "total": COUNT, "reason": STR,
+    },
+    EventType.SUBJECTS_USED: {
+        "dataset": STR, "purpose": STR, "subjects": COUNT, "manifest_sha256": STR,
+    },
+    EventType.MATCH_STARTED: {"mode": STR, "datasets": STR_LIST, "purpose": STR},
+    EventType.JOB_STARTED: {"purpose": STR},
+    EventType.MODEL_EXPORTED: {"model": STR, "recipient": STR, "format": STR, "purpose": STR},
+    EventType.MODEL_FLAGGED: {"model": STR, "subject": SUBJECT, "reason": STR},
+    EventType.DSAR_RECEIVED: {
+        "request_id": STR, "kind": STR, "subject": SUBJECT, "channel": STR, "timestamp": TIMESTAMP,
+    },
+    EventType.DSAR_FULFILLED: {
+        "request_id": STR, "kind": STR, "subject": SUBJECT, "outcome": STR, "timestamp": TIMESTAMP,
+    },
+    EventType.SUBJECT_RECTIFIED: {"subject": SUBJECT, "request_id": STR, "fields": STR_LIST},
+    EventType.SUBJECT_ERASED: {
+        "subject": SUBJECT, "request_id": STR, "keys_destroyed": COUNT, "models_flagged": STR_LIST,
+    },
+    EventType.EXPORT_REQUESTED: {
+        "request_id": STR, "requested_by": STR, "purpose": STR, "filters": DICT, "subjects": COUNT,
+    },
+    EventType.EXPORT_APPROVED: {"request_id": STR, "approved_by": STR, "role": STR},
+    EventType.EXPORT_REJECTED: {"request_id": STR, "rejected_by": STR, "reason": STR},
+    EventType.EXPORT_DOWNLOADED: {
+        "request_id": STR, "downloaded_by": STR, "rows": COUNT, "sha256": STR,
+    },
+    EventType.KEYS_ROTATED: {"key": STR, "new_key_id": STR, "reason": STR},
+    EventType.BUDGET_CHANGED: {"dataset": STR, "old": ANY, "new": ANY, "reason": STR},
+    EventType.ROLE_GRANTED: {"principal": STR, "role": STR, "granted_by": STR},
+    EventType.ROLE_REVOKED: {"principal": STR, "role": STR, "revoked_by": STR},
+    EventType.RETENTION_ENFORCED: {
+        "keys_destroyed": COUNT, "by_class": DICT, "as_of": TIMESTAMP,
+    },
 }
+
+OPTIONAL_KINDS = {OPT_TIMESTAMP, OPT_STR}
+REQUIRED_FIELDS: dict[EventType, set[str]] = {
+    kind: {name for name, check in fields.items() if check not in OPTIONAL_KINDS}
+    for kind, fields in FIELD_KINDS.items()
+}
+"""Fields every event of a type must carry (optional ones may be omitted or null)."""
+
+RAW_PII_KEYS = frozenset(
+    {"subject_id", "raw_id", "customer_id", "email", "phone", "name", "full_name", "address",
+     "ip_address", "date_of_birth", "national_id"}
+)
+"""Payload keys that would hold a person's raw identity: refused; use the encrypted envelope."""
+
+FREE_TEXT_KEYS = frozenset(
+    {"reason", "note", "notes", "comment", "description", "justification", "error", "message"}
+)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_PHONE = re.compile(r"\+\d[\d \-]{7,16}\d")
+
+ENVELOPE_FIELDS = {"v", "key", "nonce", "ct"}
+"""The `personal` payload field: personal data AES-GCM-encrypted under a subject's key."""
+
+
+def parse_timestamp(value: object, label: str) -> datetime:
+    """Parse an ISO-8601 timestamp that carries a UTC offset; raise LedgerError naming `label`."""
+    if not isinstance(value, str):
+        raise LedgerError(f"{label} must be an ISO-8601 timestamp string, not {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise LedgerError(
+            f"{label} {value!r} is not an ISO-8601 timestamp (e.g. 2025-01-31T09:15:00+00:00)"
+        ) from None
+    if parsed.tzinfo is None:
+        raise LedgerError(f"{label} {value!r} has no UTC offset (add +00:00 or Z)")
+    return parsed
+
+
+def _check_kind(kind: str, value: Any, label: str) -> None:
+    ok = True
+    if kind == ANY:
+        return
+    if kind == STR:
+        ok = isinstance(value, str) and value.strip() != ""
+    elif kind == OPT_STR:
+        ok = value is None or isinstance(value, str)
+    elif kind == INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == COUNT:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif kind == NUMBER:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind == BOOL:
+        ok = isinstance(value, bool)
+    elif kind == STR_LIST:
+        ok = type(value) in (list, tuple) and all(type(v) is str or isinstance(v, str) for v in value)
+    elif kind == DICT:
+        ok = type(value) is dict or isinstance(value, Mapping)
+    elif kind == SUBJECT:
+        if not (isinstance(value, str) and PSEUDONYM.match(value)):
+            raise LedgerError(
+                f"{label} must be a subject pseudonym (ps_ + 32 hex digits), never a raw id; "
+                "derive it with SubjectKeys.pseudonym()"
+            )
+    elif kind in (TIMESTAMP, OPT_TIMESTAMP) and not (kind == OPT_TIMESTAMP and value is None):
+        parse_timestamp(value, label)
+    if not ok:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise LedgerError(f"{label} must be {kind}, got {shown}")
+
+
+def _screen_free_text(payload: Mapping[str, Any], label: str) -> None:
+    """Refuse raw-identity keys and e-mail addresses / phone numbers in free-text fields."""
+    keys = payload.keys()
+    for key in sorted(keys & RAW_PII_KEYS):
+        raise LedgerError(
+            f"{label}[{key!r}] would record raw personal data in the permanent ledger; pass "
+            "a subject pseudonym and put personal fields in the encrypted 'personal' envelope"
+        )
+    for key in keys & FREE_TEXT_KEYS:
+        value = payload[key]
+        if isinstance(value, str) and (_EMAIL.search(value) or _PHONE.search(value)):
+            raise LedgerError(
+                f"{label}[{key!r}] looks like it holds an e-mail address or phone number; "
+                "free text in the ledger must not carry personal data"
+            )
+
+
+def _check_envelope(value: Any, label: str) -> None:
+    if not isinstance(value, Mapping) or set(value) != ENVELOPE_FIELDS:
+        raise LedgerError(
+            f"{label} must be an encrypted envelope with exactly the fields "
+            f"{', '.join(sorted(ENVELOPE_FIELDS))} (use SubjectKeys.seal())"
+        )
 
 
 def validate_payload(event_type: EventType | str, payload: Mapping[str, Any]) -> None:
-    """Raise LedgerError unless `payload` is a mapping holding every field `event_type` requires."""
+    """Raise LedgerError unless `payload` holds every field `event_type` requires, each well-typed.
+
+    Also refuses raw personal data: known identity keys, and e-mail addresses or phone numbers in
+    free-text fields. Personal data goes only in the `personal` field, encrypted per subject.
+    """
     kind = EventType.parse(event_type)
     if not isinstance(payload, Mapping):
         raise LedgerError(
@@ -74,3 +268,12 @@ def validate_payload(event_type: EventType | str, payload: Mapping[str, Any]) ->
         raise LedgerError(
             f"{kind.value} event is missing required payload field(s): {', '.join(missing)}"
         )
+    for name, check in FIELD_KINDS.get(kind, {}).items():
+        if check != ANY and name in payload:
+            value = payload[name]
+            if check == STR and type(value) is str and value.strip():
+                continue  # the common case, without building the label
+            _check_kind(check, value, f"{kind.value} payload field {name!r}")
+    _screen_free_text(payload, f"{kind.value} payload")
+    if "personal" in payload:
+        _check_envelope(payload["personal"], f"{kind.value} payload field 'personal'")

@@ -1,21 +1,28 @@
-"""Append-only, hash-chained audit ledger stored in one SQL table (SQLite by default).
+"""Append-only, hash-chained audit ledger with a Merkle tree and Ed25519-signed checkpoints.
 
 Every event records who did what to which data and why; its hash covers the previous event's hash,
-so any later edit is detectable with `Ledger.verify()`. Payloads should describe data (dataset
-names, row counts, column names), never contain personal data, since events are never deleted.
+so any later edit is detectable with `Ledger.verify()`. Every `checkpoint_every` events or
+`checkpoint_interval_s` seconds (and on close) the new events are integrated into a Merkle tree
+(RFC 9162) and its root is signed as a checkpoint, so truncation or a rewritten history is caught
+too, and `prove()` gives inclusion proofs a third party checks with only the public key.
+
+Payloads describe data (dataset names, row counts, column names) and subjects only by pseudonym;
+personal fields go in the per-subject encrypted `personal` envelope (see `subjects.py`).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
-import json
+import hashlib
+import logging
 import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,65 +31,62 @@ from typing import Any, Self
 
 from sqlalchemy import (
     URL,
-    Column,
     Connection,
     Engine,
-    Integer,
-    MetaData,
     Select,
-    Table,
-    Text,
-    create_engine,
-    event,
     func,
-    insert,
     make_url,
     select,
 )
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.pool import StaticPool
-from sqlalchemy.schema import DDL, CreateIndex, CreateTable
 
 from fedpact.audit.chain import (
     GENESIS_HASH,
     ChainVerification,
-    canonical_json,
-    event_hash,
+    canonical_json_and_value,
+    check_row,
+    event_hash_from_text,
     parse_stored_payload,
-    verify_chain,
+)
+from fedpact.audit.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointSigner,
+    VerifierKey,
+    load_or_create_signer,
+    open_checkpoint,
 )
 from fedpact.audit.events import EventType, LedgerError, validate_payload
+from fedpact.audit.merkle import (
+    MerkleFrontier,
+    ProofError,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+)
+from fedpact.audit.store import (
+    LedgerStore,
+    is_lock_contention,
+    ledger_checkpoints,
+    ledger_events,
+    ledger_keys,
+    ledger_meta,
+    migrate,
+    open_store,
+)
+
+__all__ = ["APPEND_ATTEMPTS", "Ledger", "LedgerEvent", "ledger_events"]
+
+log = logging.getLogger(__name__)
 
 APPEND_ATTEMPTS = 5
 """How many times an append that lost a race to another appender is retried before giving up."""
 
-_BEGIN_MODE_OPTION = "fedpact_ledger_begin"
-_VERIFY_BATCH_ROWS = 1000
-
-metadata = MetaData()
-
-ledger_events = Table(
-    "ledger_events",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=False),
-    Column("event_id", Text, nullable=False, unique=True),
-    Column("timestamp", Text, nullable=False),
-    Column("event_type", Text, nullable=False),
-    Column("actor", Text, nullable=False),
-    Column("job_id", Text, nullable=True, index=True),
-    Column("payload", Text, nullable=False),
-    Column("prev_hash", Text, nullable=False),
-    Column("hash", Text, nullable=False),
-)
-
-_SQLITE_APPEND_ONLY_TRIGGERS = tuple(
-    DDL(
-        f"CREATE TRIGGER IF NOT EXISTS ledger_events_no_{action.lower()} "
-        f"BEFORE {action} ON ledger_events "
-        f"BEGIN SELECT RAISE(ABORT, 'ledger_events is append-only: {action} refused'); END"
-    )
-    for action in ("UPDATE", "DELETE")
-)
+CHECKPOINT_EVERY = 1000
+CHECKPOINT_INTERVAL_S = 60.0
+_VERIFY_BATCH_ROWS = 5000
+PROOF_FORMAT = "fedpact-inclusion-proof/1"
+CONSISTENCY_FORMAT = "fedpact-consistency-proof/1"
 
 
 @dataclass(frozen=True)
@@ -109,32 +113,6 @@ def _utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def _is_lock_contention(exc: OperationalError) -> bool:
-    """True when the database refused the write only because another writer held the lock."""
-    message = str(exc.orig).lower()
-    return "locked" in message or "busy" in message
-
-
-def _install_sqlite_transaction_control(engine: Engine, *, wal: bool) -> None:
-    """Make SQLAlchemy, not pysqlite, emit BEGIN, so appends can start with BEGIN IMMEDIATE."""
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _connection_record: Any) -> None:
-        dbapi_connection.isolation_level = None  # stop pysqlite's own implicit BEGIN
-        cursor = dbapi_connection.cursor()
-        try:
-            if wal:
-                cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Connection) -> None:
-        mode = connection.get_execution_options().get(_BEGIN_MODE_OPTION, "DEFERRED")
-        connection.exec_driver_sql(f"BEGIN {mode}")
-
-
 def _row_to_event(row: Any) -> LedgerEvent:
     """Build a LedgerEvent from a `ledger_events` row, raising LedgerError on a corrupt payload."""
     try:
@@ -154,48 +132,107 @@ def _row_to_event(row: Any) -> LedgerEvent:
     )
 
 
-class Ledger:
-    """Append-only, hash-chained audit log of a federated-learning service, stored via SQLAlchemy.
+_INDEXED_FIELDS = (
+    ("subject", "subject"), ("node", "partner"), ("partners", "partner"), ("parties", "partner"),
+    ("dataset", "dataset"), ("datasets", "dataset"), ("purpose", "purpose"),
+    ("channel", "channel"), ("request_id", "request"), ("principal", "principal"),
+    ("model", "model"),
+)
 
-    Safe for concurrent appenders in several threads or processes sharing one SQLite file.
+
+def index_keys(kind: str, payload: Mapping[str, Any], actor: str) -> list[tuple[str, str]]:
+    """The (kind, value) query keys of an event: subject, partner, dataset, purpose, channel, …"""
+    keys: set[tuple[str, str]] = set()
+    for field_name, index in _INDEXED_FIELDS:
+        value = payload.get(field_name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if value:
+                keys.add((index, value))
+        elif isinstance(value, list | tuple):
+            keys.update((index, item) for item in value if isinstance(item, str) and item)
+    if actor.startswith("node:") and len(actor) > 5:
+        keys.add(("partner", actor[5:]))
+    return sorted(keys)
+
+
+CONSENT_STATUS = {
+    EventType.CONSENT_GRANTED.value: "granted",
+    EventType.CONSENT_WITHDRAWN.value: "withdrawn",
+    EventType.CONSENT_EXPIRED.value: "expired",
+}
+
+
+def utc_iso(value: str) -> str:
+    """Normalise an ISO-8601 timestamp with offset to UTC microsecond form (sorts as text)."""
+    return datetime.fromisoformat(value).astimezone(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass
+class _Pending:
+    """One append waiting for a group commit."""
+
+    kind: str
+    payload_text: str
+    payload: dict[str, Any]
+    actor: str
+    job_id: str | None
+    result: LedgerEvent | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class Ledger:
+    """Append-only, hash-chained, Merkle-checkpointed audit log, stored via a `LedgerStore`.
+
+    Safe for concurrent appenders in several threads (which share group commits) or processes
+    (which serialise on the database's write lock). `Ledger.open(path)` is SQLite; `Ledger(url)`
+    takes sqlite:/// or postgresql:// URLs. Keys live in `key_dir` (default: beside a SQLite file):
+    `<name>.signing-key` (private, signs checkpoints), `<name>.pub` (verifier keys to publish) and
+    `<name>.secret` (the deployment secret for pseudonyms and per-subject keys).
     """
 
-    def __init__(self, url: str | URL, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        busy_timeout_s: float = 30.0,
+        key_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    ) -> None:
         try:
             self._url = make_url(url)
         except ArgumentError as exc:
             raise LedgerError(f"invalid ledger database URL {url!r}: {exc}") from None
         self._closed = False
-        is_sqlite = self._url.get_backend_name() == "sqlite"
-        in_memory = is_sqlite and self._url.database in (None, "", ":memory:")
-        engine_options: dict[str, Any] = {}
-        if is_sqlite:
-            connect_args: dict[str, Any] = {"timeout": busy_timeout_s}
-            if in_memory:  # one shared connection, so every thread sees the same database
-                connect_args["check_same_thread"] = False
-                engine_options["poolclass"] = StaticPool
-            engine_options["connect_args"] = connect_args
+        self._store: LedgerStore = open_store(self._url, busy_timeout_s=busy_timeout_s)
+        self._is_sqlite = self._store.dialect == "sqlite"
         try:
-            self._engine = create_engine(self._url, **engine_options)
-        except (ArgumentError, ImportError) as exc:
-            raise LedgerError(f"cannot use ledger database {self._display_url}: {exc}") from None
-        if is_sqlite:
-            _install_sqlite_transaction_control(self._engine, wal=not in_memory)
-        self._is_sqlite = is_sqlite
-        # A single shared in-memory connection cannot hold two transactions: serialise its users.
-        self._connection_guard: contextlib.AbstractContextManager[Any] = (
-            threading.RLock() if in_memory else contextlib.nullcontext()
-        )
-        try:
-            self._create_schema()
+            migrate(self._store)
+            self._ledger_id = self._identity()
         except SQLAlchemyError as exc:
-            self._engine.dispose()
+            self._store.close()
             raise LedgerError(
                 f"cannot open ledger database {self._display_url}: {getattr(exc, 'orig', exc)}"
             ) from exc
+        if checkpoint_every < 1:
+            raise LedgerError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._queue: list[_Pending] = []
+        self._queue_cv = threading.Condition()
+        self._leader = False
+        self._checkpoint_lock = threading.Lock()
+        self._key_dir, self._key_base = self._locate_keys(key_dir)
+        self._ephemeral_secret: bytes | None = None
+        self._signer = self._load_signer()
+        self._last_checkpoint_size = self._latest_checkpoint_size()
+        self._last_checkpoint_wall = time.time()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Ledger:
+    def open(cls, path: str | os.PathLike[str], **options: Any) -> Ledger:
         """Open (or create) a SQLite ledger file at `path`, creating missing parent directories."""
         db_path = Path(path).expanduser().absolute()
         if db_path.is_dir():
@@ -206,21 +243,186 @@ class Ledger:
             raise LedgerError(
                 f"cannot create the directory for ledger {db_path}: {exc.strerror or exc}"
             ) from None
-        return cls(URL.create("sqlite", database=str(db_path)))
+        return cls(URL.create("sqlite", database=str(db_path)), **options)
+
+    # --- identity, keys -----------------------------------------------------------------------
+
+    @property
+    def _engine(self) -> Engine:
+        return self._store.engine
 
     @property
     def _display_url(self) -> str:
         return self._url.render_as_string(hide_password=True)
+
+    @property
+    def store(self) -> LedgerStore:
+        return self._store
+
+    @property
+    def origin(self) -> str:
+        """The log's name in its checkpoints, `fedpact-audit/<ledger id>`; also the key name."""
+        return f"fedpact-audit/{self._ledger_id}"
+
+    def _identity(self) -> str:
+        with self._store.read() as connection:
+            known = connection.execute(
+                select(ledger_meta.c.value).where(ledger_meta.c.key == "ledger_id")
+            ).scalar()
+        if known:
+            return str(known)
+        with self._store.write() as connection:
+            self._store.insert_ignore(
+                connection, ledger_meta, [{"key": "ledger_id", "value": uuid.uuid4().hex}]
+            )
+            return str(
+                connection.execute(
+                    select(ledger_meta.c.value).where(ledger_meta.c.key == "ledger_id")
+                ).scalar_one()
+            )
+
+    def _locate_keys(self, key_dir: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
+        database = self._store.database_path
+        if key_dir is not None:
+            folder = Path(key_dir).expanduser().absolute()
+            base = database.name if database is not None else "ledger"
+        elif database is not None:
+            folder, base = database.parent, database.name
+        elif os.environ.get("FEDPACT_AUDIT_KEY_DIR"):
+            folder, base = Path(os.environ["FEDPACT_AUDIT_KEY_DIR"]).absolute(), "ledger"
+        elif self._is_sqlite:
+            return None, "ledger"  # in-memory: keys live only as long as this object
+        else:
+            raise LedgerError(
+                f"ledger {self._display_url} needs key_dir= (or FEDPACT_AUDIT_KEY_DIR) naming "
+                "the folder for its checkpoint signing key and deployment secret"
+            )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create key folder {folder}: {exc.strerror or exc}") from None
+        return folder, base
+
+    def key_path(self, kind: str) -> Path | None:
+        """Path of this ledger's `signing-key`, `pub` or `secret` file (None for in-memory ledgers)."""
+        if self._key_dir is None:
+            return None
+        return self._key_dir / f"{self._key_base}.{kind}"
+
+    def deployment_secret(self) -> bytes:
+        """The 32-byte deployment secret (pseudonym HMAC key and key-wrapping root), created once."""
+        path = self.key_path("secret")
+        if path is None:
+            if self._ephemeral_secret is None:
+                self._ephemeral_secret = os.urandom(32)
+            return self._ephemeral_secret
+        if not path.exists():
+            _create_file_once(path, base64.b64encode(os.urandom(32)) + b"\n")
+        try:
+            secret = base64.b64decode(path.read_bytes().strip(), validate=True)
+        except (OSError, ValueError) as exc:
+            raise LedgerError(f"cannot read the deployment secret {path}: {exc}") from None
+        if len(secret) != 32:
+            raise LedgerError(f"deployment secret {path} is not 32 bytes of base64")
+        return secret
+
+    def _load_signer(self) -> CheckpointSigner | None:
+        path = self.key_path("signing-key")
+        if path is None:
+            signer = CheckpointSigner.generate(self.origin.replace("/", "-"))
+        elif path.exists() or not self._registered_keys():
+            signer = load_or_create_signer(path, self.origin.replace("/", "-"))
+        else:
+            log.warning(
+                "ledger %s: no signing key at %s; events are appended but not checkpointed",
+                self._display_url, path,
+            )
+            return None
+        self._register_key(signer.verifier)
+        return signer
+
+    def _registered_keys(self) -> list[VerifierKey]:
+        with self._store.read() as connection:
+            texts = connection.execute(select(ledger_keys.c.vkey)).scalars().all()
+        return [VerifierKey.parse(t) for t in texts]
+
+    def _register_key(self, key: VerifierKey) -> None:
+        with self._store.read() as connection:
+            known = connection.execute(
+                select(ledger_keys.c.key_id).where(ledger_keys.c.key_id == key.key_id.hex())
+            ).scalar()
+        if not known:
+            self._insert_key(key)
+        pub = self.key_path("pub")
+        if pub is not None:
+            known_keys = pub.read_text().split() if pub.exists() else []
+            if key.encode() not in known_keys:
+                with open(pub, "a", encoding="ascii") as handle:
+                    handle.write(key.encode() + "\n")
+
+    def _insert_key(self, key: VerifierKey) -> None:
+        with self._store.write() as connection:
+            self._store.insert_ignore(
+                connection,
+                ledger_keys,
+                [{"key_id": key.key_id.hex(), "name": key.name, "vkey": key.encode(),
+                  "added": _utc_timestamp()}],
+            )
+
+    @property
+    def verifier_key(self) -> VerifierKey | None:
+        """The public key that signs this ledger's new checkpoints (None without a signing key)."""
+        return None if self._signer is None else self._signer.verifier
+
+    def trusted_keys(self) -> list[VerifierKey]:
+        """Keys `verify()` accepts: the `.pub` file beside the ledger, else the keys it recorded."""
+        pub = self.key_path("pub")
+        if pub is not None and pub.exists():
+            keys = [VerifierKey.parse(line) for line in pub.read_text().split()]
+        else:
+            keys = self._registered_keys()
+        if self._signer is not None and self._signer.verifier not in keys:
+            keys.append(self._signer.verifier)
+        return keys
+
+    def rotate_signing_key(self, *, actor: str, reason: str) -> VerifierKey:
+        """Sign future checkpoints with a fresh key; the old public key stays trusted for old ones."""
+        path = self.key_path("signing-key")
+        self.checkpoint()
+        new = CheckpointSigner.generate(self.origin.replace("/", "-"))
+        if path is not None:
+            retired = path.with_name(f"{path.name}.retired-{int(time.time())}")
+            if path.exists():
+                path.rename(retired)
+            _create_file_once(path, (new.encode_private() + "\n").encode())
+        self._signer = new
+        self._register_key(new.verifier)
+        self.append(
+            EventType.KEYS_ROTATED,
+            {"key": "checkpoint-signing", "new_key_id": new.verifier.key_id.hex(),
+             "reason": reason},
+            actor=actor,
+        )
+        return new.verifier
+
+    # --- lifecycle -----------------------------------------------------------------------------
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"Ledger({self._display_url!r}, {state})"
 
     def close(self) -> None:
-        """Release the database connections; the ledger cannot be used afterwards."""
-        if not self._closed:
+        """Sign a checkpoint over any unsigned events, then release the database connections."""
+        if self._closed:
+            return
+        try:
+            if self._signer is not None:
+                self.checkpoint()
+        except LedgerError as exc:  # never lose the close; the next writer signs these events
+            log.warning("ledger %s: closing without a final checkpoint: %s", self._display_url, exc)
+        finally:
             self._closed = True
-            self._engine.dispose()
+            self._store.close()
 
     def __enter__(self) -> Self:
         return self
@@ -238,21 +440,10 @@ class Ledger:
         """Yield a connection in a transaction; a write transaction takes the write lock at BEGIN."""
         if self._closed:
             raise LedgerError("the ledger is closed")
-        with self._connection_guard, self._engine.connect() as connection:
-            if write:
-                connection.execution_options(**{_BEGIN_MODE_OPTION: "IMMEDIATE"})
-            with connection.begin():
-                yield connection
+        with (self._store.write() if write else self._store.read()) as connection:
+            yield connection
 
-    def _create_schema(self) -> None:
-        """Create the table, its indexes and (on SQLite) append-only triggers if they are missing."""
-        with self._connect(write=True) as connection:
-            connection.execute(CreateTable(ledger_events, if_not_exists=True))
-            for index in ledger_events.indexes:
-                connection.execute(CreateIndex(index, if_not_exists=True))
-            if self._is_sqlite:
-                for trigger in _SQLITE_APPEND_ONLY_TRIGGERS:
-                    connection.execute(trigger)
+    # --- appending -----------------------------------------------------------------------------
 
     @staticmethod
     def _chain_tip(connection: Connection) -> tuple[int, str]:
@@ -264,6 +455,22 @@ class Ledger:
         ).first()
         return (0, GENESIS_HASH) if row is None else (row.seq, row.hash)
 
+    @staticmethod
+    def _prepare(
+        event_type: EventType | str,
+        payload: Mapping[str, Any],
+        actor: str,
+        job_id: str | None,
+    ) -> _Pending:
+        kind = EventType.parse(event_type)
+        validate_payload(kind, payload)
+        if not isinstance(actor, str) or not actor:
+            raise LedgerError("actor must be a non-empty string naming who performed the action")
+        if job_id is not None and (not isinstance(job_id, str) or not job_id):
+            raise LedgerError("job_id must be a non-empty string or None")
+        encoded, value = canonical_json_and_value(payload, label="payload")
+        return _Pending(kind.value, encoded.decode("utf-8"), value, actor, job_id)
+
     def append(
         self,
         event_type: EventType | str,
@@ -272,52 +479,390 @@ class Ledger:
         actor: str,
         job_id: str | None = None,
     ) -> LedgerEvent:
-        """Validate, chain and durably record one event; return it as stored."""
-        kind = EventType.parse(event_type)
-        validate_payload(kind, payload)
-        if not isinstance(actor, str) or not actor:
-            raise LedgerError("actor must be a non-empty string naming who performed the action")
-        if job_id is not None and (not isinstance(job_id, str) or not job_id):
-            raise LedgerError("job_id must be a non-empty string or None")
-        payload_text = canonical_json(payload, label="payload").decode("utf-8")
+        """Validate, chain and durably record one event; return it as stored.
 
-        last_error: SQLAlchemyError | None = None
+        Appends from several threads at once are committed together (group commit: one durable
+        transaction, one fsync, for every append waiting at that moment).
+        """
+        pending = self._prepare(event_type, payload, actor, job_id)
+        self._group_commit(pending)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        self._maybe_checkpoint()
+        return pending.result
+
+    def append_many(
+        self, events: Iterable[tuple[EventType | str, Mapping[str, Any], str, str | None]]
+    ) -> list[LedgerEvent]:
+        """Validate every (event_type, payload, actor, job_id) first, then record all or none.
+
+        One transaction: either every event is chained and committed, or (on any invalid event,
+        named by its position) nothing is written.
+        """
+        batch: list[_Pending] = []
+        for position, (event_type, payload, actor, job_id) in enumerate(events):
+            try:
+                batch.append(self._prepare(event_type, payload, actor, job_id))
+            except LedgerError as exc:
+                raise LedgerError(f"event #{position + 1} of the batch: {exc}") from None
+        if not batch:
+            return []
+        self._write_batch(batch)
+        failed = next((p.error for p in batch if p.error is not None), None)
+        if failed is not None:
+            raise failed
+        self._maybe_checkpoint()
+        return [p.result for p in batch if p.result is not None]
+
+    def _group_commit(self, pending: _Pending) -> None:
+        with self._queue_cv:
+            self._queue.append(pending)
+            while not pending.done and self._leader:
+                self._queue_cv.wait()
+            if pending.done:
+                return
+            self._leader = True
+            batch, self._queue = self._queue, []
+        try:
+            self._write_batch(batch)
+        except BaseException as exc:  # surfaced to every waiter of this batch
+            for item in batch:
+                if item.result is None and item.error is None:
+                    item.error = exc
+            raise
+        finally:
+            with self._queue_cv:
+                for item in batch:
+                    item.done = True
+                self._leader = False
+                self._queue_cv.notify_all()
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """Chain and insert `batch` in one write transaction, retrying lost races."""
+        last_error: BaseException | None = None
         for attempt in range(1, APPEND_ATTEMPTS + 1):
             try:
-                return self._append_once(kind, payload_text, actor=actor, job_id=job_id)
+                self._write_once(batch)
+                return
             except IntegrityError as exc:  # another appender took this seq first
                 last_error = exc
             except OperationalError as exc:
-                if not _is_lock_contention(exc):
-                    raise LedgerError(f"could not append {kind.value} event: {exc.orig}") from exc
+                if not is_lock_contention(exc):
+                    error = LedgerError(f"could not append {batch[0].kind} event: {exc.orig}")
+                    for item in batch:
+                        item.error = error
+                    return
                 last_error = exc
             time.sleep(random.uniform(0.0, 0.05 * attempt))
-        raise LedgerError(
-            f"could not append {kind.value} event after {APPEND_ATTEMPTS} attempts: "
+        error = LedgerError(
+            f"could not append {batch[0].kind} event after {APPEND_ATTEMPTS} attempts: "
             f"concurrent appenders kept winning the race ({getattr(last_error, 'orig', last_error)})"
         )
+        for item in batch:
+            item.error = error
 
-    def _append_once(
-        self, kind: EventType, payload_text: str, *, actor: str, job_id: str | None
-    ) -> LedgerEvent:
-        """Read the chain tip and insert the next event in one write transaction."""
+    def _write_once(self, batch: list[_Pending]) -> None:
         with self._connect(write=True) as connection:
             last_seq, last_hash = self._chain_tip(connection)
-            seq, timestamp, payload = last_seq + 1, _utc_timestamp(), json.loads(payload_text)
-            new_event = LedgerEvent(
-                seq=seq,
-                event_id=uuid.uuid4().hex,
-                timestamp=timestamp,
-                event_type=kind.value,
-                actor=actor,
-                job_id=job_id,
-                payload=payload,
-                prev_hash=last_hash,
-                hash=event_hash(last_hash, seq, timestamp, kind.value, actor, job_id, payload),
+            event_rows: list[tuple[Any, ...]] = []
+            index_rows: list[tuple[str, str, int]] = []
+            consent_rows: list[dict[str, Any]] = []
+            results: list[LedgerEvent] = []
+            for item in batch:
+                seq, timestamp = last_seq + 1, _utc_timestamp()
+                digest = event_hash_from_text(
+                    last_hash, seq, timestamp, item.kind, item.actor, item.job_id,
+                    item.payload_text,
+                )
+                event_id = os.urandom(16).hex()
+                event_rows.append(
+                    (seq, event_id, timestamp, item.kind, item.actor, item.job_id,
+                     item.payload_text, last_hash, digest)
+                )
+                results.append(
+                    LedgerEvent(seq, event_id, timestamp, item.kind, item.actor, item.job_id,
+                                item.payload, last_hash, digest)
+                )
+                index_rows.extend((k, v, seq) for k, v in index_keys(item.kind, item.payload, item.actor))
+                status = CONSENT_STATUS.get(item.kind)
+                if status is not None:
+                    consent_rows.append(_consent_row(status, item.payload, seq))
+                last_seq, last_hash = seq, digest
+            mark = "?" if self._is_sqlite else "%s"
+            connection.exec_driver_sql(
+                "INSERT INTO ledger_events (seq, event_id, timestamp, event_type, actor, job_id, "
+                f"payload, prev_hash, hash) VALUES ({', '.join([mark] * 9)})",
+                event_rows if len(event_rows) > 1 else event_rows[0],
             )
-            row = dataclasses.asdict(new_event) | {"payload": payload_text}
-            connection.execute(insert(ledger_events).values(**row))
-        return new_event
+            if index_rows:
+                connection.exec_driver_sql(
+                    f"INSERT INTO event_index (kind, value, seq) VALUES ({mark}, {mark}, {mark})",
+                    index_rows if len(index_rows) > 1 else index_rows[0],
+                )
+            if consent_rows:
+                self._upsert_consent(connection, consent_rows)
+        for item, result in zip(batch, results, strict=True):
+            item.result = result
+        self._last_seq_hint = max(self._last_seq_hint, last_seq)
+
+    def _upsert_consent(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        """Keep, per subject × purpose, the consent event with the latest effective time."""
+        columns = list(rows[0])
+        sql = (
+            f"INSERT INTO consent_state ({', '.join(columns)}) VALUES "
+            f"({', '.join(':' + c for c in columns)}) ON CONFLICT (subject, purpose) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in columns if c not in ("subject", "purpose"))
+            + " WHERE excluded.effective_at >= consent_state.effective_at"
+        )
+        connection.exec_driver_sql(
+            self._store.paramstyle_named(sql), rows if len(rows) > 1 else rows[0]
+        )
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _latest_checkpoint_size(self) -> int:
+        with self._connect() as connection:
+            size = connection.execute(select(func.max(ledger_checkpoints.c.tree_size))).scalar()
+        return int(size or 0)
+
+    def _maybe_checkpoint(self) -> None:
+        if self._signer is None:
+            return
+        head = self._tip_seq_hint()
+        due = head - self._last_checkpoint_size >= self.checkpoint_every or (
+            head > self._last_checkpoint_size
+            and time.time() - self._last_checkpoint_wall >= self.checkpoint_interval_s
+        )
+        if due and self._checkpoint_lock.acquire(blocking=False):
+            try:
+                self.checkpoint()
+            finally:
+                self._checkpoint_lock.release()
+
+    def _tip_seq_hint(self) -> int:
+        """The newest seq this process has seen committed (no database round trip)."""
+        return self._last_seq_hint
+
+    _last_seq_hint = 0
+    _subject_keys: Any = None  # the SubjectKeys shared by users of this object (subjects.py)
+    _key_epoch_local = 0  # bumped when keys are destroyed through this object
+
+    def checkpoint(self) -> SignedCheckpointInfo | None:
+        """Integrate new events into the Merkle tree and sign a checkpoint over all of them.
+
+        Returns the newest checkpoint (None for an empty, never-signed ledger). Before signing, the
+        new events' chain is re-checked from the last signed event: the ledger never signs a
+        broken chain.
+        """
+        if self._signer is None:
+            raise LedgerError(
+                f"cannot sign a checkpoint: no signing key at {self.key_path('signing-key')}"
+            )
+        for attempt in range(1, APPEND_ATTEMPTS + 1):
+            try:
+                return self._checkpoint_once()
+            except OperationalError as exc:
+                if not is_lock_contention(exc) or attempt == APPEND_ATTEMPTS:
+                    raise LedgerError(f"could not write a checkpoint: {exc.orig}") from exc
+                time.sleep(random.uniform(0.0, 0.05 * attempt))
+        return None  # pragma: no cover
+
+    def _checkpoint_once(self) -> SignedCheckpointInfo | None:
+        assert self._signer is not None
+        with self._connect(write=True) as connection:
+            latest = connection.execute(
+                select(ledger_checkpoints).order_by(ledger_checkpoints.c.tree_size.desc()).limit(1)
+            ).first()
+            old_size = int(latest.tree_size) if latest is not None else 0
+            tip_seq, _ = self._chain_tip(connection)
+            self._last_seq_hint = max(self._last_seq_hint, tip_seq)
+            if tip_seq <= old_size:
+                self._last_checkpoint_size = old_size
+                self._last_checkpoint_wall = time.time()
+                return None if latest is None else _checkpoint_info(latest)
+            new_nodes: list[tuple[int, int, bytes]] = []
+            frontier = MerkleFrontier.at(
+                old_size,
+                self._node_source(connection),
+                on_node=lambda level, index, digest: new_nodes.append((level, index, digest)),
+            )
+            start_hash = GENESIS_HASH
+            if old_size:
+                start_hash = connection.execute(
+                    select(ledger_events.c.hash).where(ledger_events.c.seq == old_size)
+                ).scalar_one()
+            rows = connection.exec_driver_sql(
+                self._store.paramstyle_named(
+                    "SELECT seq, timestamp, event_type, actor, job_id, payload, prev_hash, hash "
+                    "FROM ledger_events WHERE seq > :lo AND seq <= :hi ORDER BY seq"
+                ),
+                {"lo": old_size, "hi": tip_seq},
+            ).all()
+            last_seq, last_hash = old_size, start_hash
+            for row in rows:
+                # the stored payload text is hashed as-is: a match proves it is the canonical text
+                if not (
+                    row.seq == last_seq + 1
+                    and row.prev_hash == last_hash
+                    and event_hash_from_text(
+                        last_hash, row.seq, row.timestamp, row.event_type, row.actor,
+                        row.job_id, row.payload,
+                    ) == row.hash
+                ):
+                    problem = check_row(row, last_seq, last_hash) or (row.seq, "unexpected row")
+                    raise LedgerError(
+                        f"refusing to sign a checkpoint over a broken chain: {problem[1]}"
+                    )
+                last_seq, last_hash = row.seq, row.hash
+                frontier.append(leaf_hash(bytes.fromhex(row.hash)))
+            mark = "?" if self._is_sqlite else "%s"
+            connection.exec_driver_sql(
+                f"INSERT INTO merkle_nodes (level, idx, hash) VALUES ({mark}, {mark}, {mark})",
+                new_nodes,
+            )
+            stamp = _utc_timestamp()
+            checkpoint = Checkpoint(
+                self.origin, tip_seq, frontier.root(), (f"timestamp {stamp}",)
+            )
+            note = self._signer.sign(checkpoint)
+            row = {
+                "tree_size": tip_seq,
+                "root_hash": checkpoint.root_hash.hex(),
+                "timestamp": stamp,
+                "key_name": self._signer.name,
+                "note": note,
+            }
+            connection.execute(ledger_checkpoints.insert().values(**row))
+        self._last_checkpoint_size = tip_seq
+        self._last_checkpoint_wall = time.time()
+        return SignedCheckpointInfo(tip_seq, checkpoint.root_hash.hex(), stamp, note)
+
+    def checkpoints(self) -> list[SignedCheckpointInfo]:
+        """Every signed checkpoint, oldest first."""
+        with self._connect() as connection:
+            rows = connection.execute(
+                select(ledger_checkpoints).order_by(ledger_checkpoints.c.tree_size)
+            ).all()
+        return [_checkpoint_info(row) for row in rows]
+
+    def latest_checkpoint(self) -> SignedCheckpointInfo | None:
+        with self._connect() as connection:
+            row = connection.execute(
+                select(ledger_checkpoints).order_by(ledger_checkpoints.c.tree_size.desc()).limit(1)
+            ).first()
+        return None if row is None else _checkpoint_info(row)
+
+    def _node_source(self, connection: Connection):
+        def fetch(keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+            found: dict[tuple[int, int], bytes] = {}
+            keys = list(keys)
+            for start in range(0, len(keys), 200):
+                chunk = keys[start:start + 200]
+                condition = " OR ".join(f"(level = :l{n} AND idx = :i{n})" for n in range(len(chunk)))
+                params: dict[str, Any] = {}
+                for n, (level, index) in enumerate(chunk):
+                    params[f"l{n}"], params[f"i{n}"] = level, index
+                sql = self._store.paramstyle_named(
+                    f"SELECT level, idx, hash FROM merkle_nodes WHERE {condition}"
+                )
+                for level, index, digest in connection.exec_driver_sql(sql, params):
+                    found[(int(level), int(index))] = bytes(digest)
+            return found
+
+        return fetch
+
+    # --- proofs ---------------------------------------------------------------------------------
+
+    def prove(self, event: str | int, *, tree_size: int | None = None) -> dict[str, Any]:
+        """An inclusion proof bundle: the event, its audit path and the signed checkpoint it is in.
+
+        `event` is an event_id or a seq. If the event is newer than the last checkpoint and this
+        ledger holds the signing key, a checkpoint is signed first. `verifier.verify_inclusion_bundle`
+        checks the bundle with only the public key.
+        """
+        found = self.event(event)
+        latest = self.latest_checkpoint()
+        if (latest is None or latest.tree_size < found.seq) and self._signer is not None:
+            latest = self.checkpoint()
+        if latest is None or latest.tree_size < found.seq:
+            raise LedgerError(
+                f"event {found.seq} is not yet covered by a signed checkpoint "
+                f"(latest covers {latest.tree_size if latest else 0} events)"
+            )
+        with self._connect() as connection:
+            chosen = latest
+            if tree_size is not None:
+                row = connection.execute(
+                    select(ledger_checkpoints).where(ledger_checkpoints.c.tree_size == tree_size)
+                ).first()
+                if row is None:
+                    raise LedgerError(f"no signed checkpoint at tree size {tree_size}")
+                chosen = _checkpoint_info(row)
+                if chosen.tree_size < found.seq:
+                    raise LedgerError(
+                        f"event {found.seq} is not in the checkpoint of tree size {tree_size}"
+                    )
+            try:
+                path = inclusion_proof(found.seq - 1, chosen.tree_size, self._node_source(connection))
+            except ProofError as exc:
+                raise LedgerError(f"cannot prove event {found.seq}: {exc}") from None
+        return {
+            "format": PROOF_FORMAT,
+            "event": found.to_dict(),
+            "leaf_index": found.seq - 1,
+            "tree_size": chosen.tree_size,
+            "inclusion_proof": [base64.b64encode(h).decode() for h in path],
+            "checkpoint": chosen.note,
+        }
+
+    def prove_consistency(self, old_size: int, new_size: int | None = None) -> dict[str, Any]:
+        """A bundle proving the checkpoint at `old_size` is a prefix of the one at `new_size`."""
+        with self._connect() as connection:
+            rows = {
+                int(r.tree_size): _checkpoint_info(r)
+                for r in connection.execute(
+                    select(ledger_checkpoints).where(
+                        ledger_checkpoints.c.tree_size.in_(
+                            [old_size] + ([new_size] if new_size is not None else [])
+                        )
+                    )
+                )
+            }
+            if new_size is None:
+                latest = connection.execute(
+                    select(ledger_checkpoints)
+                    .order_by(ledger_checkpoints.c.tree_size.desc())
+                    .limit(1)
+                ).first()
+                if latest is None:
+                    raise LedgerError("the ledger has no signed checkpoint yet")
+                rows[int(latest.tree_size)] = _checkpoint_info(latest)
+                new_size = int(latest.tree_size)
+            for size in (old_size, new_size):
+                if size not in rows:
+                    raise LedgerError(f"no signed checkpoint at tree size {size}")
+            try:
+                path = consistency_proof(old_size, new_size, self._node_source(connection))
+            except ProofError as exc:
+                raise LedgerError(f"cannot prove consistency: {exc}") from None
+        return {
+            "format": CONSISTENCY_FORMAT,
+            "old_checkpoint": rows[old_size].note,
+            "new_checkpoint": rows[new_size].note,
+            "consistency_proof": [base64.b64encode(h).decode() for h in path],
+        }
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def event(self, ref: str | int) -> LedgerEvent:
+        """The event with this event_id (hex string) or seq (int); LedgerError if there is none."""
+        column = ledger_events.c.seq if isinstance(ref, int) else ledger_events.c.event_id
+        with self._connect() as connection:
+            row = connection.execute(select(ledger_events).where(column == ref)).first()
+        if row is None:
+            raise LedgerError(f"no ledger event {ref!r}")
+        return _row_to_event(row)
 
     def events(
         self,
@@ -342,6 +887,11 @@ class Ledger:
         with self._connect() as connection:
             return [_row_to_event(row) for row in connection.execute(query)]
 
+    def select_events(self, query: Select[Any]) -> list[LedgerEvent]:
+        """Run a SELECT over `ledger_events` (built by `query.py`) and return its events."""
+        with self._connect() as connection:
+            return [_row_to_event(row) for row in connection.execute(query)]
+
     def count(self, job_id: str | None = None) -> int:
         """Return how many events the ledger holds, or how many belong to `job_id`."""
         query = select(func.count()).select_from(ledger_events)
@@ -357,21 +907,255 @@ class Ledger:
             row = connection.execute(query).first()
         return None if row is None else _row_to_event(row)
 
-    def verify(self) -> ChainVerification:
-        """Re-check the whole hash chain from a consistent snapshot, streaming rows in seq order."""
-        query = select(
-            ledger_events.c.seq,
-            ledger_events.c.timestamp,
-            ledger_events.c.event_type,
-            ledger_events.c.actor,
-            ledger_events.c.job_id,
-            ledger_events.c.payload,
-            ledger_events.c.prev_hash,
-            ledger_events.c.hash,
-        ).order_by(ledger_events.c.seq)
+    # --- verification ---------------------------------------------------------------------------
+
+    def verify(self, public_keys: Sequence[VerifierKey] | None = None) -> ChainVerification:
+        """Re-check the chain, the Merkle tree and every signed checkpoint from one snapshot.
+
+        Detects altered, removed, inserted or reordered events (the chain), a truncated tail or a
+        rewritten history (the Merkle root no longer matches a signed checkpoint), and forged or
+        replaced checkpoint signatures. `public_keys` defaults to `trusted_keys()`; pass the keys
+        you obtained independently for a check that does not trust this machine.
+        """
+        keys = list(public_keys) if public_keys is not None else self.trusted_keys()
         with self._connect() as connection:
-            rows = connection.execution_options(yield_per=_VERIFY_BATCH_ROWS).execute(query)
+            checkpoints = connection.execute(
+                select(ledger_checkpoints.c.tree_size, ledger_checkpoints.c.note).order_by(
+                    ledger_checkpoints.c.tree_size
+                )
+            ).all()
+            return verify_log(
+                self._store,
+                connection,
+                [(int(size), note) for size, note in checkpoints],
+                keys,
+                origin=self.origin,
+            )
+
+
+@dataclass(frozen=True)
+class SignedCheckpointInfo:
+    """A stored checkpoint: tree size, root (hex), when it was signed and the signed note."""
+
+    tree_size: int
+    root_hash: str
+    timestamp: str
+    note: str
+
+
+def _checkpoint_info(row: Any) -> SignedCheckpointInfo:
+    return SignedCheckpointInfo(int(row.tree_size), row.root_hash, row.timestamp, row.note)
+
+
+def _consent_row(status: str, payload: Mapping[str, Any], seq: int) -> dict[str, Any]:
+    expires = payload.get("expires_at") if status == "granted" else None
+    return {
+        "subject": payload["subject"],
+        "purpose": payload["purpose"],
+        "status": status,
+        "channel": payload.get("channel"),
+        "legal_basis": payload.get("legal_basis"),
+        "notice_version": payload.get("notice_version"),
+        "source": payload.get("source"),
+        "effective_at": utc_iso(payload["timestamp"]),
+        "expires_at": utc_iso(expires) if expires else None,
+        "seq": seq,
+    }
+
+
+def _create_file_once(path: Path, content: bytes) -> None:
+    """Write `content` to `path` atomically if it does not exist yet (mode 0600; first writer wins)."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class _Broken(Exception):
+    def __init__(self, seq: int, reason: str) -> None:
+        self.seq, self.reason = seq, reason
+
+
+def verify_log(
+    store: LedgerStore,
+    connection: Connection,
+    checkpoints: Sequence[tuple[int, str]],
+    keys: Sequence[VerifierKey],
+    *,
+    origin: str | None = None,
+) -> ChainVerification:
+    """Verify the chain, the Merkle roots of every checkpoint and their signatures (see Ledger.verify)."""
+    failures: list[tuple[int, str]] = []
+    signed: list[tuple[int, bytes]] = []
+    previous = 0
+    for size, note in checkpoints:
+        problem = None
+        try:
+            opened = _open_with_any(note, keys)
+            if opened.tree_size != size:
+                problem = f"checkpoint stored at tree size {size} signs tree size {opened.tree_size}"
+            elif origin is not None and opened.origin != origin:
+                problem = f"checkpoint at tree size {size} is for another log ({opened.origin})"
+        except CheckpointError as exc:
+            problem = str(exc)
+        if problem is not None:
+            failures.append((previous + 1, problem))
+            break
+        signed.append((size, opened.root_hash))
+        previous = size
+
+    sha256 = hashlib.sha256
+    state = {"seq": 0, "hash": GENESIS_HASH, "checked": 0}
+    boundary_hashes: dict[int, str] = {0: GENESIS_HASH}
+    stack: list[bytes] = []
+    size = 0
+    next_index = 0
+    checkpoints_ok = 0
+    fast_sql = store.record_bytes_sql()
+    slow_sql = store.paramstyle_named(
+        "SELECT seq, timestamp, event_type, actor, job_id, payload, prev_hash, hash "
+        "FROM ledger_events WHERE seq > :after ORDER BY seq LIMIT 1"
+    )
+
+    def accepted() -> Iterator[tuple[int, str]]:
+        while True:
+            cursor = store.raw_cursor(connection)
             try:
-                return verify_chain(rows)
+                cursor.arraysize = _VERIFY_BATCH_ROWS
+                cursor.execute(fast_sql, (state["seq"],))
+                mismatch = False
+                while not mismatch:
+                    rows = cursor.fetchmany(_VERIFY_BATCH_ROWS)
+                    if not rows:
+                        break
+                    for seq, prev, digest, record in rows:
+                        if (
+                            seq == state["seq"] + 1
+                            and prev == state["hash"]
+                            and record is not None
+                            and sha256(record.encode("utf-8")).hexdigest() == digest
+                        ):
+                            state["checked"] += 1
+                            state["seq"], state["hash"] = seq, digest
+                            yield seq, digest
+                        else:
+                            mismatch = True
+                            break
             finally:
-                rows.close()
+                cursor.close()
+            if not mismatch:
+                return
+            # Slow path for one row: exact diagnosis, or acceptance if only the SQL rendering differed.
+            row = connection.exec_driver_sql(slow_sql, {"after": state["seq"]}).first()
+            if row is None:
+                return
+            state["checked"] += 1
+            problem = check_row(row, state["seq"], state["hash"])
+            if problem is not None:
+                raise _Broken(*problem)
+            state["seq"], state["hash"] = row.seq, row.hash
+            yield row.seq, row.hash
+
+    try:
+        for _seq, digest in accepted():
+            current = sha256(b"\x00" + bytes.fromhex(digest)).digest()
+            index = size
+            while index & 1:
+                current = sha256(b"\x01" + stack.pop() + current).digest()
+                index >>= 1
+            stack.append(current)
+            size += 1
+            if next_index < len(signed) and signed[next_index][0] == size:
+                root = stack[-1]
+                for left in reversed(stack[:-1]):
+                    root = sha256(b"\x01" + left + root).digest()
+                boundary_hashes[size] = digest
+                if root != signed[next_index][1]:
+                    start = signed[next_index - 1][0] if next_index else 0
+                    failures.append(
+                        (
+                            _first_changed_leaf(store, connection, start, size) or start + 1,
+                            f"events {start + 1}..{size} differ from those signed in the "
+                            f"checkpoint at tree size {size}: its Merkle root does not match "
+                            "(history rewritten after it was signed)",
+                        )
+                    )
+                    break
+                next_index += 1
+                checkpoints_ok += 1
+    except _Broken as broken:
+        failures.append((broken.seq, broken.reason))
+
+    if not failures and next_index < len(signed):
+        claimed = signed[next_index][0]
+        failures.append(
+            (
+                size + 1,
+                f"truncated: the signed checkpoint at tree size {claimed} covers {claimed} events "
+                f"but the ledger holds only {size}; events {size + 1}..{claimed} were removed",
+            )
+        )
+    if failures:
+        first_bad, reason = min(failures, key=lambda f: f[0])
+        head = boundary_hashes.get(first_bad - 1, state["hash"])
+        return ChainVerification(
+            False, state["checked"], first_bad, reason, head, checkpoints_ok,
+            signed[checkpoints_ok - 1][0] if checkpoints_ok else 0,
+        )
+    checked = state["checked"]
+    if not checked:
+        return ChainVerification(True, 0, None, "ledger is empty; nothing to verify", GENESIS_HASH)
+    noun = "event" if checked == 1 else "events"
+    signed_size = signed[-1][0] if signed else 0
+    summary = f"{checked} {noun} verified; chain intact"
+    if signed:
+        summary += (
+            f"; Merkle root matches {len(signed)} signed checkpoint"
+            f"{'s' if len(signed) != 1 else ''} (latest: tree size {signed_size})"
+        )
+    if checked > signed_size:
+        summary += f"; {checked - signed_size} newest not yet in a signed checkpoint"
+    return ChainVerification(True, checked, None, summary, state["hash"], len(signed), signed_size)
+
+
+def _open_with_any(note: str, keys: Sequence[VerifierKey]) -> Checkpoint:
+    if not keys:
+        raise CheckpointError("no public key to check checkpoint signatures with")
+    errors = []
+    for key in keys:
+        try:
+            return open_checkpoint(note, key)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+    forged = [e for e in errors if "does not verify" in e]
+    raise CheckpointError(forged[0] if forged else errors[0])
+
+
+def _first_changed_leaf(store: LedgerStore, connection: Connection, start: int, end: int) -> int | None:
+    """The seq of the first event in (start, end] whose hash differs from the leaf stored at signing."""
+    stored = dict(
+        connection.exec_driver_sql(
+            store.paramstyle_named(
+                "SELECT idx, hash FROM merkle_nodes WHERE level = 0 AND idx >= :lo AND idx < :hi"
+            ),
+            {"lo": start, "hi": end},
+        ).all()
+    )
+    rows = connection.execute(
+        select(ledger_events.c.seq, ledger_events.c.hash)
+        .where(ledger_events.c.seq > start, ledger_events.c.seq <= end)
+        .order_by(ledger_events.c.seq)
+    ).all()
+    for seq, digest in rows:
+        leaf = stored.get(seq - 1)
+        if leaf is None or bytes(leaf) != leaf_hash(bytes.fromhex(digest)):
+            return int(seq)
+    return None
+

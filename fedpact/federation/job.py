@@ -50,6 +50,8 @@ class JobConfig:
     seed: int = 0
     test_fraction: float = 0.2
     purpose: str = "model_training"
+    # Exclude rows whose subject has no valid consent for `purpose` (audit.consent registry).
+    require_consent: bool = False
     job_id: str = ""
     home: str = ".fedpact"
 

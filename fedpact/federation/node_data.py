@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from fedpact.errors import ConfigurationError
 from fedpact.models.datasets import PartnerData, load_dataset, load_partner_csv
 
 from .job import JobConfig
@@ -41,12 +42,60 @@ def _own_csv(csv: str, mapping: str, name: str, seed: int, test_fraction: float)
 
 
 def load_node_data(node_config, job: JobConfig) -> NodeData:
-    """Rows for this node: `data-csv` + `mapping` from the node's own config, else its partition."""
+    """Rows for this node: `data-csv` + `mapping` from the node's own config, else its partition.
+
+    With `job.require_consent`, rows whose subject has no valid consent for the job's purpose are
+    removed here — before any feature statistic is computed — and the count is recorded.
+    """
     node_config = dict(node_config)
     if "data-csv" in node_config:
-        return _own_csv(str(node_config["data-csv"]), str(node_config["mapping"]),
+        node = _own_csv(str(node_config["data-csv"]), str(node_config["mapping"]),
                         str(node_config.get("partner", "")), job.seed, job.test_fraction)
-    index = int(node_config.get("partition-id", 0))
-    data_dir = node_config.get("data-dir")
-    return _simulated(job.dataset, job.partitioning, job.num_partitions, job.seed,
-                      job.test_fraction, index, str(data_dir) if data_dir else None)
+    else:
+        index = int(node_config.get("partition-id", 0))
+        data_dir = node_config.get("data-dir")
+        node = _simulated(job.dataset, job.partitioning, job.num_partitions, job.seed,
+                          job.test_fraction, index, str(data_dir) if data_dir else None)
+    if job.require_consent:
+        ledger_path = str(node_config.get("consent-ledger") or job.ledger_path)
+        return _consented(node, job.job_id, job.purpose, ledger_path)
+    return node
+
+
+_CONSENTED: dict[tuple[str, str, str], NodeData] = {}
+
+
+def _consented(node: NodeData, job_id: str, purpose: str, ledger_path: str) -> NodeData:
+    """This node's rows whose subjects consented to `purpose`; exclusions recorded once per job."""
+    key = (job_id, node.partner, purpose)
+    if key in _CONSENTED:
+        return _CONSENTED[key]
+    from fedpact.audit import EventType, Ledger
+    from fedpact.audit.consent import ConsentRegistry
+
+    if node.train.ids is None:
+        raise ConfigurationError(
+            f"{node.partner}: consent cannot be enforced without a subject id column; set `id` in "
+            "the mapping file")
+    with Ledger.open(ledger_path) as ledger:
+        registry = ConsentRegistry(ledger)
+        done = any(e.payload.get("dataset") == node.partner
+                   for e in ledger.events(job_id=job_id, event_type=EventType.DATA_EXCLUDED.value))
+        parts = []
+        for rows in (node.train, node.test):
+            ids = rows.ids.tolist()
+            mask = registry.allowed(ids, purpose)
+            parts.append(rows.subset(mask))
+        if not done:
+            total = len(node.train) + len(node.test)
+            kept = len(parts[0]) + len(parts[1])
+            actor = f"node:{node.partner}"
+            registry.record_exclusion(job_id, node.partner, purpose, total - kept, total, actor=actor)
+            registry.record_subjects_used(job_id, node.partner, purpose,
+                                          parts[0].ids.tolist() + parts[1].ids.tolist(), actor=actor)
+    if len(parts[0]) == 0:
+        raise ConfigurationError(
+            f"{node.partner}: no row has a valid consent for purpose {purpose!r}; nothing to train on")
+    result = NodeData(node.partner, parts[0], parts[1])
+    _CONSENTED[key] = result
+    return result

@@ -1,17 +1,24 @@
-"""Differential privacy: DP-SGD training, privacy accounting and budgets. Knows nothing of Flower."""
+"""Differential privacy, privacy budgets and audience matching. Knows nothing of Flower.
 
-from fedpact.privacy.accounting import (
-    AccountantState,
-    AccountantStore,
-    epsilon_of,
-    plan_noise_multiplier,
-)
-from fedpact.privacy.dp_sgd import PrivateTraining
+Submodules are imported lazily, so that e.g. `fedpact.privacy.matching` does not pull in torch.
+"""
 
-__all__ = [
-    "AccountantState",
-    "AccountantStore",
-    "PrivateTraining",
-    "epsilon_of",
-    "plan_noise_multiplier",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "AccountantState": "fedpact.privacy.accounting",
+    "AccountantStore": "fedpact.privacy.accounting",
+    "epsilon_of": "fedpact.privacy.accounting",
+    "plan_noise_multiplier": "fedpact.privacy.accounting",
+    "PrivateTraining": "fedpact.privacy.dp_sgd",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fedpact.privacy' has no attribute {name!r}")

@@ -16,10 +16,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from opacus.accountants import create_accountant
+from opacus.accountants import create_accountant  # accountants only: no torch model code
 from opacus.accountants.utils import get_noise_multiplier
 
-import fedpact.privacy.dp_sgd  # noqa: F401  (installs the Opacus notice filters)
 from fedpact.errors import ConfigurationError
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")

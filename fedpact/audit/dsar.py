@@ -1,0 +1,260 @@
+"""Data-subject requests: access (JSON and CSV, for portability), rectification and erasure.
+
+Erasure is crypto-shredding: every data key of the subject is destroyed, so the personal fields of
+all their events become unreadable everywhere (this database, its backups' copies of the events,
+exports), while the events themselves, the chain and every proof stay intact. Erasure also
+withdraws the subject's consents and flags every model trained on data that included them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from fedpact.audit.consent import ConsentRecord, ConsentRegistry
+from fedpact.audit.events import EventType, LedgerError
+from fedpact.audit.ledger import Ledger, LedgerEvent
+from fedpact.audit.store import consent_state, event_index, job_subjects, ledger_events
+
+DSAR_KINDS = ("access", "rectification", "erasure")
+DSAR_RETENTION_CLASS = "dsar"
+ERASED = "[erased]"
+
+
+@dataclass
+class SubjectReport:
+    """Everything the ledger and registry hold about one subject, decrypted where keys remain."""
+
+    subject: str
+    generated_at: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    consents: list[dict[str, Any]] = field(default_factory=list)
+    jobs: list[dict[str, str]] = field(default_factory=list)
+    personal_data: dict[str, Any] = field(default_factory=dict)
+    erased: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "generated_at": self.generated_at,
+            "erased": self.erased,
+            "personal_data": self.personal_data,
+            "consents": self.consents,
+            "jobs_that_used_the_data": self.jobs,
+            "events": self.events,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, sort_keys=True)
+
+    def to_csv(self) -> str:
+        """One row per event: seq, time, type, actor, job, purpose, details, personal fields."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["seq", "timestamp", "event_type", "actor", "job_id", "purpose",
+                         "details", "personal_fields"])
+        for event in self.events:
+            payload = {k: v for k, v in event["payload"].items() if k != "personal"}
+            writer.writerow([
+                event["seq"], event["timestamp"], event["event_type"], event["actor"],
+                event["job_id"] or "", payload.get("purpose", ""),
+                json.dumps(payload, ensure_ascii=False, sort_keys=True),
+                json.dumps(event.get("personal"), ensure_ascii=False, sort_keys=True),
+            ])
+        return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    subject: str
+    request_id: str
+    keys_destroyed: int
+    consents_withdrawn: list[str]
+    models_flagged: list[str]
+    event: LedgerEvent
+
+
+class SubjectRequests:
+    """Handle access, rectification and erasure requests of data subjects, each on the ledger."""
+
+    def __init__(self, ledger: Ledger, *, actor: str = "dpo") -> None:
+        self.ledger = ledger
+        self.actor = actor
+        self.registry = ConsentRegistry(ledger, actor=actor)
+        self.subjects = self.registry.subjects
+
+    def receive(self, subject_id: Any, kind: str, *, channel: str,
+                request_id: str | None = None) -> str:
+        """Log a request (`dsar.received`) and return its id."""
+        if kind not in DSAR_KINDS:
+            raise LedgerError(f"request kind {kind!r} is not one of {', '.join(DSAR_KINDS)}")
+        subject = self.subjects.pseudonym(subject_id)
+        request_id = request_id or f"dsar-{uuid.uuid4().hex[:12]}"
+        now = datetime.now(UTC)
+        personal = None
+        # never seal new personal data for someone asking to be, or already, forgotten
+        if kind != "erasure" and not self.subjects.is_erased(subject):
+            personal = self.subjects.seal(
+                subject, {"subject_id": self.subjects.normalise(subject_id)},
+                retention_class=DSAR_RETENTION_CLASS, at=now,
+            )
+        payload = {"request_id": request_id, "kind": kind, "subject": subject,
+                   "channel": channel, "timestamp": now.isoformat()}
+        if personal:
+            payload["personal"] = personal
+        self.ledger.append(EventType.DSAR_RECEIVED, payload, actor=self.actor)
+        return request_id
+
+    def _fulfilled(self, request_id: str, kind: str, subject: str, outcome: str) -> LedgerEvent:
+        return self.ledger.append(
+            EventType.DSAR_FULFILLED,
+            {"request_id": request_id, "kind": kind, "subject": subject, "outcome": outcome,
+             "timestamp": datetime.now(UTC).isoformat()},
+            actor=self.actor,
+        )
+
+    def subject_events(self, subject: str) -> list[LedgerEvent]:
+        """Every event indexed under this subject pseudonym, in seq order."""
+        query = (
+            select(ledger_events)
+            .join(event_index, event_index.c.seq == ledger_events.c.seq)
+            .where(event_index.c.kind == "subject", event_index.c.value == subject)
+            .order_by(ledger_events.c.seq)
+        )
+        return self.ledger.select_events(query)
+
+    def report(self, subject_id: Any) -> SubjectReport:
+        """Everything held about the subject, without writing anything (see `access`)."""
+        subject = self.subjects.pseudonym(subject_id)
+        report = SubjectReport(subject, datetime.now(UTC).isoformat(timespec="seconds"))
+        for event in self.subject_events(subject):
+            item = event.to_dict()
+            envelope = event.payload.get("personal")
+            if envelope is not None:
+                opened = self.subjects.open(subject, envelope)
+                item["personal"] = ERASED if opened.erased else opened.fields
+                if opened.erased:
+                    report.erased = True
+                else:
+                    report.personal_data.update(opened.fields or {})
+                item["payload"] = {k: v for k, v in item["payload"].items() if k != "personal"}
+            report.events.append(item)
+        with self.ledger.store.read() as connection:
+            consents = connection.execute(
+                select(consent_state).where(consent_state.c.subject == subject)
+            ).all()
+            jobs = connection.execute(
+                select(job_subjects.c.job_id, job_subjects.c.dataset)
+                .where(job_subjects.c.subject == subject)
+                .order_by(job_subjects.c.job_id)
+            ).all()
+        report.consents = [ConsentRecord(**row._mapping).__dict__ for row in consents]
+        report.jobs = [{"job_id": j, "dataset": d} for j, d in jobs]
+        if self.subjects.live_key_count(subject) == 0 and report.events:
+            report.erased = report.erased or any(
+                e["event_type"] == EventType.SUBJECT_ERASED.value for e in report.events
+            )
+        return report
+
+    def access(self, subject_id: Any, *, request_id: str | None = None,
+               channel: str = "dpo") -> SubjectReport:
+        """Answer an access/portability request: the report, with receipt and fulfilment logged."""
+        request_id = request_id or self.receive(subject_id, "access", channel=channel)
+        report = self.report(subject_id)
+        self._fulfilled(request_id, "access", report.subject,
+                        f"exported {len(report.events)} events, {len(report.consents)} consents")
+        return report
+
+    def rectify(self, subject_id: Any, corrections: dict[str, Any], *,
+                request_id: str | None = None, channel: str = "dpo") -> LedgerEvent:
+        """Record corrected personal fields (encrypted); access reports show the latest values."""
+        if not corrections:
+            raise LedgerError("rectification needs at least one corrected field")
+        if "subject_id" in corrections:
+            raise LedgerError("the subject id itself cannot be rectified; erase and re-register")
+        request_id = request_id or self.receive(subject_id, "rectification", channel=channel)
+        subject = self.subjects.pseudonym(subject_id)
+        personal = self.subjects.seal(
+            subject, {"subject_id": self.subjects.normalise(subject_id), **corrections},
+            retention_class=DSAR_RETENTION_CLASS,
+        )
+        event = self.ledger.append(
+            EventType.SUBJECT_RECTIFIED,
+            {"subject": subject, "request_id": request_id, "fields": sorted(corrections),
+             "personal": personal},
+            actor=self.actor,
+        )
+        self._fulfilled(request_id, "rectification", subject, f"corrected {', '.join(sorted(corrections))}")
+        return event
+
+    def erase(self, subject_id: Any, *, request_id: str | None = None,
+              channel: str = "dpo") -> ErasureReport:
+        """Crypto-shred the subject: withdraw consents, destroy keys, flag models, log it all."""
+        request_id = request_id or self.receive(subject_id, "erasure", channel=channel)
+        subject = self.subjects.pseudonym(subject_id)
+        withdrawn = [
+            record.purpose for record in self.registry.current(subject)
+            if record.status == "granted"
+        ]
+        now = datetime.now(UTC).isoformat()
+        self.ledger.append_many(
+            (EventType.CONSENT_WITHDRAWN,
+             {"subject": subject, "purpose": purpose, "channel": channel,
+              "source": f"erasure request {request_id}", "timestamp": now},
+             self.actor, None)
+            for purpose in withdrawn
+        )
+        destroyed = self.subjects.destroy(subject, why=f"erasure request {request_id}")
+        with self.ledger.store.read() as connection:
+            jobs = sorted(set(connection.execute(
+                select(job_subjects.c.job_id).where(job_subjects.c.subject == subject)
+            ).scalars()))
+        models = _models_of_jobs(self.ledger, jobs)
+        self.ledger.append_many(
+            (EventType.MODEL_FLAGGED,
+             {"model": model, "subject": subject,
+              "reason": f"trained on data that included a subject erased by {request_id}"},
+             self.actor, job_id)
+            for job_id, model in models
+        )
+        flagged = [model for _job, model in models]
+        event = self.ledger.append(
+            EventType.SUBJECT_ERASED,
+            {"subject": subject, "request_id": request_id, "keys_destroyed": destroyed,
+             "models_flagged": flagged},
+            actor=self.actor,
+        )
+        self._fulfilled(request_id, "erasure", subject,
+                        f"{destroyed} keys destroyed, {len(flagged)} models flagged")
+        return ErasureReport(subject, request_id, destroyed, withdrawn, flagged, event)
+
+
+def _models_of_jobs(ledger: Ledger, jobs: list[str]) -> list[tuple[str, str]]:
+    """(job_id, model) for each job: the model named by its delivery events, else the job's own model."""
+    result: list[tuple[str, str]] = []
+    for job_id in jobs:
+        delivered = ledger.events(job_id=job_id, event_type=EventType.MODEL_DELIVERED)
+        names = sorted({str(e.payload.get("model") or f"{job_id}/model") for e in delivered})
+        finished = ledger.events(job_id=job_id, event_type=EventType.JOB_FINISHED)
+        if not names and finished:
+            names = [f"{job_id}/model"]
+        if not names:
+            names = [f"{job_id}/model (job not finished)"]
+        result.extend((job_id, name) for name in names)
+    return result
+
+
+def flagged_models(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every model flagged because a subject whose data trained it was erased."""
+    return [
+        {"model": e.payload["model"], "job_id": e.job_id, "subject": e.payload["subject"],
+         "seq": e.seq, "timestamp": e.timestamp}
+        for e in ledger.events(event_type=EventType.MODEL_FLAGGED)
+    ]

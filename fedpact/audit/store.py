@@ -1,0 +1,453 @@
+"""Where the ledger keeps its rows: one storage interface, with SQLite and PostgreSQL drivers.
+
+The tables (created and upgraded by the alembic migrations in `audit/migrations/`):
+
+- `ledger_events` — the hash chain, append-only (triggers refuse UPDATE and DELETE);
+- `merkle_nodes` — perfect subtree hashes (level, index) of the Merkle tree over event hashes,
+  written when events are integrated into a checkpoint; append-only;
+- `ledger_checkpoints` — signed tree heads (C2SP signed notes); append-only;
+- `ledger_keys` — verifier keys that have signed checkpoints; `ledger_meta` — the log's identity;
+- `event_index`, `consent_state` — indexes derived from events in the same transaction that
+  appends them (queries by subject, partner, dataset, purpose, channel; current consent);
+- `subject_keys`, `job_subjects` — wrapped per-subject data keys (crypto-shredding) and which
+  subjects' rows each job used. These two are not part of the chain: erasure destroys keys here.
+
+Drivers differ only in how a writer takes the log's write lock, how append-only is enforced and
+the SQL that rebuilds an event's hashed bytes for fast verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    URL,
+    Column,
+    Connection,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from fedpact.audit.events import LedgerError
+
+SCHEMA_HEAD = "0002"
+"""The alembic revision this code expects; older databases are upgraded on open."""
+
+_BEGIN_MODE_OPTION = "fedpact_ledger_begin"
+_PG_WRITE_LOCK = 0x66656470  # "fedp": the advisory lock every PostgreSQL appender takes
+
+metadata = MetaData()
+
+ledger_events = Table(
+    "ledger_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("event_id", Text, nullable=False, unique=True),
+    Column("timestamp", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("job_id", Text, nullable=True, index=True),
+    Column("payload", Text, nullable=False),
+    Column("prev_hash", Text, nullable=False),
+    Column("hash", Text, nullable=False),
+    Index("ix_ledger_events_type_seq", "event_type", "seq"),
+    Index("ix_ledger_events_timestamp", "timestamp"),
+)
+
+ledger_meta = Table(
+    "ledger_meta", metadata, Column("key", Text, primary_key=True), Column("value", Text)
+)
+
+merkle_nodes = Table(
+    "merkle_nodes",
+    metadata,
+    Column("level", Integer, nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("hash", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("level", "idx"),
+    sqlite_with_rowid=False,
+)
+
+ledger_checkpoints = Table(
+    "ledger_checkpoints",
+    metadata,
+    Column("tree_size", Integer, primary_key=True, autoincrement=False),
+    Column("root_hash", Text, nullable=False),
+    Column("timestamp", Text, nullable=False),
+    Column("key_name", Text, nullable=False),
+    Column("note", Text, nullable=False),
+)
+
+ledger_keys = Table(
+    "ledger_keys",
+    metadata,
+    Column("key_id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("vkey", Text, nullable=False),
+    Column("added", Text, nullable=False),
+)
+
+event_index = Table(
+    "event_index",
+    metadata,
+    Column("kind", Text, nullable=False),
+    Column("value", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    PrimaryKeyConstraint("kind", "value", "seq"),
+    sqlite_with_rowid=False,
+)
+
+consent_state = Table(
+    "consent_state",
+    metadata,
+    Column("subject", Text, nullable=False),
+    Column("purpose", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("channel", Text),
+    Column("legal_basis", Text),
+    Column("notice_version", Text),
+    Column("source", Text),
+    Column("effective_at", Text, nullable=False),
+    Column("expires_at", Text),
+    Column("seq", Integer, nullable=False),
+    PrimaryKeyConstraint("subject", "purpose"),
+    Index("ix_consent_state_purpose_status", "purpose", "status"),
+)
+
+subject_keys = Table(
+    "subject_keys",
+    metadata,
+    Column("subject", Text, nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("retention_class", Text, nullable=False),
+    Column("period", Text, nullable=False),
+    Column("wrapped", LargeBinary, nullable=True),
+    Column("created", Text, nullable=False),
+    Column("destroyed_at", Text, nullable=True),
+    Column("destroyed_why", Text, nullable=True),
+    PrimaryKeyConstraint("subject", "key_id"),
+    Index("ix_subject_keys_class_period", "retention_class", "period"),
+)
+
+job_subjects = Table(
+    "job_subjects",
+    metadata,
+    Column("subject", Text, nullable=False),
+    Column("job_id", Text, nullable=False),
+    Column("dataset", Text, nullable=False),
+    PrimaryKeyConstraint("subject", "job_id", "dataset"),
+    sqlite_with_rowid=False,
+)
+
+APPEND_ONLY_TABLES = ("ledger_events", "merkle_nodes", "ledger_checkpoints")
+
+
+def is_lock_contention(exc: OperationalError) -> bool:
+    """True when the database refused the write only because another writer held the lock."""
+    message = str(exc.orig).lower()
+    return "locked" in message or "busy" in message
+
+
+class LedgerStore:
+    """The storage interface the ledger uses; `SQLiteStore` and `PostgresStore` implement it.
+
+    A store hands out connections inside transactions (`write()` takes the log's single write
+    lock at BEGIN, so appenders in any process serialise), and knows its dialect's SQL for the
+    few things that differ. Everything else is portable SQLAlchemy Core in the ledger.
+    """
+
+    dialect = "generic"
+
+    def __init__(self, url: URL, engine: Engine) -> None:
+        self.url = url
+        self.engine = engine
+        self.closed = False
+        self._guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+
+    @property
+    def display_url(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+    @property
+    def database_path(self) -> Path | None:
+        """The file holding the database, when there is one (SQLite on disk)."""
+        return None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.engine.dispose()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection in a read transaction (a consistent snapshot on both drivers)."""
+        if self.closed:
+            raise LedgerError("the ledger is closed")
+        with self._guard, self.engine.connect() as connection, connection.begin():
+            yield connection
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A connection in a write transaction holding the log's write lock from its first statement."""
+        if self.closed:
+            raise LedgerError("the ledger is closed")
+        with self._guard, self.engine.connect() as connection:
+            self._prepare_write(connection)
+            with connection.begin():
+                self._lock_for_write(connection)
+                yield connection
+
+    def _prepare_write(self, connection: Connection) -> None:
+        """Hook run before BEGIN (SQLite picks BEGIN IMMEDIATE here)."""
+
+    def _lock_for_write(self, connection: Connection) -> None:
+        """Hook run as the first statement of a write transaction."""
+
+    def record_bytes_sql(self) -> str:
+        """SQL selecting seq, prev_hash, hash and the event's canonical record text, from `:after`."""
+        raise NotImplementedError
+
+    def install_append_only_guards(self, connection: Connection) -> None:
+        raise NotImplementedError
+
+    def insert_ignore(self, connection: Connection, table: Table, rows: Sequence[dict]) -> None:
+        """Insert rows, skipping any whose primary key already exists."""
+        raise NotImplementedError
+
+    def raw_cursor(self, connection: Connection) -> Any:
+        """A DBAPI cursor on this connection that streams a large result (verification)."""
+        return connection.connection.driver_connection.cursor()
+
+    def paramstyle_named(self, sql: str) -> str:
+        """Turn `:name` parameters into this driver's DBAPI paramstyle."""
+        return sql
+
+    def after_erasure(self) -> None:
+        """Make destroyed key bytes unrecoverable from the database files (SQLite: WAL truncation)."""
+
+
+def _json_quote_sqlite(column: str) -> str:
+    return f"json_quote({column})"
+
+
+class SQLiteStore(LedgerStore):
+    """The embedded default: one file in WAL mode, synchronous=FULL, secure_delete on."""
+
+    dialect = "sqlite"
+
+    def __init__(self, url: URL, *, busy_timeout_s: float) -> None:
+        in_memory = url.database in (None, "", ":memory:")
+        connect_args: dict[str, Any] = {"timeout": busy_timeout_s}
+        options: dict[str, Any] = {}
+        if in_memory:  # one shared connection, so every thread sees the same database
+            connect_args["check_same_thread"] = False
+            options["poolclass"] = StaticPool
+        try:
+            engine = create_engine(url, connect_args=connect_args, **options)
+        except (ArgumentError, ImportError) as exc:
+            raise LedgerError(f"cannot use ledger database {url}: {exc}") from None
+        super().__init__(url, engine)
+        self.in_memory = in_memory
+        _install_sqlite_transaction_control(engine, wal=not in_memory)
+        # A single shared in-memory connection cannot hold two transactions: serialise its users.
+        if in_memory:
+            self._guard = threading.RLock()
+
+    @property
+    def database_path(self) -> Path | None:
+        return None if self.in_memory else Path(str(self.url.database))
+
+    def _prepare_write(self, connection: Connection) -> None:
+        connection.execution_options(**{_BEGIN_MODE_OPTION: "IMMEDIATE"})
+
+    def record_bytes_sql(self) -> str:
+        q = _json_quote_sqlite
+        return (
+            "SELECT seq, prev_hash, hash, "
+            f"""'{{"actor":' || {q('actor')} || ',"event_type":' || {q('event_type')} || """
+            f"""',"job_id":' || {q('job_id')} || ',"payload":' || payload || """
+            f"""',"prev_hash":' || {q('prev_hash')} || ',"seq":' || seq || """
+            f"""',"timestamp":' || {q('timestamp')} || '}}' """
+            "FROM ledger_events WHERE seq > ? ORDER BY seq"
+        )
+
+    def install_append_only_guards(self, connection: Connection) -> None:
+        for table in APPEND_ONLY_TABLES:
+            for action in ("UPDATE", "DELETE"):
+                connection.exec_driver_sql(
+                    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action.lower()} "
+                    f"BEFORE {action} ON {table} "
+                    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {action} refused'); END"
+                )
+
+    def insert_ignore(self, connection: Connection, table: Table, rows: Sequence[dict]) -> None:
+        if rows:
+            connection.execute(table.insert().prefix_with("OR IGNORE"), list(rows))
+
+    def paramstyle_named(self, sql: str) -> str:
+        return sql  # pysqlite accepts :name
+
+    def after_erasure(self) -> None:
+        if self.in_memory:
+            return
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _install_sqlite_transaction_control(engine: Engine, *, wal: bool) -> None:
+    """Make SQLAlchemy, not pysqlite, emit BEGIN, so appends can start with BEGIN IMMEDIATE."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None  # stop pysqlite's own implicit BEGIN
+        cursor = dbapi_connection.cursor()
+        try:
+            if wal:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA secure_delete=ON")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(_BEGIN_MODE_OPTION, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+class PostgresStore(LedgerStore):
+    """PostgreSQL (psycopg 3): appenders serialise on a transaction-scoped advisory lock."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: URL) -> None:
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        try:
+            engine = create_engine(url, pool_pre_ping=True)
+        except (ArgumentError, ImportError) as exc:
+            raise LedgerError(
+                f"cannot use ledger database {url.render_as_string(hide_password=True)}: {exc} "
+                "(PostgreSQL needs the psycopg package: pip install 'psycopg[binary]')"
+            ) from None
+        super().__init__(url, engine)
+
+    def _lock_for_write(self, connection: Connection) -> None:
+        connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_WRITE_LOCK})
+
+    def record_bytes_sql(self) -> str:
+        def q(column: str) -> str:
+            return f"coalesce(to_json({column})::text, 'null')"
+
+        return (
+            "SELECT seq, prev_hash, hash, "
+            f"""'{{"actor":' || {q('actor')} || ',"event_type":' || {q('event_type')} || """
+            f"""',"job_id":' || {q('job_id')} || ',"payload":' || payload || """
+            f"""',"prev_hash":' || {q('prev_hash')} || ',"seq":' || seq::text || """
+            f"""',"timestamp":' || {q('timestamp')} || '}}' """
+            "FROM ledger_events WHERE seq > %s ORDER BY seq"
+        )
+
+    def raw_cursor(self, connection: Connection) -> Any:
+        import uuid
+
+        return connection.connection.driver_connection.cursor(name=f"verify_{uuid.uuid4().hex}")
+
+    def install_append_only_guards(self, connection: Connection) -> None:
+        connection.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION fedpact_append_only() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION '%% is append-only: %% refused', TG_TABLE_NAME, TG_OP; END; "
+            "$$ LANGUAGE plpgsql"
+        )
+        for table in APPEND_ONLY_TABLES:
+            connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
+            connection.exec_driver_sql(
+                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE "
+                f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION fedpact_append_only()"
+            )
+
+    def insert_ignore(self, connection: Connection, table: Table, rows: Sequence[dict]) -> None:
+        if rows:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            connection.execute(pg_insert(table).on_conflict_do_nothing(), list(rows))
+
+    def paramstyle_named(self, sql: str) -> str:
+        import re
+
+        return re.sub(r":(\w+)", r"%(\1)s", sql)
+
+
+def open_store(url: URL, *, busy_timeout_s: float = 30.0) -> LedgerStore:
+    """Pick the driver for `url`: sqlite:///path (default) or postgresql://user@host/db."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return SQLiteStore(url, busy_timeout_s=busy_timeout_s)
+    if backend in ("postgresql", "postgres"):
+        return PostgresStore(url)
+    raise LedgerError(
+        f"unsupported ledger database {url.render_as_string(hide_password=True)}: "
+        "use sqlite:///path/to/ledger.db or postgresql://user@host/dbname"
+    )
+
+
+def migrate(store: LedgerStore) -> None:
+    """Bring the schema to SCHEMA_HEAD with alembic, under the write lock (safe with many openers)."""
+    if _schema_version(store) == SCHEMA_HEAD:
+        return
+    with store.write() as connection:
+        if not inspect(connection).has_table("ledger_events"):
+            # A new database: create the head schema directly and stamp it (alembic's documented
+            # create_all + stamp), instead of replaying each revision.
+            metadata.create_all(connection)
+            store.install_append_only_guards(connection)
+            connection.exec_driver_sql(
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL "
+                "CONSTRAINT alembic_version_pkc PRIMARY KEY)"
+            )
+            connection.exec_driver_sql(
+                f"INSERT INTO alembic_version (version_num) VALUES ('{SCHEMA_HEAD}')"
+            )
+            connection.execute(
+                ledger_meta.insert().values(key="ledger_id", value=uuid.uuid4().hex)
+            )
+            return
+        upgrade_with_alembic(store, connection)
+
+
+def upgrade_with_alembic(store: LedgerStore, connection: Connection) -> None:
+    """Run `alembic upgrade head` on `connection` (inside the caller's write transaction)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    config.attributes["store"] = store
+    command.upgrade(config, "head")
+
+
+def _schema_version(store: LedgerStore) -> str | None:
+    try:
+        with store.read() as connection:
+            return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    except SQLAlchemyError:
+        return None

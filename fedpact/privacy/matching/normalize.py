@@ -1,0 +1,393 @@
+"""Identifier normalisation before matching: e-mail addresses, phone numbers (E.164), generic IDs.
+
+Two partners only match if they write the same customer the same way, so every identifier is
+brought to one canonical form first. An identifier that cannot be normalised is counted under a
+reason (``invalid_by_reason``) and takes no part in the match: it is never matched as it stands.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedpact.errors import ConfigurationError
+
+ConsentFilter = Callable[[Sequence[str]], np.ndarray]
+"""Given the raw subject ids of the rows, return a boolean array: True where the row may take part."""
+
+
+class IdKind(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) form
+    """What kind of identifier a column holds; decides how it is normalised."""
+
+    EMAIL = "email"
+    PHONE = "phone"
+    STRING = "string"
+
+    @classmethod
+    def parse(cls, value: IdKind | str) -> IdKind:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise ConfigurationError(
+                f"identifier kind {value!r} is not supported; use one of: "
+                + ", ".join(k.value for k in cls)
+            ) from None
+
+
+# Reasons an identifier is rejected (the keys of NormalizedIds.invalid_by_reason).
+MISSING = "missing"
+EMPTY = "empty"
+NOT_TEXT = "not_text"
+TOO_LONG = "too_long"
+CONTROL_CHARACTERS = "control_characters"
+MISSING_AT = "missing_at"
+MULTIPLE_AT = "multiple_at"
+INTERNAL_WHITESPACE = "internal_whitespace"
+BAD_LOCAL_PART = "bad_local_part"
+NON_ASCII_LOCAL_PART = "non_ascii_local_part"
+BAD_DOMAIN = "bad_domain"
+NOT_A_NUMBER = "not_a_number"
+UNKNOWN_COUNTRY = "unknown_country_code"
+TOO_SHORT = "too_short"
+PHONE_TOO_LONG = "too_long_for_a_phone_number"
+INVALID_NUMBER = "invalid_number"
+
+REASONS = frozenset({
+    MISSING, EMPTY, NOT_TEXT, TOO_LONG, CONTROL_CHARACTERS, MISSING_AT, MULTIPLE_AT,
+    INTERNAL_WHITESPACE, BAD_LOCAL_PART, NON_ASCII_LOCAL_PART, BAD_DOMAIN, NOT_A_NUMBER,
+    UNKNOWN_COUNTRY, TOO_SHORT, PHONE_TOO_LONG, INVALID_NUMBER,
+})
+
+MAX_STRING_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class NormalizedIds:
+    """The canonical identifiers of one party's rows, and why the others were left out.
+
+    ``values[i]`` is the normalised identifier of input row ``rows[i]``; rows that failed
+    normalisation are counted in ``invalid_by_reason`` and rows without consent in
+    ``excluded_by_consent``; neither appears in ``values``.
+    """
+
+    kind: IdKind
+    values: list[str]
+    rows: np.ndarray
+    total: int
+    invalid_by_reason: dict[str, int] = field(default_factory=dict)
+    excluded_by_consent: int = 0
+
+    @property
+    def valid(self) -> int:
+        return len(self.values)
+
+    @property
+    def invalid(self) -> int:
+        return sum(self.invalid_by_reason.values())
+
+    def unique(self) -> list[str]:
+        """The distinct identifiers, in first-seen order."""
+        return list(dict.fromkeys(self.values))
+
+    def inverse(self, unique: list[str]) -> np.ndarray:
+        """For each valid row, the position of its identifier in `unique`."""
+        index = {v: i for i, v in enumerate(unique)}
+        return np.fromiter(map(index.__getitem__, self.values), dtype=np.int64,
+                           count=len(self.values))
+
+    def summary(self) -> dict:
+        """Counts only (safe for the audit ledger): never an identifier."""
+        return {
+            "kind": self.kind.value,
+            "rows": self.total,
+            "valid": self.valid,
+            "invalid": self.invalid,
+            "invalid_by_reason": dict(sorted(self.invalid_by_reason.items())),
+            "excluded_by_consent": self.excluded_by_consent,
+        }
+
+
+# --------------------------------------------------------------------------- e-mail
+
+_LOCAL_CHARS = re.compile(r"[a-z0-9!#$%&'*+/=?^_`{|}~.-]+")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN_RE = re.compile(rf"(?:{_LABEL}\.)+(?:[a-z]{{2,63}}|xn--[a-z0-9-]{{1,59}})")
+_WS_RE = re.compile(r"\s")
+
+GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
+"""Gmail ignores dots in the local part and anything after '+'; googlemail.com is gmail.com."""
+
+SUBADDRESS_DOMAINS = frozenset({
+    "gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "live.com", "msn.com",
+    "icloud.com", "me.com", "mac.com", "protonmail.com", "proton.me", "pm.me", "fastmail.com",
+})
+"""Providers that deliver ``name+tag@`` to ``name@`` (sub-addressing), so the tag is dropped."""
+
+
+class _EmailNormalizer:
+    """Per-value e-mail normalisation; domains (few, repeated) are checked once and cached."""
+
+    def __init__(self, provider_rules: bool):
+        self.provider_rules = provider_rules
+        self._domains: dict[str, str | None] = {}
+
+    def _domain(self, domain: str) -> str | None:
+        if len(self._domains) > 100_000:
+            self._domains.clear()
+        if domain.isascii():
+            ok = _DOMAIN_RE.fullmatch(domain) is not None and len(domain) <= 253
+            norm = domain if ok else None
+        else:
+            norm = _idna(domain)
+        if norm is not None and self.provider_rules and norm == "googlemail.com":
+            norm = "gmail.com"
+        self._domains[domain] = norm
+        return norm
+
+    def __call__(self, raw: str) -> tuple[str | None, str | None]:
+        s = raw.strip().lower()
+        if s.count("@") != 1 or len(s) > 254:
+            return None, _email_reason(s)
+        local, _, domain = s.partition("@")
+        if (not local or len(local) > 64 or _LOCAL_CHARS.fullmatch(local) is None
+                or local[0] == "." or local[-1] == "." or ".." in local):
+            return None, _email_reason(s)
+        norm_domain = self._domains.get(domain, "")
+        if norm_domain == "":
+            norm_domain = self._domain(domain)
+        if norm_domain is None:
+            return None, _email_reason(s) or BAD_DOMAIN
+        if self.provider_rules:
+            if norm_domain in SUBADDRESS_DOMAINS and "+" in local:
+                local = local.partition("+")[0]
+            if norm_domain == "gmail.com":
+                local = local.replace(".", "")
+            if not local:
+                return None, BAD_LOCAL_PART
+        return f"{local}@{norm_domain}", None
+
+
+def _idna(domain: str) -> str | None:
+    """ASCII (punycode) form of an internationalised domain, or None if it is not a domain."""
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii").lower()
+    except (UnicodeError, ValueError):
+        return None
+    return ascii_domain if _DOMAIN_RE.fullmatch(ascii_domain) else None
+
+
+def _email_reason(s: str) -> str | None:
+    """Why `s` (trimmed, lower-cased) is not an address (None: only its domain can be at fault)."""
+    if not s:
+        return EMPTY
+    if _control(s):
+        return CONTROL_CHARACTERS
+    if _WS_RE.search(s):
+        return INTERNAL_WHITESPACE
+    if len(s) > 254:
+        return TOO_LONG
+    at = s.count("@")
+    if at == 0:
+        return MISSING_AT
+    if at > 1:
+        return MULTIPLE_AT
+    local = s.partition("@")[0]
+    if not local.isascii():
+        return NON_ASCII_LOCAL_PART
+    if (not local or len(local) > 64 or _LOCAL_CHARS.fullmatch(local) is None
+            or local[0] == "." or local[-1] == "." or ".." in local):
+        return BAD_LOCAL_PART
+    return None
+
+
+def _control(s: str) -> bool:
+    """True if `s` holds a control or invisible format character (tab, NUL, zero-width space...)."""
+    return not s.isprintable() and any(unicodedata.category(c) in ("Cc", "Cf") for c in s)
+
+
+# --------------------------------------------------------------------------- phone
+
+
+def _phone_normalizer(default_region: str | None) -> Callable[[str], tuple[str | None, str | None]]:
+    import phonenumbers
+    from phonenumbers import NumberParseException, PhoneNumberFormat
+
+    region = None
+    if default_region is not None:
+        region = default_region.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ConfigurationError(
+                f"default_region {default_region!r} is not a region phonenumbers knows "
+                "(use an ISO 3166 code such as GB, US, DE, FR, IN, BR)"
+            )
+    parse_errors = {
+        NumberParseException.INVALID_COUNTRY_CODE: UNKNOWN_COUNTRY,
+        NumberParseException.NOT_A_NUMBER: NOT_A_NUMBER,
+        NumberParseException.TOO_SHORT_AFTER_IDD: TOO_SHORT,
+        NumberParseException.TOO_SHORT_NSN: TOO_SHORT,
+        NumberParseException.TOO_LONG: PHONE_TOO_LONG,
+    }
+    parse, is_valid, fmt, e164 = (phonenumbers.parse, phonenumbers.is_valid_number,
+                                  phonenumbers.format_number, PhoneNumberFormat.E164)
+    length_reasons = {
+        phonenumbers.ValidationResult.TOO_SHORT: TOO_SHORT,
+        phonenumbers.ValidationResult.TOO_LONG: PHONE_TOO_LONG,
+        phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: UNKNOWN_COUNTRY,
+    }
+
+    def one(raw: str) -> tuple[str | None, str | None]:
+        s = raw.strip()
+        if not s:
+            return None, EMPTY
+        if len(s) > 64:
+            return None, PHONE_TOO_LONG
+        try:
+            number = parse(s, region)
+        except NumberParseException as exc:
+            return None, parse_errors.get(exc.error_type, NOT_A_NUMBER)
+        if not is_valid(number):
+            why = phonenumbers.is_possible_number_with_reason(number)
+            return None, length_reasons.get(why, INVALID_NUMBER)
+        return fmt(number, e164), None
+
+    return one
+
+
+# --------------------------------------------------------------------------- generic string
+
+_SPACE_RUN = re.compile(r"\s+")
+
+
+def _string_normalizer(case_sensitive: bool) -> Callable[[str], tuple[str | None, str | None]]:
+    def one(raw: str) -> tuple[str | None, str | None]:
+        s = raw.strip()
+        if not s:
+            return None, EMPTY
+        if not s.isascii():
+            s = unicodedata.normalize("NFKC", s).strip()
+        s = _SPACE_RUN.sub(" ", s)
+        if _control(s):
+            return None, CONTROL_CHARACTERS
+        if len(s) > MAX_STRING_ID_LENGTH:
+            return None, TOO_LONG
+        return (s if case_sensitive else s.casefold()), None
+
+    return one
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def identifier_normalizer(
+    kind: IdKind | str,
+    *,
+    default_region: str | None = None,
+    provider_rules: bool = True,
+    case_sensitive: bool = False,
+) -> Callable[[str], tuple[str | None, str | None]]:
+    """The per-value function behind `normalize_ids`: text -> (normalised, None) | (None, reason)."""
+    kind = IdKind.parse(kind)
+    if kind is IdKind.EMAIL:
+        return _EmailNormalizer(provider_rules)
+    if kind is IdKind.PHONE:
+        return _phone_normalizer(default_region)
+    return _string_normalizer(case_sensitive)
+
+
+def normalize_ids(
+    values: Iterable[object],
+    kind: IdKind | str,
+    default_region: str | None = None,
+    *,
+    provider_rules: bool = True,
+    case_sensitive: bool = False,
+    subjects: Sequence[str] | None = None,
+    consent_filter: ConsentFilter | None = None,
+) -> NormalizedIds:
+    """Normalise one party's identifiers; count the invalid ones per reason, never match them.
+
+    `kind` is ``email`` (trim, lower-case, IDNA domain, and with `provider_rules` Gmail dots and
+    ``+tags`` of providers that support sub-addressing), ``phone`` (E.164; numbers without a
+    ``+`` country code are read in `default_region`) or ``string`` (trim, NFKC, collapse inner
+    whitespace, case-folded unless `case_sensitive`). `consent_filter`, if given, is applied to the
+    raw `subjects` (default: the raw values) before anything else; rows it refuses are counted in
+    ``excluded_by_consent``.
+    """
+    kind = IdKind.parse(kind)
+    one = identifier_normalizer(kind, default_region=default_region,
+                                provider_rules=provider_rules, case_sensitive=case_sensitive)
+    raw = values if isinstance(values, list) else list(values)
+    total = len(raw)
+    allowed: np.ndarray | None = None
+    excluded = 0
+    if consent_filter is not None:
+        who = raw if subjects is None else list(subjects)
+        if len(who) != total:
+            raise ConfigurationError(
+                f"subjects has {len(who)} entries but there are {total} identifiers; "
+                "give one subject id per row"
+            )
+        allowed = np.asarray(consent_filter([_subject_text(s) for s in who]), dtype=bool)
+        if allowed.shape != (total,):
+            raise ConfigurationError(
+                f"consent_filter returned an array of shape {allowed.shape}; expected ({total},)"
+            )
+        excluded = int(total - allowed.sum())
+
+    out: list[str] = []
+    rows: list[int] = []
+    reasons: Counter[str] = Counter()
+    append, append_row = out.append, rows.append
+    for i, v in enumerate(raw):
+        if allowed is not None and not allowed[i]:
+            continue
+        if type(v) is not str:
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                reasons[MISSING] += 1
+                continue
+            if isinstance(v, bool) or not isinstance(v, (str, int, np.integer)):
+                reasons[NOT_TEXT] += 1
+                continue
+            v = str(v)
+        norm, reason = one(v)
+        if norm is None:
+            reasons[reason] += 1  # type: ignore[index]
+        else:
+            append(norm)
+            append_row(i)
+    return NormalizedIds(kind=kind, values=out, rows=np.asarray(rows, dtype=np.int64),
+                         total=total, invalid_by_reason=dict(reasons),
+                         excluded_by_consent=excluded)
+
+
+def _subject_text(value: object) -> str:
+    if isinstance(value, str):
+        return value.strip()
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def normalize_one(value: str, kind: IdKind | str, default_region: str | None = None, **options) -> str:
+    """Normalise a single identifier or raise InvalidIdentifier naming the reason."""
+    norm, reason = identifier_normalizer(kind, default_region=default_region, **options)(value)
+    if norm is None:
+        raise InvalidIdentifier(reason or NOT_TEXT)
+    return norm
+
+
+class InvalidIdentifier(ValueError):
+    """An identifier that cannot be normalised; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
