@@ -352,8 +352,8 @@ _MappingYamlLoader.yaml_implicit_resolvers = {
 }
 
 
-def load_mapping(path: str | Path) -> DatasetSpec:
-    """Read a TOML or YAML mapping file describing a partner CSV (see docs/data.md)."""
+def read_mapping_document(path: str | Path, section: str) -> dict:
+    """Parse a TOML or YAML mapping file; its settings sit at the top level or under `section`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigurationError(f"{path}: mapping file not found")
@@ -369,7 +369,13 @@ def load_mapping(path: str | Path) -> DatasetSpec:
         raise ConfigurationError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigurationError(f"{path}: expected a table of settings at the top level")
-    doc = doc.get("dataset", doc) if isinstance(doc.get("dataset"), dict) else doc
+    return doc[section] if isinstance(doc.get(section), dict) else doc
+
+
+def load_mapping(path: str | Path) -> DatasetSpec:
+    """Read a TOML or YAML mapping file describing a partner CSV (see docs/data.md)."""
+    path = Path(path)
+    doc = read_mapping_document(path, "dataset")
     problems = [f"unknown setting {k!r}" for k in doc if k not in _MAPPING_KEYS]
     for required in ("label", "positive"):
         if required not in doc:

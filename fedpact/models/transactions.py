@@ -15,7 +15,6 @@ whose columns are separated by runs of blanks (`separator = "whitespace"`) by pa
 from __future__ import annotations
 
 import io
-import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import polars as pl
-import yaml
 
 from fedpact.errors import ConfigurationError, DataValidationError
 
@@ -231,25 +229,10 @@ def load_transaction_mapping(path: str | Path) -> TransactionSpec:
     is taken relative to the mapping file.
     """
     # Imported here: datasets.py imports rfm.py, which imports this module, at load time.
-    from fedpact.models.datasets import _MappingYamlLoader
+    from fedpact.models.datasets import read_mapping_document
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigurationError(f"{path}: mapping file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".toml":
-            doc = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            doc = yaml.load(text, Loader=_MappingYamlLoader) or {}
-        else:
-            raise ConfigurationError(f"{path}: mapping files must end in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigurationError(f"{path}: expected a table of settings at the top level")
-    if isinstance(doc.get("transactions"), dict):
-        doc = doc["transactions"]
+    doc = read_mapping_document(path, "transactions")
     problems = [f"unknown setting {k!r}" for k in doc if k not in _MAPPING_KEYS]
     for required in ("customer", "timestamp", "amount"):
         if not doc.get(required):
