@@ -32,6 +32,7 @@ class EventType(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) for
     BUDGET_SET = "privacy.budget_set"
     PRIVACY_SPENT = "privacy.spent"
     JOB_REFUSED = "job.refused"
+    UPDATE_REJECTED = "update.rejected"
     # governed job workflow, accounts and sign-in (service/api)
     JOB_REQUESTED = "job.requested"
     JOB_APPROVED = "job.approved"
@@ -110,6 +111,7 @@ FIELD_KINDS: dict[EventType, dict[str, str]] = {
     EventType.BUDGET_SET: {"dataset": STR, "epsilon_max": ANY, "delta": ANY},
     EventType.PRIVACY_SPENT: {"dataset": STR, "epsilon": ANY, "delta": ANY},
     EventType.JOB_REFUSED: {"reason": STR},
+    EventType.UPDATE_REJECTED: {"node": STR, "round": INT, "reason": STR},
     EventType.CONSENT_GRANTED: {
         "subject": SUBJECT, "purpose": STR, "channel": STR, "legal_basis": STR,
         "notice_version": STR, "source": STR, "timestamp": TIMESTAMP, "expires_at": OPT_TIMESTAMP,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -42,6 +43,21 @@ def _refuse(msg: Message, exc: Exception) -> Message:
     return Message(Error(code=ERROR_CODE_REFUSED, reason=str(exc)), reply_to=msg)
 
 
+def _chaos(partner: str, weights: dict) -> None:
+    """Fault injection for robustness drills: FEDPACT_CHAOS="PARTNER:nan" or "PARTNER:scale100"
+    makes that partner send a broken or poisoned update (never set in normal operation)."""
+    spec = os.environ.get("FEDPACT_CHAOS", "")
+    target, _, fault = spec.partition(":")
+    if not spec or target != partner:
+        return
+    logging.getLogger("fedpact").warning("FEDPACT_CHAOS: %s sends a %s update", partner, fault)
+    for value in weights.values():
+        if fault == "nan":
+            value.fill_(float("nan"))
+        elif fault.startswith("scale"):
+            value.mul_(float(fault[len("scale"):] or 100))
+
+
 def _round(msg: Message) -> int:
     return int(msg.content["config"].get("server-round", 0))
 
@@ -72,6 +88,7 @@ def train(msg: Message, context: Context) -> Message:
                              node_state_dir(context.node_config, job, node.partner), _round(msg))
     except FedpactError as exc:
         return _refuse(msg, exc)
+    _chaos(node.partner, update.weights)
     content = RecordDict({
         "arrays": ArrayRecord(update.weights),
         "metrics": MetricRecord(update.metrics),

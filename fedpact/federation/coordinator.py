@@ -27,7 +27,7 @@ from .central_dp import client_level_privacy, with_central_dp
 from .job import JobConfig
 from .local_round import plan_for
 from .partition import partition_names
-from .strategy import AuditedFedAvg, RoundFailed
+from .strategy import AuditedFedAvg, RoundFailed, make_strategy
 
 
 class JobFailed(FedpactError):
@@ -173,7 +173,7 @@ def fedavg_rounds(grid: Grid, job: JobConfig, ledger: Ledger, names: dict[int, s
                   on_round: Callable[[int, dict], None] | None,
                   timeout: float) -> tuple[AuditedFedAvg, dict]:
     """The rounds on Flower's Message API: `AuditedFedAvg`, with central DP when the job asks."""
-    strategy = AuditedFedAvg(job, ledger, names, on_round)
+    strategy = make_strategy(job, ledger, names, on_round)
     outcome = with_central_dp(strategy, job).start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),

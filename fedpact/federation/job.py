@@ -52,6 +52,13 @@ class JobConfig:
     purpose: str = "model_training"
     # Exclude rows whose subject has no valid consent for `purpose` (audit.consent registry).
     require_consent: bool = False
+    # Robust aggregation: fedavg | median | trimmed-mean | krum (Flower's strategies).
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    # Reject a partner's update whose L2 distance from the global model exceeds this (0 = off).
+    update_norm_bound: float = 0.0
+    # A round proceeds with at least this many acceptable updates (0 = all partners).
+    min_partners: int = 0
     job_id: str = ""
     home: str = ".fedpact"
 
@@ -70,6 +77,14 @@ class JobConfig:
             bad("partitioning", f"choose one of {', '.join(SCHEMES)}")
         if self.model not in MODEL_KINDS:
             bad("model", f"choose one of {', '.join(MODEL_KINDS)}")
+        if self.aggregation not in ("fedavg", "median", "trimmed-mean", "krum"):
+            bad("aggregation", "choose one of fedavg, median, trimmed-mean, krum")
+        if not 0 <= self.trim_fraction < 0.5:
+            bad("trim_fraction", "must be in [0, 0.5)")
+        if not self.update_norm_bound >= 0:
+            bad("update_norm_bound", "must be 0 (off) or positive")
+        if not 0 <= self.min_partners <= self.num_partitions:
+            bad("min_partners", f"must be between 0 (all) and num_partitions = {self.num_partitions}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             bad("grad_sample_mode", f"choose one of {', '.join(GRAD_SAMPLE_MODES)}")
         if self.accountant not in ACCOUNTANTS:

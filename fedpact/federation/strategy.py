@@ -1,7 +1,10 @@
-"""FedAvg that writes every node's data access and every aggregation to the audit ledger.
+"""Aggregation strategies that write every node's data access and every aggregation to the ledger.
 
-It also sums the partners' score histograms into pooled test metrics (ROC-AUC, PR-AUC, lift),
-so the coordinator reports figures over all partners' held-out rows without seeing any row.
+Flower's FedAvg, FedMedian, FedTrimmedAvg or Krum (`JobConfig.aggregation`) does the averaging;
+the audit mixin checks each update first (same shapes as the global model, finite values, an
+optional norm bound) and rejects a bad one with an `update.rejected` event naming the node. It also
+sums the partners' score histograms into pooled test metrics (ROC-AUC, PR-AUC, lift), so the
+coordinator reports figures over all partners' held-out rows without seeing any row.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ import json
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 from fedpact.audit import EventType, Ledger
 from fedpact.models.metrics import HISTOGRAM_BINS, metrics_from_histograms
@@ -24,14 +27,37 @@ class RoundFailed(RuntimeError):
     """No usable reply came back for a round; the message says which nodes refused and why."""
 
 
-class AuditedFedAvg(FedAvg):
-    """Weighted FedAvg over partners' DP-SGD updates, recorded in the ledger as it happens."""
+AGGREGATIONS = {"fedavg": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg, "krum": Krum}
+
+
+def check_update(global_arrays: dict[str, np.ndarray], update: dict[str, np.ndarray],
+                 norm_bound: float = 0.0) -> str | None:
+    """Why a partner's weights must not be aggregated, or None when they are acceptable."""
+    if set(update) != set(global_arrays):
+        return f"parameters {sorted(update)} differ from the model's {sorted(global_arrays)}"
+    for key, value in update.items():
+        if np.shape(value) != np.shape(global_arrays[key]):
+            return f"parameter {key} has shape {np.shape(value)}, the model has {np.shape(global_arrays[key])}"
+        if not np.all(np.isfinite(value)):
+            return f"parameter {key} holds {int((~np.isfinite(value)).sum())} non-finite values"
+    if norm_bound > 0:
+        norm = float(np.sqrt(sum(float(((np.asarray(update[k], np.float64) - global_arrays[k]) ** 2).sum())
+                                 for k in update)))
+        if norm > norm_bound:
+            return f"update norm {norm:.3g} exceeds the job's bound {norm_bound:g}"
+    return None
+
+
+class AuditedStrategyMixin:
+    """Ledger bookkeeping, update checks and pooled metrics around a Flower aggregation strategy."""
 
     def __init__(self, job: JobConfig, ledger: Ledger, node_names: dict[int, str],
-                 on_round: Callable[[int, dict], None] | None = None):
+                 on_round: Callable[[int, dict], None] | None = None, **strategy_kwargs):
         n = job.num_partitions
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n,
-                         min_evaluate_nodes=n, min_available_nodes=n)
+                         min_evaluate_nodes=n, min_available_nodes=n, **strategy_kwargs)
+        self._global: dict[str, np.ndarray] | None = None
+        self.rejected: list[dict] = []
         self.job = job
         self.ledger = ledger
         self.node_names = node_names
@@ -74,6 +100,34 @@ class AuditedFedAvg(FedAvg):
                               f"partners failed: {reasons}")
         return good
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        """Remember the global weights each update is checked against."""
+        self._global = {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _reject_bad_updates(self, good: list[Message], server_round: int) -> list[Message]:
+        if self._global is None:  # SecAgg+: only the masked sum exists; nothing per node to check
+            return good
+        kept = []
+        for msg in good:
+            name = str(msg.content["access"]["partner"])
+            update = {k: v.numpy() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+            reason = check_update(self._global, update, self.job.update_norm_bound)
+            if reason is None:
+                kept.append(msg)
+                continue
+            self.rejected.append({"round": server_round, "node": name, "reason": reason})
+            self.ledger.append(EventType.UPDATE_REJECTED,
+                               {"node": name, "round": server_round, "reason": reason},
+                               actor="coordinator", job_id=self.job.job_id)
+        minimum = self.job.min_partners or self.job.num_partitions
+        if len(kept) < minimum:
+            raise RoundFailed(f"round {server_round}: only {len(kept)} acceptable updates, the job "
+                              f"needs {minimum}; rejected: "
+                              + "; ".join(f"{r['node']}: {r['reason']}" for r in self.rejected
+                                          if r["round"] == server_round))
+        return kept
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         good = self._split(replies, "train", server_round)
         self._record_access(good, server_round)
@@ -90,6 +144,7 @@ class AuditedFedAvg(FedAvg):
                 self.budgets.charge(name, self.partner_epsilon[name] - previous,
                                     self.job.target_delta if previous == 0.0 else 0.0,
                                     job_id=self.job.job_id, actor=f"node:{name}", round=server_round)
+        good = self._reject_bad_updates(good, server_round)
         arrays, metrics = super().aggregate_train(server_round, good)
         self._pending = {"train_loss": float(metrics["train-loss"]) if metrics else float("nan")}
         return arrays, metrics
@@ -116,7 +171,7 @@ class AuditedFedAvg(FedAvg):
         self.ledger.append(
             EventType.ROUND_AGGREGATED,
             {"round": server_round, "nodes": sorted(str(m.content["access"]["partner"]) for m in good),
-             "strategy": "FedAvg", "metrics": {k: v for k, v in entry.items() if k != "round"}},
+             "strategy": self.job.aggregation, "metrics": {k: v for k, v in entry.items() if k != "round"}},
             actor="coordinator",
             job_id=self.job.job_id,
         )
@@ -124,3 +179,22 @@ class AuditedFedAvg(FedAvg):
             self.on_round(server_round, entry)
         return MetricRecord({"roc-auc": pooled["roc_auc"], "pr-auc": pooled["pr_auc"],
                              "lift-at-10": pooled["lift_at_10"], "brier": pooled["brier"]})
+
+
+class AuditedFedAvg(AuditedStrategyMixin, FedAvg):
+    """Weighted FedAvg over partners' DP-SGD updates, recorded in the ledger as it happens."""
+
+
+def make_strategy(job: JobConfig, ledger: Ledger, node_names: dict[int, str],
+                  on_round: Callable[[int, dict], None] | None = None) -> AuditedStrategyMixin:
+    """The job's aggregation (`fedavg`, `median`, `trimmed-mean`, `krum`) with the audit mixin."""
+    if job.aggregation == "fedavg":
+        return AuditedFedAvg(job, ledger, node_names, on_round)
+    base = AGGREGATIONS[job.aggregation]
+    cls = type(f"Audited{base.__name__}", (AuditedStrategyMixin, base), {"__doc__": base.__doc__})
+    kwargs = {}
+    if job.aggregation == "trimmed-mean":
+        kwargs["beta"] = job.trim_fraction
+    if job.aggregation == "krum":
+        kwargs["num_malicious_nodes"] = max(0, (job.num_partitions - 3) // 2)
+    return cls(job, ledger, node_names, on_round, **kwargs)
