@@ -66,6 +66,8 @@ class JobResult:
     membership_auc: float | None = None
     # Client-level DP on the aggregate (JobConfig.central_dp_noise > 0); empty when off.
     central_dp: dict = field(default_factory=dict)
+    # The last round's summed score histograms (pos, neg, sq_error): curves for the model card.
+    histograms: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -256,6 +258,7 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
         ledger_events=(head.seq if head else 0) - first_seq,
         seconds=time.monotonic() - started, model_path=str(model_path), layout=layout,
         membership_auc=membership_auc, central_dp=central,
+        histograms=getattr(strategy, "last_histograms", {}),
     )
     (job.job_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
     return result

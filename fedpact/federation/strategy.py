@@ -57,6 +57,7 @@ class AuditedStrategyMixin:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n,
                          min_evaluate_nodes=n, min_available_nodes=n, **strategy_kwargs)
         self._global: dict[str, np.ndarray] | None = None
+        self.last_histograms: dict = {}
         self.rejected: list[dict] = []
         self.job = job
         self.ledger = ledger
@@ -161,6 +162,7 @@ class AuditedStrategyMixin:
             neg += np.asarray(hist["neg"], np.int64)
             sq_error += float(hist["sq-error"])
         pooled = metrics_from_histograms(pos, neg, sq_error)
+        self.last_histograms = {"pos": pos.tolist(), "neg": neg.tolist(), "sq_error": sq_error}
         for msg in good:
             auc = float(msg.content["metrics"].get("membership-auc", -1.0))
             if auc >= 0:

@@ -17,6 +17,7 @@ from fedpact.audit import Ledger, LedgerError
 from fedpact.errors import FedpactError
 
 from .cli_audit import audit_app
+from .cli_jobs import admin_app, job_app, model_app, serve
 from .cli_match import match_app
 
 app = typer.Typer(
@@ -32,6 +33,10 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(match_app, name="match")
+app.add_typer(job_app, name="job")
+app.add_typer(model_app, name="model")
+app.add_typer(admin_app, name="admin")
+app.command("serve")(serve)
 
 console = Console()
 err_console = Console(stderr=True)

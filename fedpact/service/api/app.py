@@ -1,0 +1,491 @@
+"""The coordinator service: governed jobs, model registry, budgets and audit over HTTP (FastAPI).
+
+`create_app(home)` serves the JSON API under `/api/v1` (OpenAPI at `/docs`, `/openapi.json`) and the
+web console under `/console`. API callers present a bearer token (`fedpact admin token issue`);
+people use the console with password + TOTP. Every endpoint checks the caller's role and, for
+partner admins and nodes, the partner dataset the role holds for. Errors are JSON
+`{"detail": "..."}` naming the field, role or resource at fault; bad input gives 4xx, never 500.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from fedpact import __version__
+from fedpact.audit import EventType, Ledger, LedgerError
+from fedpact.errors import FedpactError
+from fedpact.privacy.budget import BudgetError, PrivacyBudgets
+
+from .auth import AccountError, Accounts, AuthError, Principal
+from .governance import OPEN, GovernanceError, JobBoard, JobRun, JobRunner, JobView, simulated_run
+from .registry import PLOTS, ModelRegistry, RegistryError
+from .schemas import SLUG, BudgetIn, DecisionIn, JobRequestIn
+from .store import ServiceStore, _finite
+
+API = "/api/v1"
+
+
+class CoordinatorService:
+    """Everything one coordinator holds: service DB, ledger, accounts, job board, runner, registry."""
+
+    def __init__(self, home: str | Path, *, clock: Callable[[], float] = time.time,
+                 run: JobRun = simulated_run, start_worker: bool = True):
+        self.home = Path(home)
+        self.store = ServiceStore(self.home, clock=clock)
+        self.ledger = Ledger.open(self.home / "ledger.db")
+        self.accounts = Accounts(self.store, self.ledger)
+        self.board = JobBoard(self.store, self.ledger)
+        self.registry = ModelRegistry(self.store, self.ledger)
+        self.runner = JobRunner(self.board, self._register, run)
+        self.start_worker = start_worker
+        self.audit_slots = anyio.Semaphore(AUDIT_QUERY_SLOTS)
+
+    def _register(self, job, result, view: JobView) -> int:
+        return self.registry.register(job, result, name=view.model_name,
+                                      requested_by=view.submitted_by, partners=view.partners)
+
+    def start(self) -> None:
+        if self.start_worker:
+            self.runner.start()
+
+    def stop(self) -> None:
+        """End of a server run (lifespan shutdown): stop taking jobs, sign a checkpoint over the
+        newest ledger events, release pooled connections. The service stays usable."""
+        self.runner.stop()
+        self.ledger.checkpoint()
+        self.store.engine.dispose()
+
+    def close(self) -> None:
+        self.runner.stop()
+        self.ledger.close()
+        self.store.close()
+
+    # ---- what several front ends (API, console) share
+
+    def job_detail(self, principal: Principal, job_id: str) -> dict:
+        job = self.board.get_for(principal, job_id)
+        decisions = self.board.decisions(job_id)
+        detail = {**job.summary(), "request": job.request, "decisions": decisions,
+                  "rounds": self.board.rounds(job_id),
+                  "awaiting": [p for p in job.partners
+                               if decisions.get(p, {}).get("decision") != "approved"]
+                  if job.status in OPEN else [],
+                  "budgets": self.board.budget_preview(job) if job.status in OPEN else None}
+        if job.result:
+            detail["result"] = result_summary(job.result)
+        return detail
+
+    def visible_models(self, principal: Principal) -> list[dict]:
+        entries = self.registry.list()
+        if principal.has("data_scientist") or principal.has("compliance_officer"):
+            return entries
+        mine = set(principal.scopes("partner_admin"))
+        return [m for m in entries if mine & set(m["partners"])]
+
+    def model_for(self, principal: Principal, ref: str) -> dict:
+        entry = self.registry.get(ref)
+        if principal.has("data_scientist") or principal.has("compliance_officer"):
+            return entry
+        if set(principal.scopes("partner_admin")) & set(entry["partners"]):
+            return entry
+        raise RegistryError(f"no model {ref!r} in the registry", 404)
+
+    def budgets_for(self, principal: Principal) -> list[dict]:
+        budgets = PrivacyBudgets(self.ledger).all()
+        wide = principal.has("compliance_officer") or principal.has("data_scientist")
+        mine = set(principal.scopes("partner_admin"))
+        out = []
+        for name in sorted(set(budgets) | (mine if not wide else set())):
+            if not wide and name not in mine:
+                continue
+            b = budgets.get(name)
+            out.append({"dataset": name, "epsilon_max": b.epsilon_max if b else None,
+                        "delta": b.delta if b else None,
+                        "epsilon_spent": b.epsilon_spent if b else 0.0,
+                        "delta_spent": b.delta_spent if b else 0.0,
+                        "epsilon_remaining": b.epsilon_remaining if b and b.epsilon_max else None,
+                        "jobs": b.jobs if b else {}, "you_administer": name in mine})
+        return out
+
+    def set_budget(self, principal: Principal, dataset: str, epsilon: float, delta: float) -> dict:
+        if not principal.admins(dataset):
+            raise GovernanceError(f"role partner_admin for {dataset} required to set its budget; "
+                                  f"{principal.username} holds {principal.describe()}", 403)
+        PrivacyBudgets(self.ledger).set(dataset, epsilon, delta, actor=principal.actor)
+        return next(b for b in self.budgets_for(principal) if b["dataset"] == dataset)
+
+    def audit_page(self, principal: Principal, *, types: list[str], job_id: str | None,
+                   partner: str | None, dataset: str | None, purpose: str | None,
+                   subject: str | None, since: str | None, until: str | None, after_seq: int,
+                   limit: int) -> dict:
+        from fedpact.audit.events import parse_timestamp
+        from fedpact.audit.query import EventFilter, query_events
+
+        try:  # bad filters are the caller's mistake (422); any other ledger error is ours
+            for kind in types:
+                EventType.parse(kind)
+            for label, value in (("since", since), ("until", until)):
+                if value:
+                    parse_timestamp(value, label)
+            if subject is not None and not subject.strip():
+                raise LedgerError("subject: give a subject id or pseudonym, not blanks")
+        except LedgerError as exc:
+            raise GovernanceError(str(exc), 422) from None
+        where = EventFilter(subject=subject or None, partner=partner or None, dataset=dataset or None,
+                            purpose=purpose or None, event_types=tuple(types), job_id=job_id or None,
+                            since=since or None, until=until or None)
+        page = query_events(self.ledger, where, after_seq=after_seq, limit=limit)
+        events = [{"seq": e.seq, "event_id": e.event_id, "timestamp": e.timestamp,
+                   "event_type": e.event_type, "actor": e.actor, "job_id": e.job_id,
+                   "payload": {k: v for k, v in e.payload.items() if k != "personal"},
+                   "prev_hash": e.prev_hash, "hash": e.hash}
+                  for e in page.events]
+        if subject:
+            # Records about one data subject are personal data: reading them is a data access.
+            from fedpact.audit.subjects import SubjectKeys
+
+            pseudonym = SubjectKeys(self.ledger).pseudonym(subject)  # keeps a pseudonym as is
+            self.ledger.append(EventType.DATA_ACCESSED,
+                               {"node": "coordinator", "dataset": "audit-ledger",
+                                "rows": len(events), "columns": ["subject", "payload"],
+                                "purpose": "compliance_audit", "subject": pseudonym,
+                                "principal": principal.username, "channel": "api"},
+                               actor=principal.actor)
+        return {"events": events, "next_after_seq": page.next_after_seq}
+
+
+def result_summary(result: dict) -> dict:
+    keys = ("job_id", "final", "epsilon", "delta", "membership_auc", "seconds", "central_dp")
+    out = {k: result.get(k) for k in keys}
+    out["partners"] = result.get("partners", [])
+    out["rounds"] = len(result.get("rounds", []))
+    return _finite(out)
+
+
+# --------------------------------------------------------------------------- authentication
+
+bearer = HTTPBearer(auto_error=False, description="API token from `fedpact admin token issue`.")
+
+
+# Dependencies are `async def`: FastAPI would run plain `def` ones in the thread pool, one thread
+# hop each; these are cheap (the token check is one indexed SQLite read) so they run inline.
+
+
+async def service_of(request: Request) -> CoordinatorService:
+    return request.app.state.service
+
+
+async def api_principal(request: Request,
+                        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    if creds is None:
+        raise HTTPException(401, "missing API token: send the header Authorization: Bearer fpt_…",
+                            headers={"WWW-Authenticate": "Bearer"})
+    try:
+        return request.app.state.service.accounts.authenticate_token(creds.credentials)
+    except AuthError as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def require(*roles: str):
+    """Dependency: the caller holds at least one of `roles` (in any scope), else 403 naming them."""
+
+    async def check(principal: Annotated[Principal, Depends(api_principal)]) -> Principal:
+        if not any(principal.has(r) for r in roles):
+            raise HTTPException(403, f"role {' or '.join(roles)} required; {principal.username} holds "
+                                     f"{principal.describe()}")
+        return principal
+
+    return check
+
+
+AnyRole = Annotated[Principal, Depends(require("data_scientist", "compliance_officer",
+                                               "partner_admin", "node"))]
+People = Annotated[Principal, Depends(require("data_scientist", "compliance_officer", "partner_admin"))]
+Scientist = Annotated[Principal, Depends(require("data_scientist"))]
+PartnerAdmin = Annotated[Principal, Depends(require("partner_admin"))]
+Compliance = Annotated[Principal, Depends(require("compliance_officer"))]
+Node = Annotated[Principal, Depends(require("node"))]
+Service = Annotated[CoordinatorService, Depends(service_of)]
+JobId = Annotated[str, PathParam(max_length=64, description="Job id, e.g. job-0123456789ab.")]
+ModelRef = Annotated[str, PathParam(max_length=120, description="NAME@VERSION, or NAME for the latest.")]
+
+ERRORS = {401: {"description": "missing, invalid or expired token"},
+          403: {"description": "the caller lacks the role or scope"},
+          422: {"description": "malformed request; `detail` names the field"}}
+
+
+# --------------------------------------------------------------------------- API routes
+
+router = APIRouter(prefix=API, responses=ERRORS)
+
+
+@router.get("/health", tags=["service"], responses={})
+def health(service: Service) -> dict:
+    """Liveness (no authentication): version and whether the job runner is busy."""
+    return {"status": "ok", "version": __version__, "runner": "idle" if service.runner.idle() else "busy"}
+
+
+@router.get("/me", tags=["service"])
+def me(principal: Annotated[Principal, Depends(api_principal)]) -> dict:
+    """Who the token belongs to and the roles it carries."""
+    return {"username": principal.username, "kind": principal.kind,
+            "roles": [{"role": g.role, "scope": g.scope} for g in principal.grants]}
+
+
+@router.post("/jobs", status_code=201, tags=["jobs"])
+def submit_job(body: JobRequestIn, principal: Scientist, service: Service) -> dict:
+    """Request a joint model (data_scientist). It waits for every partner admin's approval."""
+    job = service.board.submit(principal, body, home=str(service.home))
+    return service.job_detail(principal, job.job_id)
+
+
+@router.get("/jobs", tags=["jobs"])
+def list_jobs(principal: AnyRole, service: Service,
+              status: Annotated[str | None, Query(max_length=32)] = None) -> list[dict]:
+    """Jobs the caller may see: all for data scientists and compliance officers, their partners'
+    for partner admins and nodes."""
+    return [j.summary() for j in service.board.list_for(principal, status)]
+
+
+@router.get("/jobs/{job_id}", tags=["jobs"], responses={404: {"description": "no such job"}})
+def get_job(job_id: JobId, principal: AnyRole, service: Service) -> dict:
+    """Status, request, each partner's decision, per-round metrics and the result summary."""
+    return service.job_detail(principal, job_id)
+
+
+@router.get("/jobs/{job_id}/rounds", tags=["jobs"], responses={404: {"description": "no such job"}})
+def job_rounds(job_id: JobId, principal: AnyRole, service: Service) -> list[dict]:
+    """Pooled metrics after each round (ROC-AUC, PR-AUC, lift, Brier, ε so far)."""
+    service.board.get_for(principal, job_id)
+    return service.board.rounds(job_id)
+
+
+@router.get("/jobs/{job_id}/logs", tags=["jobs"], responses={404: {"description": "no such job"}})
+def job_logs(job_id: JobId, principal: AnyRole, service: Service,
+             after_id: Annotated[int, Query(ge=0, le=2**62)] = 0,
+             limit: Annotated[int, Query(ge=1, le=5000)] = 1000) -> list[dict]:
+    """The job's log lines (decisions, queueing, rounds, outcome); page with `after_id`."""
+    service.board.get_for(principal, job_id)
+    return service.board.logs(job_id, after_id, limit)
+
+
+@router.get("/jobs/{job_id}/result", tags=["jobs"], responses={404: {"description": "no result"}})
+def job_result(job_id: JobId, principal: People, service: Service) -> dict:
+    """The full job result (metrics, ε per partner with the cross-check, rounds) once finished."""
+    job = service.board.get_for(principal, job_id)
+    if not job.result:
+        raise GovernanceError(f"job {job_id} is {job.status}: it has no result", 404)
+    return {**_finite(job.result), "model": job.model_ref}
+
+
+def _decision(decision: str):
+    def endpoint(job_id: JobId, body: DecisionIn, principal: PartnerAdmin, service: Service) -> dict:
+        service.board.decide(principal, job_id, body.partner, decision, body.reason)
+        return service.job_detail(principal, job_id)
+
+    return endpoint
+
+
+router.add_api_route("/jobs/{job_id}/approve", _decision("approved"), methods=["POST"], tags=["jobs"],
+                     summary="Approve a job for one partner dataset (partner_admin of it)",
+                     responses={404: {"description": "no such job"}, 409: {"description": "not open"}})
+router.add_api_route("/jobs/{job_id}/reject", _decision("rejected"), methods=["POST"], tags=["jobs"],
+                     summary="Reject a job for one partner dataset; the job will not run",
+                     responses={404: {"description": "no such job"}, 409: {"description": "not open"}})
+router.add_api_route("/jobs/{job_id}/revoke", _decision("revoked"), methods=["POST"], tags=["jobs"],
+                     summary="Withdraw an approval before the job starts; the job will not run",
+                     responses={404: {"description": "no such job"}, 409: {"description": "not open"}})
+
+
+@router.get("/models", tags=["models"])
+def list_models(principal: People, service: Service) -> list[dict]:
+    """Registered model versions the caller may see."""
+    return _finite(service.visible_models(principal))
+
+
+@router.get("/models/{ref}", tags=["models"], responses={404: {"description": "no such model"}})
+def model_card(ref: ModelRef, principal: People, service: Service) -> dict:
+    """The model card of NAME@VERSION (or NAME's latest version)."""
+    entry = service.model_for(principal, ref)
+    return _finite({k: v for k, v in entry.items() if k != "folder"})
+
+
+@router.get("/models/{ref}/plots/{kind}", tags=["models"], response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such model"}})
+def model_plot(ref: ModelRef, kind: Annotated[str, PathParam(pattern="^(roc|gains|calibration)$")],
+               principal: People, service: Service) -> FileResponse:
+    """ROC, cumulative gains/lift or calibration plot as PNG."""
+    entry = service.model_for(principal, ref)
+    return FileResponse(service.registry.file(entry["model"], f"{kind}.png"), media_type="image/png")
+
+
+@router.get("/models/{ref}/export", tags=["models"], response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}},
+                       404: {"description": "no such model"}})
+def model_export(ref: ModelRef, principal: Annotated[Principal, Depends(require("data_scientist",
+                                                                                "partner_admin"))],
+                 service: Service,
+                 purpose: Annotated[str, Query(pattern=SLUG, description="Why the model is taken.")]
+                 = "model_scoring") -> FileResponse:
+    """Download the TorchScript export (data_scientist, or partner_admin of a consortium partner);
+    written to the ledger as `model.exported`."""
+    entry = service.model_for(principal, ref)
+    path = service.registry.file(entry["model"], "model.torchscript.pt")
+    service.registry.record_export(entry["model"], recipient=principal.username,
+                                   actor=principal.actor, purpose=purpose)
+    filename = entry["model"].replace("@", "-v") + ".torchscript.pt"
+    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+
+
+@router.get("/budgets", tags=["privacy"])
+def list_budgets(principal: People, service: Service) -> list[dict]:
+    """Privacy budget and spend per partner dataset (partner admins: their datasets)."""
+    return _finite(service.budgets_for(principal))
+
+
+@router.put("/budgets/{dataset:path}", tags=["privacy"])
+def set_budget(dataset: Annotated[str, PathParam(max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")],
+               body: BudgetIn, principal: PartnerAdmin, service: Service) -> dict:
+    """Set a partner dataset's total (ε, δ) budget (partner_admin for that dataset)."""
+    return _finite(service.set_budget(principal, dataset, body.epsilon, body.delta))
+
+
+AUDIT_QUERY_SLOTS = 8
+"""Audit queries read the ledger in at most this many threads at once; the rest wait in order.
+Beyond a few threads SQLite reads only contend for the GIL and the ledger's connection pool,
+which raises the tail latency under load without adding throughput."""
+
+
+@router.get("/audit/events", tags=["audit"])
+async def audit_events(
+    principal: Compliance, service: Service,
+    event_type: Annotated[list[str] | None, Query(alias="type", description="Event type(s).")] = None,
+    job_id: Annotated[str | None, Query(max_length=64)] = None,
+    partner: Annotated[str | None, Query(max_length=200)] = None,
+    dataset: Annotated[str | None, Query(max_length=200)] = None,
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
+    subject: Annotated[str | None, Query(max_length=200, description="Raw id or pseudonym; the "
+                                        "lookup is recorded as a data access.")] = None,
+    since: Annotated[str | None, Query(max_length=40, description="ISO-8601 with offset.")] = None,
+    until: Annotated[str | None, Query(max_length=40)] = None,
+    after_seq: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
+    """Search the audit ledger (compliance_officer); filters combine with AND; keyset pages."""
+    async with service.audit_slots:
+        page = await run_in_threadpool(
+            service.audit_page, principal, types=event_type or [], job_id=job_id, partner=partner,
+            dataset=dataset, purpose=purpose, subject=subject, since=since, until=until,
+            after_seq=after_seq, limit=limit)
+    # Ledger payloads are plain JSON already: skip FastAPI's generic (slow) re-encoding.
+    return JSONResponse(page)
+
+
+@router.get("/audit/verify", tags=["audit"])
+def audit_verify(principal: Compliance, service: Service) -> dict:
+    """Recompute the hash chain, Merkle tree and signed checkpoints of the ledger."""
+    result = service.ledger.verify()
+    return {"ok": result.ok, "events_checked": result.events_checked,
+            "first_bad_seq": result.first_bad_seq, "reason": result.reason,
+            "head_hash": result.head_hash}
+
+
+@router.get("/node/jobs", tags=["nodes"])
+def node_jobs(principal: Node, service: Service) -> list[dict]:
+    """For a partner node: the approved (queued or running) jobs that involve its partner dataset,
+    with the settings every partner approved."""
+    mine = set(principal.scopes("node"))
+    return [{**j.summary(), "config": j.config}
+            for j in service.board.list_for(principal)
+            if j.status in ("queued", "running") and mine & set(j.partners)]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _field(loc: Any) -> str:
+    parts = [str(p) for p in loc]
+    return ".".join(parts[1:] if parts and parts[0] in ("body", "query", "path", "header") and len(parts) > 1
+                    else parts) or "request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation(_request: Request, exc: RequestValidationError):
+        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+        for e in errors:
+            e.pop("input", None)
+            e.pop("url", None)
+        message = "; ".join(f"{e.get('loc', ['?'])[0]} field {_field(e.get('loc', []))}: {e.get('msg')}"
+                            for e in errors[:10])
+        return JSONResponse({"detail": message or "malformed request", "errors": errors},
+                            status_code=422)
+
+    def status_of(exc: Exception) -> int:
+        if isinstance(exc, GovernanceError | RegistryError):
+            return exc.status
+        if isinstance(exc, AuthError):
+            return 401
+        if isinstance(exc, AccountError | BudgetError):
+            return 422
+        return 400
+
+    @app.exception_handler(FedpactError)
+    async def fedpact_error(_request: Request, exc: FedpactError):
+        return JSONResponse({"detail": str(exc)}, status_code=status_of(exc))
+
+    @app.exception_handler(LedgerError)
+    async def ledger_error(_request: Request, exc: LedgerError):
+        # Inputs are validated before they reach the ledger; what is left is a server condition.
+        return JSONResponse({"detail": f"audit ledger unavailable: {exc}"}, status_code=503)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(home: str | Path, *, clock: Callable[[], float] = time.time, run: JobRun = simulated_run,
+               start_worker: bool = True, secure_cookies: bool = False) -> FastAPI:
+    """The FastAPI app for the run folder `home` (service.db, ledger.db, registry/ live there)."""
+    service = CoordinatorService(home, clock=clock, run=run, start_worker=start_worker)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(
+        title="fedpact coordinator",
+        version=__version__,
+        description=("Governed federated jobs between partners, the model registry, privacy "
+                     "budgets and the audit ledger. Authenticate with `Authorization: Bearer "
+                     "fpt_…` (tokens from `fedpact admin token issue`). The web console is at "
+                     "/console."),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.secure_cookies = secure_cookies
+    install_error_handlers(app)
+    app.include_router(router)
+    from .console import install_console
+
+    install_console(app)
+    return app
+
+
+__all__ = ["API", "CoordinatorService", "create_app", "PLOTS"]

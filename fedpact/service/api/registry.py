@@ -1,0 +1,554 @@
+"""Model registry and delivery: versioned models with a model card, plots, export and scoring.
+
+Each finished job becomes `NAME@VERSION` under `HOME/registry/NAME/VERSION/`:
+
+- `model.pt` — the job's weights and feature layout (copied from the job folder);
+- `card.json` — the model card (task, partners and rows, features, pooled ROC-AUC / PR-AUC /
+  top-decile lift / calibration, ε/δ spent with the dp-accounting cross-check, membership-attack
+  AUC, and the ids of the ledger events of its lineage); its SHA-256 is in `model.delivered`;
+- `roc.png`, `gains.png`, `calibration.png` — drawn from the pooled score histograms;
+- `model.torchscript.pt` — TorchScript (input: the encoded feature vector in the layout's order;
+  output: probability), with `layout.json` and `card.json` inside as extra files.
+
+Curves and calibration come from the pooled 1,000-bin score histograms of all partners' held-out
+rows (the same figures the coordinator already receives each round; see docs/privacy.md), never
+from rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import threading
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedpact.audit import EventType, Ledger
+from fedpact.errors import ConfigurationError, DataValidationError, FedpactError
+from fedpact.federation.coordinator import JobResult
+from fedpact.federation.job import JobConfig
+from fedpact.models.datasets import (
+    BUILTIN_SPECS,
+    DatasetSpec,
+    PartnerData,
+    load_csv,
+    load_mapping,
+    validate_frame,
+)
+from fedpact.models.features import FeaturePipeline
+from fedpact.models.metrics import metrics_from_histograms
+from fedpact.models.networks import build_model
+
+from .store import ServiceStore, _finite, dumps, models
+
+PLOTS = ("roc", "gains", "calibration")
+CALIBRATION_BINS = 10
+SMALL_SCORING_BATCH = 100
+
+
+class RegistryError(FedpactError):
+    """A model reference, export or scoring request cannot be served; the message says why."""
+
+    def __init__(self, message: str, status: int = 404):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """`NAME@VERSION` or `NAME` (latest)."""
+    name, _, version = (ref or "").partition("@")
+    if not name:
+        raise RegistryError(f"model reference {ref!r}: expected NAME or NAME@VERSION", 422)
+    if version:
+        if not version.lstrip("v").isdigit():
+            raise RegistryError(f"model reference {ref!r}: the version must be a number", 422)
+        return name, int(version.lstrip("v"))
+    return name, None
+
+
+# --------------------------------------------------------------------------- curves from histograms
+
+
+@dataclass
+class PooledScores:
+    """Summed per-partner histograms of held-out scores by label (bins over [0, 1])."""
+
+    pos: np.ndarray
+    neg: np.ndarray
+    sq_error: float
+    source: str
+
+    @property
+    def bins(self) -> int:
+        return len(self.pos)
+
+    def metrics(self) -> dict:
+        return metrics_from_histograms(self.pos, self.neg, self.sq_error)
+
+    def roc(self) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, TPR) at each bin threshold, from the highest score down."""
+        p, q = self.pos[::-1].astype(float), self.neg[::-1].astype(float)
+        tpr = np.concatenate([[0.0], np.cumsum(p) / max(p.sum(), 1)])
+        fpr = np.concatenate([[0.0], np.cumsum(q) / max(q.sum(), 1)])
+        return fpr, tpr
+
+    def gains(self) -> tuple[np.ndarray, np.ndarray]:
+        """(share of customers targeted, share of all positives captured), best scores first."""
+        p, q = self.pos[::-1].astype(float), self.neg[::-1].astype(float)
+        n = p.sum() + q.sum()
+        targeted = np.concatenate([[0.0], np.cumsum(p + q) / max(n, 1)])
+        captured = np.concatenate([[0.0], np.cumsum(p) / max(p.sum(), 1)])
+        return targeted, captured
+
+    def calibration(self, groups: int = CALIBRATION_BINS) -> dict:
+        """Reliability table over `groups` equal-width score ranges and the expected calibration error.
+
+        Within a histogram bin the mean score is taken as the bin centre (bin width 1/1000).
+        """
+        centres = (np.arange(self.bins) + 0.5) / self.bins
+        edges = np.linspace(0, self.bins, groups + 1).astype(int)
+        n = float(self.pos.sum() + self.neg.sum())
+        rows, ece = [], 0.0
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            pos, neg = self.pos[lo:hi].astype(float), self.neg[lo:hi].astype(float)
+            count = pos.sum() + neg.sum()
+            if count == 0:
+                rows.append({"lo": lo / self.bins, "hi": hi / self.bins, "rows": 0,
+                             "predicted": None, "observed": None})
+                continue
+            predicted = float(((pos + neg) * centres[lo:hi]).sum() / count)
+            observed = float(pos.sum() / count)
+            ece += count / n * abs(predicted - observed)
+            rows.append({"lo": lo / self.bins, "hi": hi / self.bins, "rows": int(count),
+                         "predicted": predicted, "observed": observed})
+        return {"expected_calibration_error": ece, "brier": self.sq_error / n if n else None,
+                "bins": rows}
+
+
+def pooled_scores(job: JobConfig, result: JobResult, ledger: Ledger) -> PooledScores:
+    """The final pooled histograms of `result`.
+
+    Taken from the job result when it carries them (`histograms`: pos, neg, sq_error). The current
+    `JobResult` does not, so for simulated jobs each simulated partner node re-scores its own
+    held-out rows with the delivered model (exactly its last evaluate step, which is
+    deterministic) and only the histogram is summed here; each re-scoring is written to the
+    ledger as that node's data access. The pooled ROC-AUC must equal the job's final one, which
+    proves the curves belong to the delivered model.
+    """
+    hist = getattr(result, "histograms", None) or result.to_dict().get("histograms")
+    if hist:
+        return PooledScores(np.asarray(hist["pos"], np.int64), np.asarray(hist["neg"], np.int64),
+                            float(hist["sq_error"]), "job result")
+    if job.dataset not in BUILTIN_SPECS:
+        raise RegistryError(f"job {job.job_id}: the result carries no score histograms", 409)
+    from fedpact.federation.local_round import evaluate_round
+    from fedpact.federation.node_data import load_node_data
+
+    saved = torch.load(result.model_path, weights_only=False)
+    weights = {k: v.numpy() for k, v in saved["state_dict"].items()}
+    pos = neg = None
+    sq_error = 0.0
+    for index in range(job.num_partitions):
+        node = load_node_data({"partition-id": index}, job)
+        ev = evaluate_round(node, weights, job)
+        ledger.append(EventType.DATA_ACCESSED,
+                      {"node": node.partner, "dataset": node.train.spec.name, "rows": int(ev.rows),
+                       "columns": node.columns, "purpose": job.purpose, "phase": "model_card"},
+                      actor=f"node:{node.partner}", job_id=job.job_id)
+        pos = ev.pos if pos is None else pos + ev.pos
+        neg = ev.neg if neg is None else neg + ev.neg
+        sq_error += ev.sq_error
+    scores = PooledScores(np.asarray(pos, np.int64), np.asarray(neg, np.int64), sq_error,
+                          "simulated partners re-scored their held-out rows")
+    expected = result.final.get("roc_auc")
+    got = scores.metrics()["roc_auc"]
+    if expected is not None and not (math.isnan(expected) and math.isnan(got)) and abs(got - expected) > 1e-9:
+        raise RegistryError(f"job {job.job_id}: re-scored pooled ROC-AUC {got:.6f} differs from the "
+                            f"job's final {expected:.6f}; the curves would not describe this model", 409)
+    return scores
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure_png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def draw_plots(scores: PooledScores, title: str) -> dict[str, bytes]:
+    """ROC, cumulative gains with lift, and a reliability diagram, as PNG bytes (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    m = scores.metrics()
+    out = {}
+
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    fpr, tpr = scores.roc()
+    ax.plot(fpr, tpr, color="#1f5fa8", lw=2, label=f"federated model (AUC {m['roc_auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="#999", ls="--", lw=1, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"ROC — {title}")
+    ax.legend(loc="lower right", fontsize=8)
+    out["roc"] = _figure_png(fig)
+
+    fig = Figure(figsize=(9, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    targeted, captured = scores.gains()
+    ax1.plot(targeted, captured, color="#1f5fa8", lw=2, label="federated model")
+    ax1.plot([0, 1], [0, 1], color="#999", ls="--", lw=1, label="random targeting")
+    ax1.set(xlabel="share of customers targeted (best scores first)",
+            ylabel="share of all positives captured", xlim=(0, 1), ylim=(0, 1.01),
+            title="cumulative gains")
+    ax1.legend(loc="lower right", fontsize=8)
+    keep = targeted > 0.01
+    ax2.plot(targeted[keep], captured[keep] / targeted[keep], color="#c0562b", lw=2)
+    ax2.axhline(1.0, color="#999", ls="--", lw=1)
+    ax2.axvline(0.1, color="#bbb", ls=":", lw=1)
+    ax2.set(xlabel="share of customers targeted", ylabel="cumulative lift", xlim=(0, 1),
+            title=f"lift (top decile {m['lift_at_10']:.2f})")
+    fig.suptitle(title, fontsize=10)
+    out["gains"] = _figure_png(fig)
+
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.add_subplot()
+    cal = scores.calibration()
+    pts = [(b["predicted"], b["observed"], b["rows"]) for b in cal["bins"] if b["rows"]]
+    if pts:
+        px, py, pn = zip(*pts, strict=True)
+        ax.plot(px, py, marker="o", color="#1f5fa8", lw=2, label="federated model")
+        for x, y, n in pts:
+            ax.annotate(f"{n}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                        color="#555")
+    ax.plot([0, 1], [0, 1], color="#999", ls="--", lw=1, label="perfectly calibrated")
+    ax.set(xlabel="mean predicted probability", ylabel="observed positive rate", xlim=(0, 1),
+           ylim=(0, 1), title=f"calibration (ECE {cal['expected_calibration_error']:.3f}, "
+                               f"Brier {m['brier']:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    out["calibration"] = _figure_png(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- export and scoring
+
+
+class _Probability(torch.nn.Module):
+    """The delivered network with a sigmoid: encoded features -> probability of the positive class."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x)).squeeze(-1)
+
+
+def n_inputs(layout: dict) -> int:
+    return sum(len(v) for v in layout["categorical"].values()) + len(layout["numeric"])
+
+
+def load_network(model_path: Path) -> tuple[torch.nn.Module, dict]:
+    saved = torch.load(model_path, weights_only=False)
+    net = build_model(saved["model"], n_inputs(saved["layout"]))
+    net.load_state_dict(saved["state_dict"])
+    net.eval()
+    return net, saved["layout"]
+
+
+def export_torchscript(model_path: Path, out: Path, card: dict) -> None:
+    """TorchScript (traced; torch marks tracing deprecated but the format loads in torch and libtorch)."""
+    net, layout = load_network(model_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_Probability(net), torch.zeros(2, n_inputs(layout)))
+        torch.jit.save(traced, str(out), _extra_files={"layout.json": json.dumps(layout),
+                                                       "card.json": json.dumps(card)})
+
+
+@dataclass
+class Scorer:
+    """A delivered model ready to score: probability from an encoded feature matrix, and its layout."""
+
+    predict: object
+    layout: dict
+    label: str
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.predict(torch.from_numpy(np.asarray(X, np.float32))).numpy()  # type: ignore[operator]
+
+
+def load_torchscript(path: Path) -> Scorer:
+    extra = {"layout.json": "", "card.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            module = torch.jit.load(str(path), _extra_files=extra)
+        except Exception as exc:  # torch raises RuntimeError / ValueError for foreign files
+            raise RegistryError(f"{path}: not a fedpact TorchScript export ({exc})", 422) from None
+    if not extra["layout.json"]:
+        raise RegistryError(f"{path}: the export carries no layout.json (not a fedpact export?)", 422)
+    card = json.loads(extra["card.json"] or "{}")
+    return Scorer(module, json.loads(extra["layout.json"]), card.get("model", path.name))
+
+
+def read_scoring_rows(csv_path: str | Path, mapping_path: str | Path) -> PartnerData:
+    """The training rules (`load_mapping` + `load_csv` validation), with the label column optional.
+
+    Rows to score usually have no outcome yet. When the label column is absent it is filled with a
+    negative value for validation only, and the labels are not reported.
+    """
+    spec = load_mapping(mapping_path)
+    path = Path(csv_path)
+    if path.is_file() and path.stat().st_size > 0:
+        try:
+            header = pd.read_csv(path, sep=spec.separator, dtype=str, nrows=0).columns
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            header = None
+        if header is not None and spec.label not in [str(c).strip() for c in header]:
+            try:
+                frame = pd.read_csv(path, sep=spec.separator, dtype=str, keep_default_na=False)
+            except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+                raise DataValidationError(str(path), [f"cannot be parsed as CSV with separator "
+                                                      f"{spec.separator!r}: {exc}"]) from None
+            frame[spec.label] = spec.negative[0] if spec.negative else "__unlabelled__"
+            data = validate_frame(frame, spec, source=str(path))
+            data.notes.append(f"no {spec.label!r} column: scoring without labels")
+            data.labels = np.full(len(data), np.nan, dtype=np.float32)
+            return data
+    return load_csv(path, spec)
+
+
+def _layout_problems(model_layout: dict, local: dict) -> list[str]:
+    problems = []
+    if list(model_layout["categorical"]) != list(local["categorical"]):
+        problems.append(f"categorical columns {list(local['categorical'])} differ from the model's "
+                        f"{list(model_layout['categorical'])}")
+    else:
+        for col, values in model_layout["categorical"].items():
+            if list(values) != list(local["categorical"][col]):
+                problems.append(f"column {col!r}: categories {list(local['categorical'][col])} differ "
+                                f"from the model's {list(values)}; declare them in the mapping")
+    if list(model_layout["numeric"]) != list(local["numeric"]):
+        problems.append(f"numeric columns {list(local['numeric'])} differ from the model's "
+                        f"{list(model_layout['numeric'])}")
+    return problems
+
+
+def score_rows(scorer: Scorer, data: PartnerData) -> tuple[pd.DataFrame, list[str]]:
+    """Scores for validated rows; the feature statistics are fitted on these rows, locally.
+
+    As in training, where each partner standardises numbers with its own statistics and shares only
+    the layout, the scoring partner's own rows give the means and scales; the layout (columns and
+    categories) must equal the model's.
+    """
+    pipe = FeaturePipeline.fit(data)
+    problems = _layout_problems(scorer.layout, pipe.layout())
+    if problems:
+        raise DataFileMismatch(data.source, problems)
+    notes = list(data.notes)
+    if len(data) < SMALL_SCORING_BATCH:
+        notes.append(f"only {len(data)} rows: numeric features are standardised with statistics of "
+                     "these rows, which are unstable for small batches; score larger batches")
+    probs = scorer(pipe.transform(data))
+    if data.ids is not None:
+        frame = pd.DataFrame({data.spec.id_column: data.ids.to_numpy(), "score": probs})
+    else:
+        frame = pd.DataFrame({"row": np.arange(1, len(data) + 1), "score": probs})
+    return frame, notes
+
+
+class DataFileMismatch(ConfigurationError):
+    def __init__(self, source: str, problems: list[str]):
+        super().__init__(f"{source}: does not fit the model's feature layout: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+class ModelRegistry:
+    """Versioned models of finished jobs, indexed in the service DB, files under HOME/registry."""
+
+    def __init__(self, store: ServiceStore, ledger: Ledger):
+        self.store = store
+        self.ledger = ledger
+        self.root = store.home / "registry"
+        # One registration at a time (version numbers); the service DB's write lock is taken only
+        # for the inserts, so requests are not held up while plots and the export are built.
+        self._lock = threading.Lock()
+
+    def folder(self, name: str, version: int) -> Path:
+        return self.root / name / str(version)
+
+    def register(self, job: JobConfig, result: JobResult, *, name: str, requested_by: str,
+                 partners: list[str]) -> int:
+        """Build the card, plots and export of a finished job and record its delivery; the version."""
+        from sqlalchemy import func, insert, select, update
+
+        scores = pooled_scores(job, result, self.ledger)
+        with self._lock:
+            with self.store.engine.connect() as conn:
+                latest = conn.execute(select(func.max(models.c.version))
+                                      .where(models.c.name == name)).scalar()
+            version = int(latest or 0) + 1
+            folder = self.folder(name, version)
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            shutil.copyfile(result.model_path, folder / "model.pt")
+            card = self._card(job, result, scores, name, version, requested_by, partners)
+            for kind, png in draw_plots(scores, f"{name}@{version}").items():
+                (folder / f"{kind}.png").write_bytes(png)
+            export_torchscript(folder / "model.pt", folder / "model.torchscript.pt", card)
+            text = json.dumps(_finite(card), indent=1)
+            (folder / "card.json").write_text(text)
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            with self.store.write_lock, self.store.engine.begin() as conn:
+                conn.execute(insert(models).values(
+                    name=name, version=version, job_id=job.job_id, folder=str(folder),
+                    card=dumps(card), card_sha256=digest, created_at=self.store.now()))
+        event = self.ledger.append(
+            EventType.MODEL_DELIVERED,
+            {"model": f"{name}@{version}", "recipient": requested_by, "card_sha256": digest,
+             "format": "state_dict+torchscript", "purpose": job.purpose, "partners": partners},
+            actor="coordinator", job_id=job.job_id)
+        with self.store.write_lock, self.store.engine.begin() as conn:
+            conn.execute(update(models).where((models.c.name == name) & (models.c.version == version))
+                         .values(delivery_event_id=event.event_id))
+        return version
+
+    def _card(self, job: JobConfig, result: JobResult, scores: PooledScores, name: str, version: int,
+              requested_by: str, partners: list[str]) -> dict:
+        spec = BUILTIN_SPECS.get(job.dataset)
+        lineage: dict[str, list[str]] = {}
+        for ev in self.ledger.events(job_id=job.job_id):
+            lineage.setdefault(ev.event_type, []).append(ev.event_id)
+        pooled = scores.metrics()
+        final = {k: v for k, v in result.final.items() if k != "round"}
+        return {
+            "model": f"{name}@{version}", "name": name, "version": version,
+            "created_at": _iso(self.store.now()), "job_id": job.job_id,
+            "task": spec.task if spec else None, "dataset": spec.name if spec else job.dataset,
+            "partitioning": job.partitioning, "purpose": job.purpose, "requested_by": requested_by,
+            "model_kind": job.model, "rounds": job.rounds, "local_epochs": job.local_epochs,
+            "partners": [{"dataset": p.name, "train_rows": p.train_rows, "test_rows": p.test_rows,
+                          "epsilon": p.epsilon, "noise_multiplier": p.noise_multiplier,
+                          "membership_auc": p.membership_auc} for p in result.partners],
+            "features": {"categorical": result.layout.get("categorical", {}),
+                         "numeric": result.layout.get("numeric", []),
+                         "input_width": n_inputs(result.layout) if result.layout else None},
+            "metrics": {"evaluated_on": "pooled held-out rows of all partners "
+                                        f"({int(final.get('n', 0))} rows)",
+                        "roc_auc": final.get("roc_auc"), "pr_auc": final.get("pr_auc"),
+                        "lift_at_10": final.get("lift_at_10"), "brier": final.get("brier"),
+                        "positive_rate": final.get("positive_rate"), "n": final.get("n"),
+                        "from_histograms": {k: pooled[k] for k in ("roc_auc", "pr_auc", "lift_at_10")}},
+            "calibration": scores.calibration(),
+            "curves_source": f"pooled {scores.bins}-bin score histograms ({scores.source})",
+            "privacy": {
+                "dp": job.dp, "unit": "one row of a partner dataset",
+                "target_epsilon": job.target_epsilon if job.dp else None,
+                "target_delta": job.target_delta if job.dp else None,
+                "epsilon_spent": result.epsilon if job.dp else None,
+                "delta": result.delta if job.dp else None,
+                "accountant": job.accountant, "max_grad_norm": job.max_grad_norm,
+                "per_partner": {p.name: {"epsilon_opacus_rdp": p.epsilon,
+                                         "epsilon_dp_accounting_rdp": p.epsilon_google_rdp,
+                                         "epsilon_dp_accounting_pld": p.epsilon_google_pld,
+                                         "noise_multiplier": p.noise_multiplier,
+                                         "sample_rate": p.sample_rate, "steps": p.steps}
+                                for p in result.partners} if job.dp else {},
+                "central_dp": result.central_dp or None,
+                "secure_aggregation": job.secure_aggregation,
+            },
+            "membership_inference": {
+                "attack": "loss-threshold (Yeom et al. 2018) on each partner's train vs held-out rows",
+                "auc_max": result.membership_auc,
+                "per_partner": {p.name: p.membership_auc for p in result.partners},
+                "reading": "0.5 = the attack does no better than chance; a smoke alarm, not a proof",
+            },
+            "history": [{"round": r.get("round"), "roc_auc": r.get("roc_auc"),
+                         "epsilon": r.get("epsilon")} for r in result.rounds],
+            "lineage": {"ledger_events": lineage,
+                        "note": "ids of this job's ledger events; model.delivered follows the card"},
+            "files": {"weights": "model.pt", "torchscript": "model.torchscript.pt",
+                      "plots": [f"{k}.png" for k in PLOTS]},
+            "scoring": ("fedpact model score NAME@VERSION input.csv --mapping map.toml: validated "
+                        "like training data; numeric features standardised with the scoring "
+                        "partner's own statistics; the layout must match"),
+            "consortium": partners,
+        }
+
+    # ---- reading
+
+    def list(self) -> list[dict]:
+        from sqlalchemy import select
+
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(models).order_by(models.c.name, models.c.version)).all()
+        return [self._summary(r) for r in rows]
+
+    def _summary(self, row) -> dict:
+        card = json.loads(row.card)
+        return {"model": f"{row.name}@{row.version}", "name": row.name, "version": row.version,
+                "job_id": row.job_id, "task": card.get("task"), "dataset": card.get("dataset"),
+                "partners": card.get("consortium", []), "roc_auc": card["metrics"].get("roc_auc"),
+                "epsilon_spent": card["privacy"].get("epsilon_spent"),
+                "created_at": row.created_at, "card_sha256": row.card_sha256,
+                "delivery_event_id": row.delivery_event_id}
+
+    def get(self, ref: str) -> dict:
+        """The registry row of NAME@VERSION (or NAME's latest) with its card."""
+        from sqlalchemy import select
+
+        name, version = parse_ref(ref)
+        query = select(models).where(models.c.name == name)
+        query = (query.where(models.c.version == version) if version is not None
+                 else query.order_by(models.c.version.desc()).limit(1))
+        with self.store.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise RegistryError(f"no model {ref!r} in the registry", 404)
+        return {**self._summary(row), "card": json.loads(row.card), "folder": row.folder}
+
+    def file(self, ref: str, name: str) -> Path:
+        entry = self.get(ref)
+        path = Path(entry["folder"]) / name
+        if not path.is_file():
+            raise RegistryError(f"model {entry['model']} has no file {name}", 404)
+        return path
+
+    def record_export(self, ref: str, *, recipient: str, actor: str, purpose: str,
+                      fmt: str = "torchscript") -> str:
+        entry = self.get(ref)
+        event = self.ledger.append(
+            EventType.MODEL_EXPORTED,
+            {"model": entry["model"], "recipient": recipient, "format": fmt, "purpose": purpose},
+            actor=actor, job_id=entry["job_id"])
+        return event.event_id
+
+    def scorer(self, ref: str) -> Scorer:
+        entry = self.get(ref)
+        return load_torchscript(Path(entry["folder"]) / "model.torchscript.pt")
+
+
+__all__ = ["DatasetSpec", "ModelRegistry", "PooledScores", "RegistryError", "Scorer",
+           "load_torchscript", "parse_ref", "read_scoring_rows", "score_rows"]

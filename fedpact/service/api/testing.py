@@ -1,0 +1,107 @@
+"""A consortium of accounts for tests, demos and load runs: one person per role, tokens issued.
+
+`seed_consortium(service, partners)` creates a data scientist, a compliance officer, one partner
+admin per partner dataset, one node identity per partner, and an "all-roles" person (data
+scientist + compliance officer + every partner's admin) for API fuzzing; it returns their tokens
+and TOTP secrets. `Clock` is a settable clock for the service (token expiry, idle sessions).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .app import CoordinatorService
+
+PASSWORD = "correct horse battery staple"
+
+
+class Clock:
+    """Wall time plus an offset that tests advance."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@dataclass
+class Member:
+    username: str
+    token: str
+    totp_secret: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class Consortium:
+    scientist: Member
+    compliance: Member
+    admins: dict[str, Member]  # partner dataset -> its admin
+    nodes: dict[str, Member]  # partner dataset -> its node identity
+    everyone: Member  # all person roles, every partner's admin
+    partners: list[str] = field(default_factory=list)
+
+
+def handle(partner: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", partner.split("/")[-1].lower())[:40]
+
+
+def seed_consortium(service: CoordinatorService, partners: list[str], *, password: str = PASSWORD,
+                    token_days: float = 30) -> Consortium:
+    acc = service.accounts
+
+    def person(name: str, *grants: tuple[str, str]) -> Member:
+        account = acc.create_user(name, password=password, created_by="operator:test")
+        for role, scope in grants:
+            acc.grant(name, role, scope, granted_by="operator:test")
+        token = acc.issue_token(name, days=token_days, issued_by="operator:test").token
+        return Member(name, token, account.totp_secret)
+
+    def machine(name: str, scope: str) -> Member:
+        acc.create_user(name, kind="machine", created_by="operator:test")
+        acc.grant(name, "node", scope, granted_by="operator:test")
+        return Member(name, acc.issue_token(name, days=token_days, issued_by="operator:test").token)
+
+    scientist = person("dana", ("data_scientist", ""))
+    compliance = person("carl", ("compliance_officer", ""))
+    admins = {p: person(f"admin-{handle(p)}", ("partner_admin", p)) for p in partners}
+    nodes = {p: machine(f"node-{handle(p)}", p) for p in partners}
+    everyone = person("root-of-all", ("data_scientist", ""), ("compliance_officer", ""),
+                      *[("partner_admin", p) for p in partners])
+    return Consortium(scientist, compliance, admins, nodes, everyone, list(partners))
+
+
+def write_mapping(spec, path, *, name: str = "acme-telco", categories: dict | None = None):
+    """A TOML mapping file (docs/data.md) describing `spec`'s columns, declared categories included;
+    `categories` replaces some columns' declared values (to make a layout that differs)."""
+    import json
+    from pathlib import Path
+
+    def toml_list(values) -> str:
+        return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+    declared = {**spec.categories, **(categories or {})}
+    lines = [f"name = {json.dumps(name)}", f"task = {json.dumps(spec.task)}"]
+    if spec.id_column:
+        lines.append(f"id = {json.dumps(spec.id_column)}")
+    lines += [f"label = {json.dumps(spec.label)}", f"positive = {toml_list(spec.positive)}",
+              f"negative = {toml_list(spec.negative)}", f"categorical = {toml_list(spec.categorical)}",
+              f"numeric = {toml_list(spec.numeric)}", f"separator = {json.dumps(spec.separator)}", "",
+              "[categories]"]
+    lines += [f"{json.dumps(col)} = {toml_list(values)}" for col, values in declared.items()]
+    if spec.missing:
+        lines += ["", "[missing]"] + [f"{json.dumps(c)} = {json.dumps(p)}" for c, p in spec.missing.items()]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
