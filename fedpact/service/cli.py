@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from fedpact import __version__
@@ -19,6 +18,7 @@ from fedpact.errors import FedpactError
 from .cli_audit import audit_app
 from .cli_jobs import admin_app, job_app, model_app, serve
 from .cli_match import match_app
+from .cli_options import HomeOption, console, err_console
 
 app = typer.Typer(
     name="fedpact",
@@ -38,14 +38,6 @@ app.add_typer(model_app, name="model")
 app.add_typer(admin_app, name="admin")
 app.command("serve")(serve)
 
-console = Console()
-err_console = Console(stderr=True)
-
-HomeOption = Annotated[
-    str,
-    typer.Option("--home", envvar="FEDPACT_HOME",
-                 help="Run folder: ledger, jobs, node state and FLWR_HOME live here."),
-]
 
 
 def _ledger_path(home: str) -> Path:

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from fedpact.audit import EventType, Ledger, LedgerError
 from fedpact.errors import FedpactError
+
+from .cli_options import HomeOption, console, err_console
 
 audit_app = typer.Typer(
     help="Verify, prove, query and export the audit ledger; consent; data-subject requests.",
@@ -33,14 +34,6 @@ audit_app.add_typer(consent_app, name="consent")
 audit_app.add_typer(dsar_app, name="dsar")
 audit_app.add_typer(export_app, name="export")
 
-console = Console()
-err_console = Console(stderr=True)
-
-HomeOption = Annotated[
-    str,
-    typer.Option("--home", envvar="FEDPACT_HOME",
-                 help="Run folder: ledger, jobs, node state and FLWR_HOME live here."),
-]
 DbOption = Annotated[
     str | None,
     typer.Option("--db", envvar="FEDPACT_AUDIT_DB",

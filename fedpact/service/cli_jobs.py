@@ -26,12 +26,13 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedpact.audit import LedgerError
 from fedpact.errors import FedpactError
+
+from .cli_options import HomeOption, console, err_console
 
 job_app = typer.Typer(help="Request joint-model jobs, decide on them as a partner admin, follow them.",
                       no_args_is_help=True)
@@ -49,14 +50,10 @@ admin_app.add_typer(user_app, name="user")
 admin_app.add_typer(role_app, name="role")
 admin_app.add_typer(token_app, name="token")
 
-console = Console()
-err_console = Console(stderr=True)
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 TERMINAL = ("finished", "failed", "refused", "rejected", "revoked")
 
-HomeOption = Annotated[str, typer.Option("--home", envvar="FEDPACT_HOME",
-                                         help="Run folder: ledger, service database, registry.")]
 UrlOption = Annotated[str, typer.Option("--url", envvar="FEDPACT_URL",
                                         help="The coordinator's base URL.")]
 TokenOption = Annotated[str | None, typer.Option("--token", envvar="FEDPACT_TOKEN",
