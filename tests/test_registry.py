@@ -255,7 +255,7 @@ def test_register_refuses_a_job_without_histograms_that_it_cannot_rescore(tmp_pa
     store = ServiceStore(tmp_path)
     with Ledger.open(tmp_path / "ledger.db") as ledger:
         job, result = fake_finished_job(tmp_path, folder / "model.pt", synthetic)
-        del result.histograms
+        result.histograms = {}  # a result that carries no histograms
         # The saved weights are not the job's: re-scoring the simulated partners gives another AUC.
         with pytest.raises(RegistryError, match="differs from the job's final"):
             ModelRegistry(store, ledger).register(job, result, name="churn-telco", requested_by="dana",
