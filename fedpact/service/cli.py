@@ -88,6 +88,14 @@ def train(
     central_dp_noise: Annotated[float, typer.Option(
         help="Client-level DP noise on the aggregate (0: off; see docs/privacy.md).")] = 0.0,
     central_dp_clip: Annotated[float, typer.Option(help="Client-level DP update clipping norm.")] = 1.0,
+    aggregation: Annotated[str, typer.Option(help="fedavg | median | trimmed-mean | krum")] = "fedavg",
+    update_norm_bound: Annotated[float, typer.Option(
+        help="Reject a partner update farther than this (L2) from the global model (0: off).")] = 0.0,
+    min_partners: Annotated[int, typer.Option(
+        help="A round goes on with at least this many acceptable updates (0: all).")] = 0,
+    purpose: Annotated[str, typer.Option(help="Processing purpose, recorded and used for consent.")] = "model_training",
+    require_consent: Annotated[bool, typer.Option(
+        "--require-consent", help="Only rows whose subject consented to --purpose take part.")] = False,
     compare: Annotated[bool, typer.Option(help="Also train the centralised and local references.")] = True,
     seed: int = 0,
     home: HomeOption = ".fedpact",
@@ -105,7 +113,9 @@ def train(
                     model=model, batch_size=batch_size, learning_rate=learning_rate,
                     max_grad_norm=max_grad_norm, seed=seed, home=home,
                     noise_multiplier=noise_multiplier, secure_aggregation=secure_aggregation,
-                    central_dp_noise=central_dp_noise, central_dp_clip=central_dp_clip)
+                    central_dp_noise=central_dp_noise, central_dp_clip=central_dp_clip,
+                    aggregation=aggregation, update_norm_bound=update_norm_bound,
+                    min_partners=min_partners, purpose=purpose, require_consent=require_consent)
     if not as_json:
         console.print(f"job {job.job_id}: {dataset} split by {partitioning} into {partners} partners")
 
