@@ -280,3 +280,110 @@ def test_partner_failure_reaches_the_other_side():
         run_match(MatchParty("alpha", "crm_a", a), ta, MatchConfig("psi"))
     t.join()
     assert not errors
+
+
+# RFC 9380 appendix J.7.2, curve25519_XMD:SHA-512_ELL2_NU_: msg, u[0], Q.x (map_to_curve), P.x
+# (after clear_cofactor, i.e. 8Q). Coordinates big-endian hex as printed in the RFC.
+RFC9380_DST = b"QUUX-V01-CS02-with-curve25519_XMD:SHA-512_ELL2_NU_"
+RFC9380_NU = [
+    ("", "608d892b641f0328523802a6603427c26e55e6f27e71a91a478148d45b5093cd",
+     "51125222da5e763d97f3c10fcc92ea6860b9ccbbd2eb1285728f566721c1e65b",
+     "1bb913f0c9daefa0b3375378ffa534bda5526c97391952a7789eb976edfe4d08"),
+    ("abc", "46f5b22494bfeaa7f232cc8d054be68561af50230234d7d1d63d1d9abeca8da5",
+     "7d56d1e08cb0ccb92baf069c18c49bb5a0dcd927eff8dcf75ca921ef7f3e6eeb",
+     "7c22950b7d900fa866334262fcaea47a441a578df43b894b4625c9b450f9a026"),
+    ("abcdef0123456789", "235fe40c443766ce7e18111c33862d66c3b33267efa50d50f9e8e5d252a40aaa",
+     "3fbe66b9c9883d79e8407150e7c2a1c8680bee496c62fabe4619a72b3cabe90f",
+     "31ad08a8b0deeb2a4d8b0206ca25f567ab4e042746f792f4b7973f3ae2096c52"),
+    ("q128_" + "q" * 128, "001e92a544463bda9bd04ddbe3d6eed248f82de32f522669efc5ddce95f46f5b",
+     "227e0bb89de700385d19ec40e857db6e6a3e634b1c32962f370d26f84ff19683",
+     "027877759d155b1997d0d84683a313eb78bdb493271d935b622900459d52ceaa"),
+    ("a512_" + "a" * 512, "1a68a1af9f663592291af987203393f707305c7bac9c8d63d6a729bdc553dc19",
+     "3bcd651ee54d5f7b6013898aab251ee8ecc0688166fce6e9548d38472f6bd196",
+     "5fd892c0958d1a75f54c3182a18d286efab784e774d1e017ba2fb252998b5dc1"),
+]
+P25519, A25519 = 2**255 - 19, 486662
+
+
+def _x_double(x: int) -> int:
+    """x(2Q) on the Montgomery curve y^2 = x^3 + A x^2 + x (x-only doubling)."""
+    return (x * x - 1) ** 2 * pow(4 * x * (x * x + A25519 * x + 1), -1, P25519) % P25519
+
+
+def _x25519(scalar: bytes, x: int) -> int:
+    from fedpact.privacy.matching.groups import SecretScalar, X25519Group
+
+    g = X25519Group()
+    s = SecretScalar(32)
+    import ctypes
+
+    ctypes.memmove(s.address, scalar, 32)
+    out = g.multiply(s, x.to_bytes(32, "little"))
+    return int.from_bytes(out, "little")
+
+
+def test_x25519_hash_to_curve_matches_rfc9380_vectors():
+    """The x25519 group hashes with RFC 9380 curve25519_XMD:SHA-512_ELL2_NU_ (Elligator 2)."""
+    from fedpact.privacy.matching.groups import (
+        H2C_SUITE,
+        X25519Group,
+        elligator2_curve25519,
+        encode_to_curve25519_x,
+        hash_to_field_curve25519,
+    )
+
+    assert H2C_SUITE == "curve25519_XMD:SHA-512_ELL2_NU_"
+    g = X25519Group()
+    batch = g.encode_batch([m.encode() for m, *_ in RFC9380_NU] * 1000, RFC9380_DST)
+    for i, (msg, u0, qx, px) in enumerate(RFC9380_NU):
+        assert hash_to_field_curve25519(msg.encode(), RFC9380_DST) == int(u0, 16)
+        assert elligator2_curve25519(int(u0, 16)) == int(qx, 16)
+        assert encode_to_curve25519_x(msg.encode(), RFC9380_DST) == int(qx, 16)
+        q = int.from_bytes(batch[32 * i:32 * i + 32], "little")
+        assert q == int(qx, 16)
+        assert _x_double(_x_double(_x_double(q))) == int(px, 16)  # clear_cofactor: P = 8Q
+    # the batched form (one inversion per chunk) agrees past a chunk boundary
+    for j in (4095, 4096, 4999):
+        k = j % len(RFC9380_NU)
+        assert int.from_bytes(batch[32 * j:32 * j + 32], "little") == int(RFC9380_NU[k][2], 16)
+
+
+def _ladder(n: int, x: int) -> int:
+    """n·(x, ·) on Curve25519, x-only, by the RFC 7748 Montgomery ladder (no clamping; O -> 0)."""
+    p, a24 = P25519, (A25519 - 2) // 4
+    x2, z2, x3, z3, swap = 1, 0, x, 1, 0
+    for t in reversed(range(n.bit_length())):
+        bit = (n >> t) & 1
+        if swap ^ bit:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+        swap = bit
+        a, b = (x2 + z2) % p, (x2 - z2) % p
+        c, d = (x3 + z3) % p, (x3 - z3) % p
+        da, cb, aa, bb = d * a % p, c * b % p, a * a % p, b * b % p
+        e = (aa - bb) % p
+        x3, z3 = (da + cb) ** 2 % p, x * (da - cb) ** 2 % p
+        x2, z2 = aa * bb % p, e * (aa + a24 * e) % p
+    if swap:
+        x2, z2 = x3, z3
+    return x2 * pow(z2, p - 2, p) % p
+
+
+def test_x25519_clamping_clears_the_cofactor_and_commutes():
+    """clamp(k)·Q = (clamp(k)/8)·P where P = 8Q is the RFC's cofactor-cleared output, so X25519 on
+    the un-cleared hash equals blinding the RFC 9380 point; results have prime order; commutes."""
+    import secrets
+
+    order = 2**252 + 27742317777372353535851937790883648493
+    for _, _, qx, px in RFC9380_NU:
+        q, p_cleared = int(qx, 16), int(px, 16)
+        assert _ladder(8, q) == p_cleared
+        k = bytearray(secrets.token_bytes(32))
+        k[0] &= 248
+        k[31] = (k[31] & 127) | 64  # RFC 7748 clamping, as X25519 does internally
+        clamped = int.from_bytes(k, "little")
+        r = _x25519(bytes(k), q)
+        assert r == _ladder(clamped, q) == _ladder(clamped // 8, p_cleared)
+        assert _ladder(order, r) == 0  # in the prime-order subgroup
+    q = int(RFC9380_NU[1][2], 16)
+    ka, kb = secrets.token_bytes(32), secrets.token_bytes(32)
+    assert _x25519(kb, _x25519(ka, q)) == _x25519(ka, _x25519(kb, q))

@@ -1,11 +1,13 @@
 """Prime-order groups for commutative (Diffie-Hellman) encryption of identifiers, by name.
 
-``x25519`` (the default): identifiers are hashed onto Curve25519 by try-and-increment (a uniform
-point, with unknown discrete logarithm) and raised to secret scalars with X25519, whose clamped
-scalars are multiples of the cofactor 8, so every value sent lies in the prime-order subgroup
-(x-coordinate only). ``ristretto255``: libsodium's ``from_hash`` map and ristretto255 scalar
-multiplication. Both use libsodium (bundled by ``rbcl``) through ctypes, which releases the GIL,
-so a thread pool uses every core. docs/matching.md explains the choice (measured in bench/).
+``x25519`` (the default): identifiers are hashed onto Curve25519 with RFC 9380's
+``curve25519_XMD:SHA-512_ELL2_NU_`` (expand_message_xmd with SHA-512, Elligator 2; a point whose
+discrete logarithm nobody knows) and raised to secret scalars with X25519, whose clamped scalars
+are multiples of the cofactor 8: that clears the cofactor, so every value sent lies in the
+prime-order subgroup (x-coordinate only), and k_a·(k_b·Q) = k_b·(k_a·Q). ``ristretto255``:
+libsodium's ``from_hash`` map and ristretto255 scalar multiplication. Both multiply with libsodium
+(bundled by ``rbcl``) through ctypes, which releases the GIL, so a thread pool uses every core.
+docs/matching.md explains the choice (measured in bench/).
 """
 
 from __future__ import annotations
@@ -153,20 +155,71 @@ class CommutativeGroup:
 
 _P25519 = 2**255 - 19
 _A25519 = 486662
+H2C_SUITE = "curve25519_XMD:SHA-512_ELL2_NU_"
+"""RFC 9380 encoding used to hash identifiers onto Curve25519 (Elligator 2, expand_message_xmd)."""
+_H2C_L = 48  # bytes per field element: ceil((ceil(log2(p)) + k) / 8) with k = 128
+
+
+def h2c_dst(domain: bytes) -> bytes:
+    """The RFC 9380 domain separation tag of one job (kept under 43 bytes: one SHA-512 block)."""
+    dst = b"FEDPACT-PSI-V2:" + domain
+    if not 0 < len(dst) <= 255:
+        raise MatchProtocolError("hash-to-curve domain must give a tag of 1-255 bytes")
+    return dst
+
+
+def expand_message_xmd_sha512(msg: bytes, dst: bytes, len_in_bytes: int) -> bytes:
+    """expand_message_xmd of RFC 9380 section 5.3.1 with SHA-512 (reference form, for tests)."""
+    ell = -(-len_in_bytes // 64)
+    if ell > 255 or len_in_bytes > 65535 or len(dst) > 255:
+        raise ValueError("expand_message_xmd: requested length or DST too long")
+    dst_prime = dst + bytes([len(dst)])
+    b0 = hashlib.sha512(bytes(128) + msg + len_in_bytes.to_bytes(2, "big") + b"\x00"
+                        + dst_prime).digest()
+    b = [hashlib.sha512(b0 + b"\x01" + dst_prime).digest()]
+    for i in range(2, ell + 1):
+        mixed = bytes(x ^ y for x, y in zip(b0, b[-1], strict=True))
+        b.append(hashlib.sha512(mixed + bytes([i]) + dst_prime).digest())
+    return b"".join(b)[:len_in_bytes]
+
+
+def hash_to_field_curve25519(msg: bytes, dst: bytes) -> int:
+    """hash_to_field(msg, 1) of the suite: one element of GF(2^255 - 19)."""
+    return int.from_bytes(expand_message_xmd_sha512(msg, dst, _H2C_L), "big") % _P25519
+
+
+def elligator2_curve25519(u: int) -> int:
+    """map_to_curve_elligator2 (RFC 9380 section 6.7.1, Z = 2) on Curve25519: the u-coordinate
+    (Montgomery x) of the point; the sign of y is irrelevant to x-only arithmetic."""
+    p, a = _P25519, _A25519
+    d = (1 + 2 * u * u) % p  # never 0: 2 is not a square mod p, so -1/2 is not either
+    x1 = (-a * pow(d, p - 2, p)) % p if d else (-a) % p
+    gx1 = (x1 * (x1 * (x1 + a) + 1)) % p
+    if pow(gx1, (p - 1) // 2, p) in (0, 1):  # is_square
+        return x1
+    return (-x1 - a) % p
+
+
+def encode_to_curve25519_x(msg: bytes, dst: bytes) -> int:
+    """u-coordinate of map_to_curve(hash_to_field(msg)) of curve25519_XMD:SHA-512_ELL2_NU_, before
+    clear_cofactor: X25519's clamped scalars are multiples of 8, so k·Q = (k/8)·(8Q) with 8Q the
+    suite's output P (the tests check this against the RFC 9380 vectors)."""
+    return elligator2_curve25519(hash_to_field_curve25519(msg, dst))
 
 
 class X25519Group(CommutativeGroup):
     """Curve25519's prime-order subgroup, x-coordinate only, with libsodium X25519."""
 
     name = "x25519"
+    h2c_suite = H2C_SUITE
 
     def __init__(self) -> None:
         self._fn = _c_fn("crypto_scalarmult_curve25519", 3)
         try:
-            from gmpy2 import jacobi, mpz
+            from gmpy2 import invert, jacobi, mpz
         except ImportError as exc:  # pragma: no cover - gmpy2 is a declared dependency
             raise FedpactError("the x25519 PSI group needs the 'gmpy2' package") from exc
-        self._jacobi, self._p, self._mpz = jacobi, mpz(_P25519), mpz
+        self._jacobi, self._mpz, self._invert = jacobi, mpz, invert
 
     @property
     def _mult_fn(self) -> Callable[..., int]:
@@ -178,30 +231,53 @@ class X25519Group(CommutativeGroup):
         return s
 
     def hash_to_group(self, values: Sequence[bytes], domain: bytes, workers: int = 1) -> bytearray:
-        """Try-and-increment: u = SHA-512(dst, counter, v) (low 255 bits) until u < p is the
-        x-coordinate of a point on Curve25519 (u^3 + A u^2 + u is a non-zero square).
+        """RFC 9380 curve25519_XMD:SHA-512_ELL2_NU_ under the job's tag `h2c_dst(domain)`."""
+        return self.encode_batch(values, h2c_dst(domain))
 
-        A uniform curve point up to sign; the clamped X25519 scalar then clears the cofactor.
-        Each attempt succeeds with probability 1/2 (at most 256 attempts: failure 2**-256).
+    def encode_batch(self, values: Sequence[bytes], dst: bytes) -> bytearray:
+        """`encode_to_curve25519_x(v, dst)` of each value, as 32 little-endian bytes each: the
+        u-coordinate of Elligator 2 of hash_to_field(v), before cofactor clearing.
+
+        The same arithmetic as the reference functions above, batched: SHA-512 resumed after the
+        128-byte zero block, gmpy2 integers, and one modular inversion per chunk of values
+        (Montgomery's trick) instead of one per value. Holds the GIL (about 5 us per value).
         """
-        a, jacobi, pm, mpz = _A25519, self._jacobi, self._p, self._mpz
-        base = hashlib.sha512(b"fedpact/h2c/curve25519-tai/v1" + len(domain).to_bytes(2, "big")
-                              + domain)
-        copy, from_bytes, mask = base.copy, mpz.from_bytes, mpz((1 << 255) - 1)
-        out: list[bytes] = []
-        append = out.append
-        counters = [bytes((c,)) for c in range(256)]
-        for v in values:
-            for c in counters:
-                h = copy()
-                h.update(c + v)
-                u = from_bytes(h.digest(), "little") & mask  # SHA-512 -> 255 bits
-                if u < pm and jacobi(u * (u * (u + a) + 1) % pm, pm) == 1:
-                    break
-            else:  # pragma: no cover - probability 2**-256
-                raise MatchProtocolError("hash to Curve25519 failed after 256 attempts")
-            append(u.to_bytes(ELEMENT_BYTES, "little"))
-        return bytearray(b"".join(out))
+        dst_prime = dst + bytes([len(dst)])
+        tail0 = _H2C_L.to_bytes(2, "big") + b"\x00" + dst_prime
+        tail1 = b"\x01" + dst_prime
+        zpad = hashlib.sha512(bytes(128)).copy
+        sha512 = hashlib.sha512
+        mpz, jacobi, invert = self._mpz, self._jacobi, self._invert
+        from_bytes = mpz.from_bytes
+        p, a, two = mpz(_P25519), mpz(_A25519), mpz(2)
+        n = len(values)
+        out = bytearray(n * ELEMENT_BYTES)
+        for lo in range(0, n, _CHUNK):
+            ds = []
+            append = ds.append
+            for v in values[lo:lo + _CHUNK]:
+                h = zpad()
+                h.update(v + tail0)
+                b1 = sha512(h.digest() + tail1).digest()
+                u = from_bytes(b1[:_H2C_L], "big") % p
+                append((two * u * u + 1) % p)
+            # Montgomery's trick: prefix products, one inversion, then walk back.
+            prefix = []
+            acc = mpz(1)
+            for d in ds:
+                prefix.append(acc)
+                acc = acc * d % p
+            inv = invert(acc, p)  # acc != 0: no d is 0 (see elligator2_curve25519)
+            xs = [0] * len(ds)
+            for i in range(len(ds) - 1, -1, -1):
+                x1 = -a * (inv * prefix[i]) % p
+                inv = inv * ds[i] % p
+                gx1 = x1 * (x1 * (x1 + a) + 1) % p
+                xs[i] = x1 if jacobi(gx1, p) >= 0 else (-x1 - a) % p
+            off = lo * ELEMENT_BYTES
+            out[off:off + len(xs) * ELEMENT_BYTES] = b"".join(
+                int(x).to_bytes(ELEMENT_BYTES, "little") for x in xs)
+        return out
 
 
 # --------------------------------------------------------------------------- ristretto255

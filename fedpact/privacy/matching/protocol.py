@@ -40,7 +40,8 @@ from fedpact.privacy.matching.keyed_hash import TOKEN_BYTES, KeyAgreement, KeySh
 from fedpact.privacy.matching.normalize import NormalizedIds
 from fedpact.privacy.matching.transport import INITIATOR, RESPONDER, Transport
 
-PROTOCOL = "fedpact-match/1"
+PROTOCOL = "fedpact-match/2"
+"""2: x25519 hashes with RFC 9380 Elligator 2 (1 used try-and-increment): not interoperable."""
 MATCHING_PURPOSE = "audience_matching"
 MISSING_SEGMENT = "(missing)"
 
