@@ -34,6 +34,11 @@ METHOD = f"/{SERVICE}/Exchange"
 FRAME_BYTES = 1 << 20
 _OPTIONS = [("grpc.max_receive_message_length", 4 * FRAME_BYTES),
             ("grpc.max_send_message_length", 4 * FRAME_BYTES)]
+# The initiator may dial before the partner listens: retry every 50-500 ms, not gRPC's default
+# 1 s doubling up to 120 s, which made a node that started first wait seconds for nothing.
+_DIAL_OPTIONS = _OPTIONS + [("grpc.initial_reconnect_backoff_ms", 50),
+                            ("grpc.min_reconnect_backoff_ms", 50),
+                            ("grpc.max_reconnect_backoff_ms", 500)]
 _END = object()
 
 
@@ -234,8 +239,8 @@ def connect(address: str, *, tls: TlsFiles | None = None, record: bool = False,
             timeout: float = 3600.0, connect_timeout: float = 60.0) -> GrpcMatchTransport:
     """Open the match channel to the partner listening on `address` (``host:port``)."""
     transport = GrpcMatchTransport(INITIATOR, record=record, timeout=timeout)
-    channel = (grpc.secure_channel(address, tls.channel_credentials(), options=_OPTIONS) if tls
-               else grpc.insecure_channel(address, options=_OPTIONS))
+    channel = (grpc.secure_channel(address, tls.channel_credentials(), options=_DIAL_OPTIONS)
+               if tls else grpc.insecure_channel(address, options=_DIAL_OPTIONS))
     try:
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError:

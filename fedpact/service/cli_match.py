@@ -13,15 +13,18 @@ import json
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedpact.errors import ConfigurationError, DataValidationError
+from fedpact.errors import ConfigurationError
 from fedpact.privacy.matching.normalize import ConsentFilter
+
+if TYPE_CHECKING:
+    from fedpact.audit.consent import ConsentRegistry
 
 match_app = typer.Typer(
     help="Count (and, with consent on both sides, link) the customers two partners share.",
@@ -30,42 +33,21 @@ match_app = typer.Typer(
 )
 console = Console()
 
-CONSENT_STATUSES = ("granted", "withdrawn")
+def ledger_consent_filter(registry: ConsentRegistry, purpose: str) -> ConsentFilter:
+    """A `normalize_ids` consent filter backed by the ledger's consent registry.
 
-
-def load_consent_csv(path: Path, purpose: str) -> ConsentFilter:
-    """Stand-in consent source: a CSV of subject_id,purpose,status (granted|withdrawn).
-
-    A subject takes part if its last row for `purpose` says ``granted``. This is a stop-gap until
-    the consent registry is wired in; `run_match` only needs the returned filter.
+    A row takes part if its subject (pseudonymised as everywhere in the ledger: HMAC of the raw
+    id under the deployment secret, `ConsentRegistry.pseudonym`) holds a current, unexpired grant
+    for exactly `purpose` — the same check the training data loader makes. Rows without a
+    subject id never take part.
     """
-    try:
-        handle = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read consent file {path}: {exc.strerror}") from None
-    latest: dict[str, bool] = {}
-    problems: list[str] = []
-    with handle:
-        reader = csv.DictReader(handle)
-        missing = {"subject_id", "purpose", "status"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataValidationError(str(path), [
-                f"missing column(s) {', '.join(sorted(missing))}; a consent file has columns "
-                "subject_id,purpose,status"])
-        for line, row in enumerate(reader, start=2):
-            status = (row["status"] or "").strip().lower()
-            if status not in CONSENT_STATUSES:
-                problems.append(f"line {line}: status {row['status']!r} is not granted or withdrawn")
-                continue
-            if (row["purpose"] or "").strip() == purpose:
-                latest[(row["subject_id"] or "").strip()] = status == "granted"
-    if problems:
-        raise DataValidationError(str(path), problems[:20] + (
-            [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
-    granted = frozenset(s for s, ok in latest.items() if ok and s)
 
     def consent_filter(subjects: Sequence[str]) -> np.ndarray:
-        return np.fromiter((s in granted for s in subjects), dtype=bool, count=len(subjects))
+        mask = np.zeros(len(subjects), dtype=bool)
+        present = [i for i, s in enumerate(subjects) if s]
+        if present:
+            mask[present] = registry.allowed([subjects[i] for i in present], purpose)
+        return mask
 
     return consent_filter
 
@@ -114,11 +96,17 @@ def match(
     min_count: Annotated[int, typer.Option(help="Suppress report counts below this (k).")] = 10,
     epsilon: Annotated[float | None, typer.Option(
         help="Add discrete Laplace noise to the report with this ε (charged to the dataset).")] = None,
-    consent_csv: Annotated[Path | None, typer.Option(
-        help="Stand-in consent source: CSV subject_id,purpose,status; only subjects granted "
-             "'audience_matching' take part.")] = None,
+    require_consent: Annotated[bool, typer.Option(
+        "--require-consent/--no-require-consent",
+        help="Only rows whose subject holds a current consent for 'audience_matching' in the "
+             "consent registry take part (default). --no-require-consent is recorded in the "
+             "ledger.")] = True,
     subject_column: Annotated[str | None, typer.Option(
-        help="Column of --ids with the subject id for --consent-csv (default: --column).")] = None,
+        help="Column of --ids with the subject id the consent registry knows (default: "
+             "--column).")] = None,
+    consent_ledger: Annotated[Path | None, typer.Option(
+        help="Ledger holding the consent registry (default: HOME/ledger.db; see `fedpact "
+             "audit consent import`).")] = None,
     report_out: Annotated[Path | None, typer.Option(help="Write the overlap report (JSON).")] = None,
     home: Annotated[str, typer.Option("--home", envvar="FEDPACT_HOME",
                                       help="Run folder; the audit ledger is HOME/ledger.db.")] = ".fedpact",
@@ -132,6 +120,7 @@ def match(
 ) -> None:
     """Run one match job with the partner node and write its audit events."""
     from fedpact.audit import Ledger
+    from fedpact.audit.consent import ConsentRegistry
     from fedpact.federation.match_channel import TlsFiles
     from fedpact.federation.match_channel import connect as open_connect
     from fedpact.federation.match_channel import listen as open_listen
@@ -154,23 +143,37 @@ def match(
                          timeout_s=timeout)
     subject_col = subject_column or column
     wanted = [column] + ([segment_column] if segment_column else []) + (
-        [subject_col] if consent_csv else [])
+        [subject_col] if require_consent else [])
     data = _read_columns(ids, wanted)
-    consent = load_consent_csv(consent_csv, MATCHING_PURPOSE) if consent_csv else None
-    normalized = normalize_ids(
-        data[column], kind, default_region, provider_rules=provider_rules,
-        case_sensitive=case_sensitive, consent_filter=consent,
-        subjects=data[subject_col] if consent_csv else None)
-    if normalized.valid == 0:
-        raise ConfigurationError(
-            f"{ids} column {column!r}: no valid {normalized.kind.value} identifiers to match "
-            f"(invalid by reason: {normalized.invalid_by_reason or 'none'}, excluded by consent: "
-            f"{normalized.excluded_by_consent})")
-    me = MatchParty(name=party or socket.gethostname(), dataset=dataset or ids.name,
-                    ids=normalized, segments=data[segment_column] if segment_column else None)
-    tls = TlsFiles(tls_cert, tls_key, tls_ca) if (tls_cert or tls_key or tls_ca) else None
-    ledger = Ledger.open(Path(home) / "ledger.db")
+    name = party or socket.gethostname()
+    dataset_name = dataset or ids.name
+    ledger_path = Path(home) / "ledger.db"
+    if consent_ledger is not None and not consent_ledger.is_file():
+        raise ConfigurationError(f"--consent-ledger {consent_ledger} does not exist")
+    ledger = Ledger.open(ledger_path)
+    consent_source = None
     try:
+        registry = None
+        if require_consent:
+            same = consent_ledger is None or consent_ledger.resolve() == ledger_path.resolve()
+            consent_source = ledger if same else Ledger.open(consent_ledger)
+            registry = ConsentRegistry(consent_source, actor=f"node:{name}")
+        normalized = normalize_ids(
+            data[column], kind, default_region, provider_rules=provider_rules,
+            case_sensitive=case_sensitive,
+            consent_filter=ledger_consent_filter(registry, MATCHING_PURPOSE) if registry else None,
+            subjects=data[subject_col] if registry else None)
+        if normalized.valid == 0:
+            hint = (" — no row's subject holds a current 'audience_matching' consent in the "
+                    "registry (`fedpact audit consent import`), or --subject-column names the "
+                    "wrong column" if normalized.excluded_by_consent == normalized.total else "")
+            raise ConfigurationError(
+                f"{ids} column {column!r}: no valid {normalized.kind.value} identifiers to match "
+                f"(invalid by reason: {normalized.invalid_by_reason or 'none'}, excluded by "
+                f"consent: {normalized.excluded_by_consent}){hint}")
+        me = MatchParty(name=name, dataset=dataset_name, ids=normalized,
+                        segments=data[segment_column] if segment_column else None)
+        tls = TlsFiles(tls_cert, tls_key, tls_ca) if (tls_cert or tls_key or tls_ca) else None
         if listen is not None:
             console.print(f"waiting for the partner on {listen} ...", highlight=False)
             channel = open_listen(listen, tls=tls, timeout=timeout)
@@ -179,8 +182,21 @@ def match(
         with channel:
             result = run_match(me, channel, config)
         report = build_overlap_report(result, min_count=min_count, epsilon=epsilon)
-        events = record_match(ledger, result, report)
+        consent_facts = {"enforced": require_consent, "purpose": MATCHING_PURPOSE,
+                         "rows": normalized.total, "excluded": normalized.excluded_by_consent}
+        events = record_match(ledger, result, report, consent=consent_facts)
+        if registry is not None:
+            actor = f"node:{name}"
+            registry.record_exclusion(result.job_id, dataset_name, MATCHING_PURPOSE,
+                                      normalized.excluded_by_consent, normalized.total,
+                                      actor=actor)
+            subjects = data[subject_col]
+            registry.record_subjects_used(
+                result.job_id, dataset_name, MATCHING_PURPOSE,
+                sorted({subjects[int(r)].strip() for r in normalized.rows}), actor=actor)
     finally:
+        if consent_source is not None and consent_source is not ledger:
+            consent_source.close()
         ledger.close()
     if matched_out is not None:
         _write_matches(matched_out, result)

@@ -124,11 +124,13 @@ def _secondary_suppression(kept: list[int | None], raw: list[int | None]) -> Non
 
 
 def record_match(ledger: Any, result: MatchResult, report: OverlapReport | None = None,
-                 *, actor: str | None = None) -> list[Any]:
+                 *, actor: str | None = None, consent: dict | None = None) -> list[Any]:
     """Write this side's audit events: `match.completed`, and `privacy.spent` for ε released.
 
-    ε is charged to this side's dataset for its own noisy report and for the report the partner
-    announced (both are computed from this dataset). Payloads hold counts, never identifiers.
+    `consent` (counts only: whether the registry was enforced, the purpose, rows read and rows
+    excluded for lack of consent) is recorded as the event's ``consent`` field; the count excluded
+    is also ``consent_excluded``. ε is charged to this side's dataset for its own noisy report and
+    for the report the partner announced (both are computed from this dataset). Payloads hold counts, never identifiers.
     """
     from fedpact.audit import EventType
 
@@ -149,6 +151,8 @@ def record_match(ledger: Any, result: MatchResult, report: OverlapReport | None 
         "consent_excluded": result.own_normalization.get("excluded_by_consent", 0),
         "epsilon_spent": {result.dataset: sum(e for e, _ in spent)} if spent else None,
     }
+    if consent is not None:
+        payload["consent"] = dict(consent)
     if report is not None:
         payload["report"] = {"overlap": report.overlap, "min_count": report.min_count,
                              "epsilon": report.epsilon, "suppressed": report.suppressed}
