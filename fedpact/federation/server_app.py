@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedpact.audit import Ledger
 
 from .coordinator import JobResult, run_job
+from .deployment import PollingGrid
 from .job import JobConfig
 
 
@@ -25,6 +27,8 @@ def make_server_app(job: JobConfig | None = None, *, results: list[JobResult] | 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         spec = job or JobConfig.from_config(context.run_config)
+        if not isinstance(grid, InMemoryGrid):  # deployment engine: don't sleep 3 s per poll
+            grid = PollingGrid(grid)
         with Ledger.open(spec.ledger_path) as ledger:
             result = run_job(grid, spec, ledger, on_round)
         if results is not None:

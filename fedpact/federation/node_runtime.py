@@ -1,0 +1,275 @@
+"""A partner node on Flower's deployment engine: the SuperNode plus a warm ClientApp executor.
+
+With Flower's default isolation every message starts a fresh `flwr-clientapp` process, which pays
+≈ 3.5 s of torch/opacus/flwr imports each time, and the stock SuperNode and Grid poll every 3 s.
+`fedpact node start` instead runs
+
+* the SuperNode with `--isolation process` (its Runtime API on loopback) and a short poll
+  interval, and
+* one long-lived executor (this module's `serve_tasks`) that acquires each ClientApp task from
+  that Runtime API and runs it in-process with everything already imported.
+
+The executor runs only the ClientApp this node's admin installed (`fedpact.federation.
+client_app:app`); a run whose app bundle names another ClientApp is refused, so the coordinator
+cannot make a partner execute code the partner did not install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("fedpact.node")
+
+CLIENT_APP_REF = "fedpact.federation.client_app:app"
+DEFAULT_POLL_INTERVAL = 0.05
+
+
+class _CappedSleep:
+    """Stands in for the `time` module inside Flower's SuperNode loop: every sleep is capped."""
+
+    def __init__(self, cap: float) -> None:
+        self._cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self._cap))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def run_supernode(argv: list[str], poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    """Flower's `flower-supernode` with its fixed 3 s / 0.5 s polling sleeps capped at
+    `poll_interval` (pinned to flwr 1.41's module layout; checked in tests/test_deployment.py)."""
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    start_client_internal.time = _CappedSleep(poll_interval)
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+@dataclass
+class TaskOutcome:
+    task_id: int
+    run_id: int
+    message_type: str
+    seconds: float
+    ok: bool
+    details: str = ""
+
+
+def _runtime_client(address: str, token: str | None, secret: bytes | None):
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [RuntimeVersionHttpInterceptor(
+        component_name="flwr-clientapp" if token else "SuperExec")]
+    if token:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    elif secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True,
+                                                 root_certificates=None,
+                                                 interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+def _fab_client_app(fab_content: bytes) -> str:
+    from flwr.common.config import get_fab_config
+
+    try:
+        return str(get_fab_config(fab_content)["tool"]["flwr"]["app"]["components"]["clientapp"])
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
+def run_task(address: str, token: str, task_id: int, client_app=None) -> TaskOutcome:
+    """Pull one ClientApp task's message, run fedpact's ClientApp on it, push the reply."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    if client_app is None:
+        from .client_app import app as client_app
+
+    started = time.perf_counter()
+    client = _runtime_client(address, token, None)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    sub_status, details, run_id, kind = SubStatus.FAILED, "", 0, "?"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        run_id, kind = run.run_id, message.metadata.message_type
+        wanted = _fab_client_app(fab.content)
+        if wanted != CLIENT_APP_REF:
+            details = (f"refused: the run's app bundle names ClientApp {wanted!r}; this node runs "
+                       f"only its installed {CLIENT_APP_REF}")
+            log.error(details)
+            reply = Message(Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=details),
+                            reply_to=message)
+        else:
+            reply = client_app(message=message, context=context)
+            sub_status = SubStatus.COMPLETED
+    except Exception as exc:  # noqa: BLE001 - reported to the coordinator, node keeps serving
+        details = f"{type(exc).__name__}: {exc}"
+        log.exception("ClientApp task %s failed", task_id)
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                            reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client, context, sub_status, details)
+        finally:
+            heartbeat.stop()
+            client.close()
+    return TaskOutcome(task_id, run_id, kind, time.perf_counter() - started,
+                       sub_status == SubStatus.COMPLETED, details)
+
+
+def serve_tasks(address: str, *, secret: bytes | None = None,
+                poll_interval: float = DEFAULT_POLL_INTERVAL,
+                stop: threading.Event | None = None,
+                on_task: Callable[[TaskOutcome], None] | None = None) -> None:
+    """Acquire ClientApp tasks from the SuperNode's Runtime API at `address` and run them warm."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+
+    from . import client_app  # noqa: F401 - import torch/opacus/fedpact once, before any task
+
+    stop = stop or threading.Event()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    client = _runtime_client(address, None, secret)
+    try:
+        while not stop.is_set():
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(
+                    supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as exc:  # noqa: BLE001 - SuperNode restarting: keep trying
+                log.warning("SuperNode Runtime API at %s not reachable (%s); retrying", address,
+                            exc)
+                stop.wait(1.0)
+                continue
+            if res.HasField("task") and res.token:
+                outcome = run_task(address, res.token, res.task.task_id)
+                log.info("task %s (%s, run %s) %s in %.2f s", outcome.task_id,
+                         outcome.message_type, outcome.run_id,
+                         "done" if outcome.ok else "FAILED " + outcome.details, outcome.seconds)
+                if on_task is not None:
+                    on_task(outcome)
+                continue
+            stop.wait(poll_interval)
+    finally:
+        client.close()
+
+
+@dataclass
+class NodeProcessConfig:
+    """What `fedpact node start` needs to bring one partner node up."""
+
+    superlink: str
+    node_config: str
+    runtime_port: int
+    root_certificates: Path | None = None
+    private_key: Path | None = None
+    state_dir: Path = Path(".fedpact/node")
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+
+    def supernode_argv(self, secret_file: Path) -> list[str]:
+        argv = ["--superlink", self.superlink, "--node-config", self.node_config,
+                "--isolation", "process", "--port", str(self.runtime_port),
+                "--superexec-auth-secret-file", str(secret_file)]
+        if self.root_certificates:
+            argv += ["--root-certificates", str(self.root_certificates)]
+        else:
+            argv += ["--insecure"]
+        if self.private_key:
+            argv += ["--auth-supernode-private-key", str(self.private_key)]
+        return argv
+
+
+def _secret_file(state_dir: Path) -> tuple[Path, bytes]:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "superexec.secret"
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
+    return path, secret
+
+
+def start_node(config: NodeProcessConfig, *, stop: threading.Event | None = None,
+               on_task: Callable[[TaskOutcome], None] | None = None) -> int:
+    """Run the SuperNode (child process) and the warm executor (this process) until stopped or
+    until the SuperNode exits; returns the SuperNode's exit code (305: key not registered)."""
+    stop = stop or threading.Event()
+    secret_file, secret = _secret_file(Path(config.state_dir))
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    supernode = subprocess.Popen(
+        [sys.executable, "-m", "fedpact.federation.node_runtime", "supernode",
+         "--poll-interval", str(config.poll_interval), "--",
+         *config.supernode_argv(secret_file)], env=env)
+
+    def watch() -> None:
+        supernode.wait()
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve_tasks(f"127.0.0.1:{config.runtime_port}", secret=secret,
+                    poll_interval=config.poll_interval, stop=stop, on_task=on_task)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if supernode.poll() is None:
+            supernode.terminate()
+            try:
+                supernode.wait(10)
+            except subprocess.TimeoutExpired:
+                supernode.kill()
+                supernode.wait()
+    return supernode.returncode
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m fedpact.federation.node_runtime supernode|worker ...` (used by `fedpact node`)."""
+    parser = argparse.ArgumentParser(prog="fedpact.federation.node_runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sn = sub.add_parser("supernode", help="flower-supernode with a short poll interval")
+    sn.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL)
+    sn.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    run_supernode(rest, args.poll_interval)
+
+
+if __name__ == "__main__":
+    main()
