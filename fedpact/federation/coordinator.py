@@ -27,6 +27,7 @@ from .central_dp import client_level_privacy, with_central_dp
 from .job import JobConfig
 from .local_round import plan_for
 from .partition import partition_names
+from .rounds import load_checkpoint, run_rounds
 from .strategy import AuditedFedAvg, RoundFailed, make_strategy
 
 
@@ -174,17 +175,31 @@ def fedavg_rounds(grid: Grid, job: JobConfig, ledger: Ledger, names: dict[int, s
                   partners: list[PartnerSummary], model: torch.nn.Module,
                   on_round: Callable[[int, dict], None] | None,
                   timeout: float) -> tuple[AuditedFedAvg, dict]:
-    """The rounds on Flower's Message API: `AuditedFedAvg`, with central DP when the job asks."""
+    """The rounds on Flower's Message API (`rounds.run_rounds`: dropouts, retries, checkpoints),
+    with the job's aggregation strategy and central DP when the job asks. A job with a checkpoint
+    resumes after its last completed round."""
     strategy = make_strategy(job, ledger, names, on_round)
-    outcome = with_central_dp(strategy, job).start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=job.rounds,
-        timeout=timeout,
-        train_config=ConfigRecord(job.to_config()),
-        evaluate_config=ConfigRecord(job.to_config()),
-    )
-    return strategy, outcome.arrays.to_torch_state_dict()
+    arrays, first_round = ArrayRecord(model.state_dict()), 1
+    checkpoint = load_checkpoint(job)
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint["strategy"])
+        arrays, first_round = ArrayRecord(checkpoint["arrays"]), int(checkpoint["round"]) + 1
+        ledger.append(EventType.JOB_STARTED, {"purpose": job.purpose,
+                                              "resumed_after_round": first_round - 1},
+                      actor="coordinator", job_id=job.job_id)
+    final = run_rounds(grid, job, with_central_dp(strategy, job), names, arrays,
+                       first_round=first_round)
+    return strategy, final.to_torch_state_dict()
+
+
+def resumable(job: JobConfig, ledger: Ledger) -> bool:
+    """A job restarted after a coordinator crash: it has a checkpoint, was created, not ended."""
+    if load_checkpoint(job) is None:
+        return False
+    kinds = {ev.event_type for ev in ledger.events(job_id=job.job_id)}
+    if EventType.JOB_FINISHED.value in kinds:
+        raise JobFailed(f"job {job.job_id} already finished; submit a new job to train again")
+    return EventType.JOB_CREATED.value in kinds
 
 
 def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
@@ -197,22 +212,25 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
     """
     started = time.monotonic()
     first_seq = (ledger.head().seq if ledger.head() else 0)
-    admitted = admit_job(job, ledger)
+    resuming = resumable(job, ledger)
+    admitted = [] if resuming else admit_job(job, ledger)
     job.job_dir.mkdir(parents=True, exist_ok=True)
     try:
         node_ids = _wait_for_nodes(grid, job.num_partitions, timeout)
         names, partners, layout = _handshake(grid, job, node_ids, timeout)
-        try:
-            _check_plan_against_rows(job, ledger, partners, admitted)
-        except FedpactError as exc:
-            refuse(job, ledger, exc)
-            raise
-        ledger.append(
-            EventType.JOB_CREATED,
-            {"task": job.dataset, "partners": [p.name for p in partners], "purpose": job.purpose,
-             "rows": {p.name: p.train_rows for p in partners}, "config": job.as_dict()},
-            actor="coordinator", job_id=job.job_id,
-        )
+        if not resuming:
+            try:
+                _check_plan_against_rows(job, ledger, partners, admitted)
+            except FedpactError as exc:
+                refuse(job, ledger, exc)
+                raise
+            ledger.append(
+                EventType.JOB_CREATED,
+                {"task": job.dataset, "partners": [p.name for p in partners],
+                 "purpose": job.purpose, "rows": {p.name: p.train_rows for p in partners},
+                 "config": job.as_dict()},
+                actor="coordinator", job_id=job.job_id,
+            )
         n_features = sum(len(v) for v in layout["categorical"].values()) + len(layout["numeric"])
         model = build_model(job.model, n_features, seed=job.seed)
         strategy, final_state = rounds(grid, job, ledger, names, partners, model, on_round, timeout)

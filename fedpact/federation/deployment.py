@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from fedpact.errors import FedpactError
 
-from .coordinator import JobResult
+from .coordinator import JobFailed, JobResult
 from .job import JobConfig
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -197,13 +197,41 @@ def run_status(connection: Connection, run_id: int) -> str:
     return str(runs[0].get("status", "")) if runs else ""
 
 
+def _ledger_reason(job: JobConfig) -> str | None:
+    from fedpact.audit import EventType, Ledger
+
+    with Ledger.open(job.ledger_path) as ledger:
+        for kind in (EventType.JOB_REFUSED, EventType.JOB_FAILED):
+            events = ledger.events(job_id=job.job_id, event_type=kind.value)
+            if events:
+                return str(events[-1].payload.get("reason", kind.value))
+    return None
+
+
+def _new_rounds(job: JobConfig, since: int) -> tuple[list[tuple[int, dict]], int]:
+    from fedpact.audit import EventType, Ledger
+
+    with Ledger.open(job.ledger_path) as ledger:
+        events = ledger.events(job_id=job.job_id, event_type=EventType.ROUND_AGGREGATED.value,
+                               since_seq=since)
+    rounds = [(int(ev.payload["round"]), {"round": int(ev.payload["round"]),
+                                          **ev.payload.get("metrics", {})}) for ev in events]
+    return rounds, (events[-1].seq if events else since)
+
+
 def wait_for_result(connection: Connection, job: JobConfig, run_id: int, *,
-                    timeout: float = 1800, poll: float = 0.5) -> JobResult:
-    """Wait until the run finished; return the JobResult its ServerApp wrote, or raise."""
+                    timeout: float = 1800, poll: float = 0.5,
+                    on_round: Callable[[int, dict], None] | None = None) -> JobResult:
+    """Wait until the run finished; return the JobResult its ServerApp wrote, or raise with the
+    reason the ledger gives. `on_round` sees each round as the ServerApp records it."""
     result_path = job.job_dir / "result.json"
     deadline = time.monotonic() + timeout
-    next_status = 0.0
+    next_status, seen = 0.0, 0
     while time.monotonic() < deadline:
+        if on_round is not None and job.ledger_path.exists():
+            rounds, seen = _new_rounds(job, seen)
+            for number, entry in rounds:
+                on_round(number, entry)
         if result_path.exists():
             try:
                 return JobResult.from_dict(json.loads(result_path.read_text()))
@@ -211,14 +239,30 @@ def wait_for_result(connection: Connection, job: JobConfig, run_id: int, *,
                 pass  # being written
         if time.monotonic() >= next_status:
             status = run_status(connection, run_id)
-            if status.startswith("finished") and not result_path.exists():
+            if status.startswith("finished"):
                 time.sleep(poll)
                 if not result_path.exists():
-                    raise DeploymentError(f"run {run_id} of job {job.job_id} ended ({status}) "
-                                          "without a result; see the ledger's job.failed event")
-            next_status = time.monotonic() + 5
+                    reason = _ledger_reason(job) or f"run {run_id} ended ({status}) without a result"
+                    raise JobFailed(f"job {job.job_id} failed: {reason}")
+            next_status = time.monotonic() + 2
         time.sleep(poll)
     raise DeploymentError(f"job {job.job_id} (run {run_id}) did not finish within {timeout:.0f} s")
+
+
+class DeploymentRun:
+    """The coordinator service's job engine on a SuperLink (`fedpact serve --superlink ...`)."""
+
+    engine = "flower-deployment"
+
+    def __init__(self, connection: Connection, timeout: float = 3600) -> None:
+        self.connection = connection
+        self.timeout = timeout
+
+    def __call__(self, job: JobConfig, on_round: Callable[[int, dict], None]) -> JobResult:
+        job.home = str(Path(job.home).resolve())  # the ServerApp process opens the same ledger
+        run_id = submit_job(self.connection, job)
+        return wait_for_result(self.connection, job, run_id, timeout=self.timeout,
+                               on_round=on_round)
 
 
 @dataclass

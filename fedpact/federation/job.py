@@ -59,6 +59,11 @@ class JobConfig:
     update_norm_bound: float = 0.0
     # A round proceeds with at least this many acceptable updates (0 = all partners).
     min_partners: int = 0
+    # A node that has not answered a round's message within this many seconds counts as missing.
+    round_timeout: float = 120.0
+    # Below min_partners a round pauses `retry_pause` s and is retried this many times, then fails.
+    round_retries: int = 2
+    retry_pause: float = 5.0
     job_id: str = ""
     home: str = ".fedpact"
 
@@ -85,6 +90,12 @@ class JobConfig:
             bad("update_norm_bound", "must be 0 (off) or positive")
         if not 0 <= self.min_partners <= self.num_partitions:
             bad("min_partners", f"must be between 0 (all) and num_partitions = {self.num_partitions}")
+        if not self.round_timeout > 0:
+            bad("round_timeout", "must be a positive number of seconds")
+        if not 0 <= self.round_retries <= 100:
+            bad("round_retries", "must be between 0 and 100")
+        if not self.retry_pause >= 0:
+            bad("retry_pause", "must be 0 or a positive number of seconds")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             bad("grad_sample_mode", f"choose one of {', '.join(GRAD_SAMPLE_MODES)}")
         if self.accountant not in ACCOUNTANTS:

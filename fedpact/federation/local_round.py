@@ -7,6 +7,8 @@ callers on the partner's machine; only weights, counts, ε and score histograms 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,9 +74,49 @@ class RoundUpdate:
     rows: int
 
 
+def weights_digest(weights: Mapping) -> str:
+    """SHA-256 over the global weights (names, shapes, float32 bytes): which model a round used."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        value = np.ascontiguousarray(np.asarray(weights[key], dtype=np.float32))
+        digest.update(key.encode() + str(value.shape).encode() + value.tobytes())
+    return digest.hexdigest()
+
+
+def _reply_path(state_dir: Path, job: JobConfig, partner: str, server_round: int) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{job.job_id}-{partner}")
+    return state_dir / "replies" / f"{safe}-round{server_round}.pt"
+
+
 def train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Path,
                 server_round: int) -> RoundUpdate:
-    """Local epochs on this partner's training rows from the global weights (DP-SGD if the job asks)."""
+    """Local epochs on this partner's training rows from the global weights (DP-SGD if the job asks).
+
+    A round asked again after a coordinator or node restart, from the same global weights, gets
+    the reply already released (saved on the partner's disk): re-sending it spends no ε. The same
+    round from different weights is refused, since a second release would spend ε twice.
+    """
+    digest = weights_digest(weights)
+    cached = _reply_path(state_dir, job, node.partner, server_round)
+    if job.dp and cached.exists():
+        saved = torch.load(cached, weights_only=True)
+        if saved["digest"] == digest:
+            return RoundUpdate(saved["weights"], dict(saved["metrics"]), int(saved["rows"]))
+        raise FedpactError(f"round {server_round} was already trained on {node.partner} for "
+                           f"{job.job_id} from a different global model; training it again would "
+                           "spend its ε twice")
+    update = _train_round(node, weights, job, state_dir, server_round)
+    if job.dp:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        torch.save({"digest": digest, "weights": update.weights, "metrics": update.metrics,
+                    "rows": update.rows}, tmp)
+        os.replace(tmp, cached)
+    return update
+
+
+def _train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Path,
+                 server_round: int) -> RoundUpdate:
     pipe = pipeline_for(node)
     X, y = pipe.transform(node.train), node.train.labels
     model = model_from_weights(weights, pipe.n_features, job)

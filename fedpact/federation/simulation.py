@@ -38,7 +38,7 @@ def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | No
     """Run `job` with one simulated SuperNode per partition; return the coordinator's result."""
     from fedpact.audit import Ledger
 
-    from .coordinator import admit_job
+    from .coordinator import admit_job, resumable
 
     # Pre-flight on this machine (it hosts every simulated node): fail before starting Ray.
     if job.dataset in BUILTIN_SPECS:
@@ -46,7 +46,8 @@ def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | No
     # Admission (settings + privacy budgets) before anything starts; a refusal is written to the ledger.
     Path(job.home).mkdir(parents=True, exist_ok=True)
     with Ledger.open(job.ledger_path) as ledger:
-        admit_job(job, ledger)
+        if not resumable(job, ledger):  # a resumed job was admitted when it was created
+            admit_job(job, ledger)
     prepare_flower_env(job.home)
     from flwr.simulation import run_simulation
 

@@ -53,7 +53,7 @@ class AuditedStrategyMixin:
 
     def __init__(self, job: JobConfig, ledger: Ledger, node_names: dict[int, str],
                  on_round: Callable[[int, dict], None] | None = None, **strategy_kwargs):
-        n = job.num_partitions
+        n = job.min_partners or job.num_partitions
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n,
                          min_evaluate_nodes=n, min_available_nodes=n, **strategy_kwargs)
         self._global: dict[str, np.ndarray] | None = None
@@ -70,10 +70,64 @@ class AuditedStrategyMixin:
         self.partner_membership_auc: dict[str, float] = {}
         self.budgets = PrivacyBudgets(ledger)
         self._pending: dict = {}
+        # Partners missing from a round (dropped out, timed out, refused): round -> name -> why.
+        self.missing: dict[int, dict[str, str]] = {}
+        # What this job already wrote (a resumed job must not write it twice).
+        self._recorded: set[tuple] = set()
+        self._charged: dict[str, float] = {}
+        for ev in ledger.events(job_id=job.job_id):
+            if ev.event_type == EventType.DATA_ACCESSED.value:
+                self._recorded.add((ev.payload.get("node"), ev.payload.get("phase"),
+                                    ev.payload.get("round")))
+            elif ev.event_type == EventType.PRIVACY_SPENT.value:
+                name = ev.payload["dataset"]
+                self._charged[name] = self._charged.get(name, 0.0) + float(ev.payload["epsilon"])
+
+    STATE_FIELDS = ("round_log", "partner_epsilon", "partner_sigma", "partner_history",
+                    "partner_membership_auc", "last_histograms", "rejected", "missing")
+
+    def state_dict(self) -> dict:
+        """Everything a resumed job needs to continue this strategy (JSON-safe)."""
+        return json.loads(json.dumps({k: getattr(self, k) for k in self.STATE_FIELDS}))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.STATE_FIELDS:
+            if key in state:
+                setattr(self, key, state[key])
+        self.partner_history = {k: tuple(v) for k, v in self.partner_history.items()}
+        self.missing = {int(k): v for k, v in self.missing.items()}
+
+    def charge_spend(self, replies: Iterable[Message], server_round: int) -> None:
+        """Record each partner's ε reported for this round (also for a round that then fails).
+
+        Idempotent: the charge is the partner's cumulative ε minus what the ledger already holds
+        for this job, so a retried or resumed round that gets the cached reply charges nothing.
+        """
+        for msg in replies:
+            name = str(msg.content["access"]["partner"])
+            metrics = msg.content["metrics"]
+            cumulative = float(metrics["epsilon"])
+            self.partner_epsilon[name] = cumulative
+            self.partner_sigma[name] = float(metrics["noise-multiplier"])
+            if not self.job.dp:
+                continue
+            self.partner_history[name] = (float(metrics["noise-multiplier"]),
+                                          float(metrics["sample-rate"]), int(metrics["steps"]))
+            charged = self._charged.get(name)
+            amount = cumulative - (charged or 0.0)
+            if charged is not None and amount <= 1e-9:
+                continue
+            self.budgets.charge(name, amount, self.job.target_delta if charged is None else 0.0,
+                                job_id=self.job.job_id, actor=f"node:{name}", round=server_round)
+            self._charged[name] = cumulative
 
     def _record_access(self, replies: list[Message], server_round: int) -> None:
         for msg in replies:
             access = msg.content["access"]
+            key = (str(access["partner"]), str(access["phase"]), server_round)
+            if key in self._recorded:
+                continue
+            self._recorded.add(key)
             self.ledger.append(
                 EventType.DATA_ACCESSED,
                 {
@@ -132,19 +186,8 @@ class AuditedStrategyMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         good = self._split(replies, "train", server_round)
         self._record_access(good, server_round)
-        for msg in good:
-            name = str(msg.content["access"]["partner"])
-            metrics = msg.content["metrics"]
-            previous = self.partner_epsilon.get(name, 0.0)
-            self.partner_epsilon[name] = float(metrics["epsilon"])
-            self.partner_sigma[name] = float(metrics["noise-multiplier"])
-            if self.job.dp:
-                self.partner_history[name] = (float(metrics["noise-multiplier"]),
-                                              float(metrics["sample-rate"]), int(metrics["steps"]))
-                # Charge this round's share; the per-round charges add up to the composed ε.
-                self.budgets.charge(name, self.partner_epsilon[name] - previous,
-                                    self.job.target_delta if previous == 0.0 else 0.0,
-                                    job_id=self.job.job_id, actor=f"node:{name}", round=server_round)
+        # Charge this round's share; the per-round charges add up to the composed ε.
+        self.charge_spend(good, server_round)
         good = self._reject_bad_updates(good, server_round)
         arrays, metrics = super().aggregate_train(server_round, good)
         self._pending = {"train_loss": float(metrics["train-loss"]) if metrics else float("nan")}
@@ -173,7 +216,8 @@ class AuditedStrategyMixin:
         self.ledger.append(
             EventType.ROUND_AGGREGATED,
             {"round": server_round, "nodes": sorted(str(m.content["access"]["partner"]) for m in good),
-             "strategy": self.job.aggregation, "metrics": {k: v for k, v in entry.items() if k != "round"}},
+             "strategy": self.job.aggregation, "metrics": {k: v for k, v in entry.items() if k != "round"},
+             "missing": self.missing.get(server_round, {})},
             actor="coordinator",
             job_id=self.job.job_id,
         )

@@ -18,6 +18,7 @@ from fedpact.errors import FedpactError
 from .cli_audit import audit_app
 from .cli_jobs import admin_app, job_app, model_app, serve
 from .cli_match import match_app
+from .cli_node import node_app, superlink_app
 from .cli_options import HomeOption, console, err_console
 
 app = typer.Typer(
@@ -36,6 +37,8 @@ app.add_typer(match_app, name="match")
 app.add_typer(job_app, name="job")
 app.add_typer(model_app, name="model")
 app.add_typer(admin_app, name="admin")
+app.add_typer(node_app, name="node")
+app.add_typer(superlink_app, name="superlink")
 app.command("serve")(serve)
 
 

@@ -609,16 +609,31 @@ def serve(
                                            "front before exposing it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8700,
     secure_cookies: Annotated[bool, typer.Option(help="Mark console cookies Secure (behind HTTPS).")] = False,
+    superlink: Annotated[str | None, typer.Option(
+        help="Run approved jobs on Flower's deployment engine at this SuperLink (HOST:PORT); "
+             "without it they run in the simulation engine on this machine.")] = None,
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="CA certificate of the SuperLink (with --superlink).")] = None,
 ) -> None:
     """Run the coordinator service (API at /api/v1, OpenAPI at /docs, console at /console)."""
     import uvicorn
 
     from fedpact.service.api.app import create_app
+    from fedpact.service.api.governance import simulated_run
+
+    run = simulated_run
+    if superlink:
+        from fedpact.federation.deployment import Connection, DeploymentRun
+
+        if root_certificates is not None and not root_certificates.is_file():
+            err_console.print(f"error: {root_certificates}: no such file", highlight=False)
+            raise typer.Exit(2)
+        run = DeploymentRun(Connection(superlink, root_certificates, Path(home) / "flwr"))
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"warning: listening on {host} without TLS; tokens and passwords would "
                           "cross the network in clear text", highlight=False)
-    app = create_app(home, secure_cookies=secure_cookies)
+    app = create_app(home, secure_cookies=secure_cookies, run=run)
     console.print(f"fedpact coordinator on http://{host}:{port}  (console /console, API docs /docs, "
                   f"run folder {home})")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -410,11 +410,14 @@ class JobRunner:
         board, ledger = self.board, self.board.ledger
         view = board.get(job_id)
         job = JobConfig(**view.config)
+        engine = getattr(self.run, "engine", "flower-simulation")
         approvals = [d["event_id"] for d in board.decisions(job_id).values()]
         ledger.append(EventType.JOB_STARTED,
                       {"purpose": job.purpose, "partners": view.partners, "approvals": approvals,
-                       "engine": "flower-simulation"}, actor="coordinator", job_id=job_id)
-        board.log(job_id, f"started on Flower's simulation engine: {job.num_partitions} partner nodes, "
+                       "engine": engine}, actor="coordinator", job_id=job_id)
+        where = ("Flower's deployment engine (SuperLink)" if engine == "flower-deployment"
+                 else "Flower's simulation engine")
+        board.log(job_id, f"started on {where}: {job.num_partitions} partner nodes, "
                           f"{job.rounds} rounds")
 
         def on_round(rnd: int, entry: dict) -> None:

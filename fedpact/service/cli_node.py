@@ -1,0 +1,199 @@
+"""`fedpact node ...` and `fedpact superlink ...`: running fedpact on Flower's deployment engine.
+
+Coordinator: `fedpact node init --superlink-host HOST` (CA + SuperLink certificate), `fedpact
+superlink start`, `fedpact node register partner.pub`, `fedpact serve --superlink ...`.
+Partner: `fedpact node init --partner NAME` (its key pair; only the `.pub` leaves the machine),
+`fedpact node start ...`. docs/deploy.md walks through a three-machine deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedpact.errors import FedpactError
+
+from .cli_options import HomeOption, console, err_console
+
+node_app = typer.Typer(help="Partner nodes on Flower's deployment engine (TLS, node keys).",
+                       no_args_is_help=True)
+superlink_app = typer.Typer(help="The coordinator's Flower SuperLink.", no_args_is_help=True)
+
+SuperLinkOption = Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")]
+CaOption = Annotated[Path | None, typer.Option(
+    "--root-certificates", help="The consortium CA certificate (ca.crt) that signed the "
+                                "SuperLink's certificate; omit only with --insecure.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"error: {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@node_app.command("init")
+def init(
+    out: Annotated[Path, typer.Option(help="Folder for the certificates and keys.")] = Path("pki"),
+    superlink_host: Annotated[list[str] | None, typer.Option(
+        help="Coordinator: create the consortium CA and the SuperLink's TLS certificate for this "
+             "host name or IP (repeat for each address nodes dial).")] = None,
+    partner: Annotated[list[str] | None, typer.Option(
+        help="Partner: create this partner's node key pair (repeat for several).")] = None,
+    days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
+) -> None:
+    """Create deployment credentials: the CA + SuperLink certificate and/or partner node keys."""
+    from fedpact.privacy.pki import create_certificates, create_node_key, node_key_fingerprint
+
+    if not superlink_host and not partner:
+        _fail("say what to create: --superlink-host HOST (coordinator) and/or --partner NAME")
+    try:
+        if superlink_host:
+            files = create_certificates(out, superlink_host, days=days)
+            console.print(f"CA certificate      {files.ca_cert}  (give to every partner)")
+            console.print(f"SuperLink TLS       {files.server_cert}, {files.server_key} "
+                          f"for {', '.join(superlink_host)}")
+            console.print(f"[dim]keep {files.ca_key} offline: it signs the SuperLink's "
+                          "certificate[/dim]")
+        for name in partner or []:
+            public = create_node_key(out / "keys" / name)
+            console.print(f"node key {name:12s} {public}  {node_key_fingerprint(public)}")
+            console.print(f"[dim]send only {public.name} to the coordinator; "
+                          f"{public.with_suffix('').name} stays on the partner's machine[/dim]")
+    except FedpactError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write to {out}: {exc}")
+
+
+@node_app.command("register")
+def register(
+    public_key: Annotated[Path, typer.Argument(help="The partner's node public key (.pub).")],
+    superlink: SuperLinkOption = "127.0.0.1:9093",
+    root_certificates: CaOption = None,
+    partner: Annotated[str, typer.Option(help="Partner organisation this key belongs to "
+                                              "(recorded in the ledger).")] = "",
+    home: HomeOption = ".fedpact",
+) -> None:
+    """Admit a partner node's key on the SuperLink; only registered keys may connect."""
+    from fedpact.audit import EventType, Ledger
+    from fedpact.federation.deployment import Connection, register_node
+    from fedpact.privacy.pki import node_key_fingerprint
+
+    if not public_key.is_file():
+        _fail(f"{public_key}: no such public key file")
+    try:
+        fingerprint = node_key_fingerprint(public_key)
+        connection = Connection(superlink, root_certificates, Path(home) / "flwr")
+        node_id = register_node(connection, public_key)
+    except FedpactError as exc:
+        _fail(str(exc))
+    Path(home).mkdir(parents=True, exist_ok=True)
+    with Ledger.open(Path(home) / "ledger.db") as ledger:
+        ledger.append(EventType.ROLE_GRANTED,
+                      {"principal": f"node:{partner or public_key.stem}", "role": "node",
+                       "granted_by": "coordinator", "key_fingerprint": fingerprint,
+                       "flower_node_id": str(node_id)}, actor="admin")
+    console.print(f"registered {public_key} ({fingerprint}) as node {node_id}")
+
+
+@node_app.command("start")
+def start(
+    superlink: SuperLinkOption = "127.0.0.1:9093",
+    root_certificates: CaOption = None,
+    key: Annotated[Path | None, typer.Option(help="This node's private key (from `fedpact node "
+                                                  "init --partner`).")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS and no node key (loopback tests only).")] = False,
+    data_csv: Annotated[Path | None, typer.Option(help="This partner's own CSV.")] = None,
+    mapping: Annotated[Path | None, typer.Option(help="Mapping file for --data-csv.")] = None,
+    partner: Annotated[str, typer.Option(help="Partner name (with --data-csv).")] = "",
+    partition_id: Annotated[int | None, typer.Option(help="Demo/benchmark: serve this partition "
+                                                          "of a public data set instead.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with the public data sets.")] = None,
+    state_dir: Annotated[Path, typer.Option(help="This node's own disk: accountants, saved "
+                                                 "replies, Runtime API secret.")] = Path(".fedpact/node"),
+    consent_ledger: Annotated[Path | None, typer.Option(help="Ledger holding this partner's "
+                                                            "consent records.")] = None,
+    runtime_port: Annotated[int, typer.Option(help="Loopback port of the SuperNode's Runtime "
+                                                   "API (one per node on a machine).")] = 9094,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between polls of the SuperLink "
+                                                      "and the Runtime API.")] = 0.05,
+) -> None:
+    """Run this partner's node: the SuperNode and a warm fedpact ClientApp executor."""
+    from fedpact.federation.node_runtime import NodeProcessConfig, start_node
+
+    if not insecure and (root_certificates is None or key is None):
+        _fail("give --root-certificates ca.crt and --key NODE_KEY (or --insecure on loopback)")
+    for path in (root_certificates, key, data_csv, mapping):
+        if path is not None and not Path(path).is_file():
+            _fail(f"{path}: no such file")
+    if (data_csv is None) != (mapping is None):
+        _fail("--data-csv and --mapping go together")
+    if data_csv is None and partition_id is None:
+        _fail("say which rows this node serves: --data-csv FILE --mapping FILE, or --partition-id")
+    entries = {"state-dir": str(state_dir.resolve())}
+    if data_csv is not None:
+        entries.update({"data-csv": str(data_csv.resolve()), "mapping": str(mapping.resolve()),
+                        "partner": partner or data_csv.stem})
+    else:
+        entries["partition-id"] = partition_id
+        if data_dir is not None:
+            entries["data-dir"] = str(data_dir.resolve())
+    if consent_ledger is not None:
+        entries["consent-ledger"] = str(consent_ledger.resolve())
+    node_config = " ".join(f'{k}={v}' if isinstance(v, int) else f'{k}="{v}"'
+                           for k, v in entries.items())
+    config = NodeProcessConfig(superlink=superlink, node_config=node_config,
+                               runtime_port=runtime_port,
+                               root_certificates=None if insecure else root_certificates,
+                               private_key=None if insecure else key, state_dir=state_dir,
+                               poll_interval=poll_interval)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    console.print(f"node → SuperLink {superlink} ({'insecure' if insecure else 'TLS + node key'}); "
+                  f"Ctrl-C stops it")
+    code = start_node(config)
+    if code == 305:
+        _fail("the SuperLink refused this node's key: ask the coordinator to run "
+              "`fedpact node register` with your .pub file", 305)
+    if code not in (0, None, -15):
+        _fail(f"the SuperNode exited with code {code}", 1)
+
+
+@superlink_app.command("start")
+def superlink_start(
+    certificates: Annotated[Path | None, typer.Option(
+        help="Folder from `fedpact node init --superlink-host` (ca.crt, superlink.crt/.key).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="One port for Fleet, Control and ServerApp APIs.")] = 9093,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication (loopback "
+                                                "tests only).")] = False,
+    home: HomeOption = ".fedpact",
+) -> None:
+    """Run the coordinator's SuperLink with TLS and SuperNode authentication, until Ctrl-C."""
+    from fedpact.federation.deployment import SuperLinkProcess
+
+    if not insecure:
+        if certificates is None:
+            _fail("give --certificates DIR (from `fedpact node init --superlink-host`) or --insecure")
+        for name in ("ca.crt", "superlink.crt", "superlink.key"):
+            if not (certificates / name).is_file():
+                _fail(f"{certificates / name}: missing; run `fedpact node init --superlink-host`")
+    link = SuperLinkProcess(Path(home) / "superlink", port=port, host=host,
+                            certificates=None if insecure else certificates)
+    try:
+        link.start().wait_ready()
+    except FedpactError as exc:
+        _fail(str(exc), 1)
+    console.print(f"SuperLink on {host}:{port} "
+                  f"({'insecure' if insecure else 'TLS, only registered node keys'}); "
+                  f"log {Path(home) / 'superlink' / 'superlink.log'}")
+    stop = threading.Event()
+    try:
+        while link.process.poll() is None and not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        link.stop()
