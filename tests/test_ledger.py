@@ -155,12 +155,16 @@ def test_sqlite_runs_in_wal_mode_with_full_sync(ledger: Ledger, db_path: Path) -
 
 
 def test_append_begins_an_immediate_transaction(ledger: Ledger) -> None:
+    """Appends run on the ledger's raw sqlite3 writer: BEGIN IMMEDIATE, then one COMMIT (fsync)."""
     statements: list[str] = []
     sa_event.listen(
         ledger._engine, "before_cursor_execute", lambda *args: statements.append(args[2])
     )
+    ledger._writer().set_trace_callback(statements.append)
     _fill(ledger, 1)
     assert statements[0] == "BEGIN IMMEDIATE"
+    assert statements[-1] == "COMMIT" and statements.count("COMMIT") == 1
+    assert ledger._writer().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def test_ledger_is_append_only(ledger: Ledger, db_path: Path) -> None:
@@ -493,11 +497,13 @@ def test_lost_race_is_retried_instead_of_forking(
         return stale_tip if calls["n"] == 1 else real_tip(connection)
 
     monkeypatch.setattr(Ledger, "_chain_tip", staticmethod(tip_stale_once))
+    ledger._invalidate_state()  # as if another process had committed: the head is re-read
     recorded = ledger.append(EventType.JOB_FAILED, {}, actor="server")
     assert calls["n"] == 2 and recorded.seq == 3
     assert ledger.verify().ok
 
     monkeypatch.setattr(Ledger, "_chain_tip", staticmethod(lambda connection: stale_tip))
+    ledger._invalidate_state()
     with pytest.raises(LedgerError, match="after 5 attempts"):
         ledger.append(EventType.JOB_FAILED, {}, actor="server")
     assert ledger.count() == 3

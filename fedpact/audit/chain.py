@@ -116,6 +116,63 @@ def canonical_json_and_value(obj: Any, *, label: str = "value") -> tuple[bytes, 
     return text.encode("utf-8"), json.loads(text)
 
 
+_SCALARS = frozenset({str, int, bool, type(None), float})
+
+
+def _plain_copy(value: Any) -> Any:
+    """A copy of `value` if it holds only exact JSON types (dict with str keys, list, str, int,
+    float, bool, None), else `_NOT_PLAIN`. For such values, decoding their canonical JSON gives
+    back an equal object of the same types, so the copy can stand in for the decoded value."""
+    kind = type(value)
+    if kind is dict:
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                return _NOT_PLAIN
+            item_kind = type(item)
+            if item_kind in _SCALARS:
+                out[key] = item
+            else:
+                copied = _plain_copy(item)
+                if copied is _NOT_PLAIN:
+                    return _NOT_PLAIN
+                out[key] = copied
+        return out
+    if kind is list:
+        result = []
+        for item in value:
+            if type(item) in _SCALARS:
+                result.append(item)
+            else:
+                copied = _plain_copy(item)
+                if copied is _NOT_PLAIN:
+                    return _NOT_PLAIN
+                result.append(copied)
+        return result
+    if kind in _SCALARS:
+        return value
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
+def canonical_text_and_value(obj: Any, *, label: str = "value") -> tuple[str, Any]:
+    """`canonical_json_and_value` with the JSON as text; the fast path skips the decode when `obj`
+    holds only exact JSON types (then the decoded value is just a copy of `obj`)."""
+    try:
+        text = _ENCODER.encode(obj)  # refuses NaN/inf and non-JSON types (slow path names them)
+        if not text.isascii():
+            text.encode("utf-8")  # lone surrogates cannot be stored
+        value = _plain_copy(obj)
+        if value is not _NOT_PLAIN:
+            return text, value
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+        pass
+    encoded, value = canonical_json_and_value(obj, label=label)
+    return encoded.decode("utf-8"), value
+
+
 def event_hash(
     prev_hash: str,
     seq: int,

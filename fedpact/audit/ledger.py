@@ -19,12 +19,14 @@ import hashlib
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring as _quote
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -43,7 +45,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLA
 from fedpact.audit.chain import (
     GENESIS_HASH,
     ChainVerification,
-    canonical_json_and_value,
+    canonical_text_and_value,
     check_row,
     event_hash_from_text,
     parse_stored_payload,
@@ -61,6 +63,7 @@ from fedpact.audit.merkle import (
     MerkleFrontier,
     ProofError,
     consistency_proof,
+    fold_right,
     inclusion_proof,
     leaf_hash,
 )
@@ -84,7 +87,7 @@ APPEND_ATTEMPTS = 5
 
 CHECKPOINT_EVERY = 1000
 CHECKPOINT_INTERVAL_S = 60.0
-_VERIFY_BATCH_ROWS = 5000
+_VERIFY_BATCH_ROWS = 8192
 PROOF_FORMAT = "fedpact-inclusion-proof/1"
 CONSISTENCY_FORMAT = "fedpact-consistency-proof/1"
 
@@ -140,11 +143,15 @@ _INDEXED_FIELDS = (
 )
 
 
+_INDEX_OF_FIELD = dict(_INDEXED_FIELDS)
+
+
 def index_keys(kind: str, payload: Mapping[str, Any], actor: str) -> list[tuple[str, str]]:
     """The (kind, value) query keys of an event: subject, partner, dataset, purpose, channel, …"""
     keys: set[tuple[str, str]] = set()
-    for field_name, index in _INDEXED_FIELDS:
-        value = payload.get(field_name)
+    for field_name in _INDEX_OF_FIELD.keys() & payload.keys():
+        index = _INDEX_OF_FIELD[field_name]
+        value = payload[field_name]
         if value is None:
             continue
         if isinstance(value, str):
@@ -169,7 +176,7 @@ def utc_iso(value: str) -> str:
     return datetime.fromisoformat(value).astimezone(UTC).isoformat(timespec="microseconds")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """One append waiting for a group commit."""
 
@@ -181,6 +188,122 @@ class _Pending:
     result: LedgerEvent | None = None
     error: BaseException | None = None
     done: bool = False
+
+
+@dataclass(slots=True)
+class _WriterState:
+    """What the SQLite writer knows of the log without asking the database.
+
+    Valid while the database's `PRAGMA data_version` (seen inside the write transaction) is
+    `version`: no other connection has committed since, so the chain head is `tip_seq`/`tip_hash`
+    and `pending` (when not None) holds the hashes of events `pending_base + 1 .. tip_seq`, which
+    the next checkpoint integrates without re-reading them.
+    """
+
+    version: int | None
+    tip_seq: int
+    tip_hash: str
+    pending_base: int = 0
+    pending: list[str] | None = None
+
+
+@dataclass(slots=True)
+class _Built:
+    event_rows: list[tuple[Any, ...]]
+    index_rows: list[tuple[str, str, int]]
+    consent_rows: list[dict[str, Any]]
+    hashes: list[str]
+    results: list[LedgerEvent]
+    last_seq: int
+    last_hash: str
+
+
+_new_object = object.__new__
+
+
+def _make_event(
+    seq: int, event_id: str, timestamp: str, event_type: str, actor: str, job_id: str | None,
+    payload: dict[str, Any], prev_hash: str, digest: str,
+) -> LedgerEvent:
+    """LedgerEvent(...) without the frozen dataclass's per-field object.__setattr__ calls."""
+    event = _new_object(LedgerEvent)
+    event.__dict__.update(
+        seq=seq, event_id=event_id, timestamp=timestamp, event_type=event_type, actor=actor,
+        job_id=job_id, payload=payload, prev_hash=prev_hash, hash=digest,
+    )
+    return event
+
+
+def _event_ids(count: int) -> list[str]:
+    """`count` new event ids: 32 hex digits, a millisecond clock then 80 random bits.
+
+    Time-ordered, so the unique index on event_id grows at its right edge like seq does.
+    """
+    prefix = f"{time.time_ns() // 1_000_000:012x}"
+    noise = os.urandom(10 * count).hex()
+    return [prefix + noise[i:i + 20] for i in range(0, 20 * count, 20)]
+
+
+_INSERT_EVENT = (
+    "INSERT INTO ledger_events (seq, event_id, timestamp, event_type, actor, job_id, payload, "
+    "prev_hash, hash) VALUES ({0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0})"
+)
+_INSERT_INDEX = "INSERT INTO event_index (kind, value, seq) VALUES ({0}, {0}, {0})"
+_CONSENT_COLUMNS = (
+    "subject", "purpose", "status", "channel", "legal_basis", "notice_version", "source",
+    "effective_at", "expires_at", "seq",
+)
+_UPSERT_CONSENT = (
+    f"INSERT INTO consent_state ({', '.join(_CONSENT_COLUMNS)}) VALUES "
+    f"({', '.join(':' + c for c in _CONSENT_COLUMNS)}) ON CONFLICT (subject, purpose) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _CONSENT_COLUMNS if c not in ("subject", "purpose"))
+    + " WHERE excluded.effective_at >= consent_state.effective_at"
+)
+_LATEST_CHECKPOINT = (
+    "SELECT tree_size, root_hash, timestamp, note FROM ledger_checkpoints "
+    "ORDER BY tree_size DESC LIMIT 1"
+)
+
+
+def _build_rows(batch: Sequence[_Pending], seq: int, prev: str) -> _Built:
+    """Chain `batch` after event `seq` (hash `prev`): the rows to insert and the events recorded.
+
+    One timestamp for the whole transaction; each event's hashed record text is assembled from
+    its payload's canonical text (encoded once, in `_prepare`) exactly as `chain.record_text` does.
+    """
+    stamp = _utc_timestamp()
+    quoted_stamp = _quote(stamp)
+    sha256 = hashlib.sha256
+    event_rows: list[tuple[Any, ...]] = []
+    index_rows: list[tuple[str, str, int]] = []
+    consent_rows: list[dict[str, Any]] = []
+    hashes: list[str] = []
+    results: list[LedgerEvent] = []
+    for item, event_id in zip(batch, _event_ids(len(batch)), strict=True):
+        seq += 1
+        actor, job_id, kind = item.actor, item.job_id, item.kind
+        digest = sha256(
+            (
+                f'{{"actor":{_quote(actor)},"event_type":{_quote(kind)},'
+                f'"job_id":{"null" if job_id is None else _quote(job_id)},'
+                f'"payload":{item.payload_text},"prev_hash":{_quote(prev)},"seq":{seq},'
+                f'"timestamp":{quoted_stamp}}}'
+            ).encode()
+        ).hexdigest()
+        event_rows.append(
+            (seq, event_id, stamp, kind, actor, job_id, item.payload_text, prev, digest)
+        )
+        results.append(
+            _make_event(seq, event_id, stamp, kind, actor, job_id, item.payload, prev, digest)
+        )
+        hashes.append(digest)
+        for key, value in index_keys(kind, item.payload, actor):
+            index_rows.append((key, value, seq))
+        status = CONSENT_STATUS.get(kind)
+        if status is not None:
+            consent_rows.append(_consent_row(status, item.payload, seq))
+        prev = digest
+    return _Built(event_rows, index_rows, consent_rows, hashes, results, seq, prev)
 
 
 class Ledger:
@@ -225,6 +348,13 @@ class Ledger:
         self._queue_cv = threading.Condition()
         self._leader = False
         self._checkpoint_lock = threading.Lock()
+        # SQLite: one raw connection appends and checkpoints, with the chain head, the Merkle
+        # frontier and the not-yet-checkpointed hashes cached (see _WriterState)
+        self._write_lock = threading.RLock()
+        self._raw_writer: sqlite3.Connection | None = None
+        self._close_raw_writer: Any = None
+        self._state: _WriterState | None = None
+        self._frontier_cache: MerkleFrontier | None = None
         self._key_dir, self._key_base = self._locate_keys(key_dir)
         self._ephemeral_secret: bytes | None = None
         self._signer = self._load_signer()
@@ -422,6 +552,11 @@ class Ledger:
             log.warning("ledger %s: closing without a final checkpoint: %s", self._display_url, exc)
         finally:
             self._closed = True
+            with self._write_lock:
+                if self._close_raw_writer is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._close_raw_writer()
+                    self._raw_writer = self._close_raw_writer = None
             self._store.close()
 
     def __enter__(self) -> Self:
@@ -446,14 +581,14 @@ class Ledger:
     # --- appending -----------------------------------------------------------------------------
 
     @staticmethod
-    def _chain_tip(connection: Connection) -> tuple[int, str]:
+    def _chain_tip(connection: Connection | sqlite3.Connection) -> tuple[int, str]:
         """Return (seq, hash) of the newest event, or (0, GENESIS_HASH) for an empty ledger."""
-        row = connection.execute(
-            select(ledger_events.c.seq, ledger_events.c.hash)
-            .order_by(ledger_events.c.seq.desc())
-            .limit(1)
-        ).first()
-        return (0, GENESIS_HASH) if row is None else (row.seq, row.hash)
+        sql = "SELECT seq, hash FROM ledger_events ORDER BY seq DESC LIMIT 1"
+        if isinstance(connection, Connection):
+            row = connection.exec_driver_sql(sql).first()
+        else:
+            row = connection.execute(sql).fetchone()
+        return (0, GENESIS_HASH) if row is None else (int(row[0]), row[1])
 
     @staticmethod
     def _prepare(
@@ -468,8 +603,8 @@ class Ledger:
             raise LedgerError("actor must be a non-empty string naming who performed the action")
         if job_id is not None and (not isinstance(job_id, str) or not job_id):
             raise LedgerError("job_id must be a non-empty string or None")
-        encoded, value = canonical_json_and_value(payload, label="payload")
-        return _Pending(kind.value, encoded.decode("utf-8"), value, actor, job_id)
+        text, value = canonical_text_and_value(payload, label="payload")
+        return _Pending(kind.value, text, value, actor, job_id)
 
     def append(
         self,
@@ -545,11 +680,13 @@ class Ledger:
             try:
                 self._write_once(batch)
                 return
-            except IntegrityError as exc:  # another appender took this seq first
+            except (IntegrityError, sqlite3.IntegrityError) as exc:  # another appender won the seq
                 last_error = exc
-            except OperationalError as exc:
+            except (OperationalError, sqlite3.OperationalError) as exc:
                 if not is_lock_contention(exc):
-                    error = LedgerError(f"could not append {batch[0].kind} event: {exc.orig}")
+                    error = LedgerError(
+                        f"could not append {batch[0].kind} event: {getattr(exc, 'orig', exc)}"
+                    )
                     for item in batch:
                         item.error = error
                     return
@@ -563,61 +700,85 @@ class Ledger:
             item.error = error
 
     def _write_once(self, batch: list[_Pending]) -> None:
+        """Chain and insert `batch` in one durable write transaction (one fsync)."""
+        if self._is_sqlite:
+            self._write_once_sqlite(batch)
+            return
         with self._connect(write=True) as connection:
             last_seq, last_hash = self._chain_tip(connection)
-            event_rows: list[tuple[Any, ...]] = []
-            index_rows: list[tuple[str, str, int]] = []
-            consent_rows: list[dict[str, Any]] = []
-            results: list[LedgerEvent] = []
-            for item in batch:
-                seq, timestamp = last_seq + 1, _utc_timestamp()
-                digest = event_hash_from_text(
-                    last_hash, seq, timestamp, item.kind, item.actor, item.job_id,
-                    item.payload_text,
-                )
-                event_id = os.urandom(16).hex()
-                event_rows.append(
-                    (seq, event_id, timestamp, item.kind, item.actor, item.job_id,
-                     item.payload_text, last_hash, digest)
-                )
-                results.append(
-                    LedgerEvent(seq, event_id, timestamp, item.kind, item.actor, item.job_id,
-                                item.payload, last_hash, digest)
-                )
-                index_rows.extend((k, v, seq) for k, v in index_keys(item.kind, item.payload, item.actor))
-                status = CONSENT_STATUS.get(item.kind)
-                if status is not None:
-                    consent_rows.append(_consent_row(status, item.payload, seq))
-                last_seq, last_hash = seq, digest
-            mark = "?" if self._is_sqlite else "%s"
-            connection.exec_driver_sql(
-                "INSERT INTO ledger_events (seq, event_id, timestamp, event_type, actor, job_id, "
-                f"payload, prev_hash, hash) VALUES ({', '.join([mark] * 9)})",
-                event_rows if len(event_rows) > 1 else event_rows[0],
-            )
-            if index_rows:
+            built = _build_rows(batch, last_seq, last_hash)
+            mark = "%s"
+            connection.exec_driver_sql(_INSERT_EVENT.format(mark), built.event_rows)
+            if built.index_rows:
+                connection.exec_driver_sql(_INSERT_INDEX.format(mark), built.index_rows)
+            if built.consent_rows:
                 connection.exec_driver_sql(
-                    f"INSERT INTO event_index (kind, value, seq) VALUES ({mark}, {mark}, {mark})",
-                    index_rows if len(index_rows) > 1 else index_rows[0],
+                    self._store.paramstyle_named(_UPSERT_CONSENT), built.consent_rows
                 )
-            if consent_rows:
-                self._upsert_consent(connection, consent_rows)
-        for item, result in zip(batch, results, strict=True):
+        for item, result in zip(batch, built.results, strict=True):
             item.result = result
-        self._last_seq_hint = max(self._last_seq_hint, last_seq)
+        self._last_seq_hint = max(self._last_seq_hint, built.last_seq)
 
-    def _upsert_consent(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
-        """Keep, per subject × purpose, the consent event with the latest effective time."""
-        columns = list(rows[0])
-        sql = (
-            f"INSERT INTO consent_state ({', '.join(columns)}) VALUES "
-            f"({', '.join(':' + c for c in columns)}) ON CONFLICT (subject, purpose) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in columns if c not in ("subject", "purpose"))
-            + " WHERE excluded.effective_at >= consent_state.effective_at"
-        )
-        connection.exec_driver_sql(
-            self._store.paramstyle_named(sql), rows if len(rows) > 1 else rows[0]
-        )
+    # --- the SQLite writer ----------------------------------------------------------------------
+
+    def _writer(self) -> sqlite3.Connection:
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        if self._raw_writer is None:
+            self._raw_writer, self._close_raw_writer = self._store.open_writer()
+        return self._raw_writer
+
+    @contextlib.contextmanager
+    def _raw_write(self) -> Iterator[tuple[sqlite3.Connection, _WriterState]]:
+        """BEGIN IMMEDIATE on the raw writer, with the cached state checked; COMMIT or ROLLBACK."""
+        with self._write_lock, self._store.guard:
+            connection = self._writer()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection, self._sync_state(connection)
+                connection.execute("COMMIT")
+            except BaseException:
+                self._state = None  # re-read everything next time
+                if connection.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
+                raise
+
+    def _sync_state(self, connection: sqlite3.Connection) -> _WriterState:
+        """The cached state, re-read from the database if another connection committed since."""
+        version = connection.execute("PRAGMA data_version").fetchone()[0]
+        state = self._state
+        if state is not None and state.version == version:
+            return state
+        seq, digest = self._chain_tip(connection)
+        # an in-memory database has a single connection: data_version cannot see other writers
+        cacheable = not self._store.in_memory  # type: ignore[attr-defined]
+        state = _WriterState(version if cacheable else None, seq, digest)
+        self._state = state
+        return state
+
+    def _invalidate_state(self) -> None:
+        """Forget the cached chain head (tests: simulate another writer's commit)."""
+        with self._write_lock:
+            self._state = None
+
+    def _write_once_sqlite(self, batch: list[_Pending]) -> None:
+        with self._raw_write() as (connection, state):
+            built = _build_rows(batch, state.tip_seq, state.tip_hash)
+            connection.executemany(_INSERT_EVENT.format("?"), built.event_rows)
+            if built.index_rows:
+                connection.executemany(_INSERT_INDEX.format("?"), built.index_rows)
+            if built.consent_rows:
+                connection.executemany(_UPSERT_CONSENT, built.consent_rows)
+        # committed: advance the cached head (our own commit leaves data_version unchanged)
+        if state.pending is not None and state.pending_base + len(state.pending) == state.tip_seq:
+            state.pending.extend(built.hashes)
+        else:
+            state.pending = None
+        state.tip_seq, state.tip_hash = built.last_seq, built.last_hash
+        for item, result in zip(batch, built.results, strict=True):
+            item.result = result
+        self._last_seq_hint = max(self._last_seq_hint, built.last_seq)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -669,6 +830,100 @@ class Ledger:
         return None  # pragma: no cover
 
     def _checkpoint_once(self) -> SignedCheckpointInfo | None:
+        if self._is_sqlite:
+            return self._checkpoint_once_sqlite()
+        return self._checkpoint_once_generic()
+
+    def _checkpoint_once_sqlite(self) -> SignedCheckpointInfo | None:
+        """Integrate and sign on the raw writer: the frontier and new hashes come from memory
+        when no other connection has committed since this process wrote them."""
+        assert self._signer is not None
+        sha256 = hashlib.sha256
+        with self._raw_write() as (connection, state):
+            latest = connection.execute(_LATEST_CHECKPOINT).fetchone()
+            old_size = int(latest[0]) if latest is not None else 0
+            tip_seq = state.tip_seq
+            self._last_seq_hint = max(self._last_seq_hint, tip_seq)
+            if tip_seq <= old_size:
+                info = None if latest is None else SignedCheckpointInfo(int(latest[0]), *latest[1:])
+                cached_frontier = None
+            else:
+                frontier = self._frontier_cache
+                if frontier is None or frontier.size != old_size:
+                    frontier = MerkleFrontier.at(old_size, self._node_source(connection))
+                pending = state.pending
+                if not (
+                    pending is not None
+                    and state.pending_base == old_size
+                    and len(pending) == tip_seq - old_size
+                ):
+                    pending = self._recheck_chain(connection, old_size, tip_seq)
+                cached_frontier = MerkleFrontier(frontier.size, list(frontier.stack))
+                nodes = cached_frontier.extend_level_by_level(
+                    [sha256(b"\x00" + bytes.fromhex(h)).digest() for h in pending], collect=True
+                )
+                connection.executemany(
+                    "INSERT INTO merkle_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes
+                )
+                stamp = _utc_timestamp()
+                checkpoint = Checkpoint(
+                    self.origin, tip_seq, cached_frontier.root(), (f"timestamp {stamp}",)
+                )
+                note = self._signer.sign(checkpoint)
+                info = SignedCheckpointInfo(tip_seq, checkpoint.root_hash.hex(), stamp, note)
+                connection.execute(
+                    "INSERT INTO ledger_checkpoints (tree_size, root_hash, timestamp, key_name, "
+                    "note) VALUES (?, ?, ?, ?, ?)",
+                    (tip_seq, info.root_hash, stamp, self._signer.name, note),
+                )
+        if cached_frontier is not None:
+            self._frontier_cache = cached_frontier
+            state.pending_base, state.pending = tip_seq, []
+        self._last_checkpoint_size = info.tree_size if info is not None else 0
+        self._last_checkpoint_wall = time.time()
+        return info
+
+    def _recheck_chain(self, connection: sqlite3.Connection, after: int, upto: int) -> list[str]:
+        """Hashes of events after..upto, re-checked link by link: never sign a broken chain."""
+        last_hash = GENESIS_HASH
+        if after:
+            row = connection.execute(
+                "SELECT hash FROM ledger_events WHERE seq = ?", (after,)
+            ).fetchone()
+            last_hash = row[0] if row is not None else GENESIS_HASH
+        columns = ("seq", "timestamp", "event_type", "actor", "job_id", "payload", "prev_hash",
+                   "hash")
+        cursor = connection.execute(
+            f"SELECT {', '.join(columns)} FROM ledger_events WHERE seq > ? AND seq <= ? "
+            "ORDER BY seq",
+            (after, upto),
+        )
+        hashes: list[str] = []
+        last_seq = after
+        for row in cursor:
+            seq, timestamp, event_type, actor, job_id, payload, prev_hash, digest = row
+            if not (
+                seq == last_seq + 1
+                and prev_hash == last_hash
+                and isinstance(payload, str)
+                and event_hash_from_text(
+                    last_hash, seq, timestamp, event_type, actor, job_id, payload
+                ) == digest
+            ):
+                problem = check_row(dict(zip(columns, row, strict=True)), last_seq, last_hash)
+                raise LedgerError(
+                    "refusing to sign a checkpoint over a broken chain: "
+                    f"{(problem or (seq, 'unexpected row'))[1]}"
+                )
+            last_seq, last_hash = seq, digest
+            hashes.append(digest)
+        if last_seq != upto:
+            raise LedgerError(
+                f"refusing to sign a checkpoint over a broken chain: event {last_seq + 1} is missing"
+            )
+        return hashes
+
+    def _checkpoint_once_generic(self) -> SignedCheckpointInfo | None:
         assert self._signer is not None
         with self._connect(write=True) as connection:
             latest = connection.execute(
@@ -753,7 +1008,28 @@ class Ledger:
             ).first()
         return None if row is None else _checkpoint_info(row)
 
-    def _node_source(self, connection: Connection):
+    def _node_source(self, connection: Connection | sqlite3.Connection):
+        if isinstance(connection, sqlite3.Connection) or self._is_sqlite:
+            # SQLite: one indexed point lookup per node on the raw connection (an OR of pairs is
+            # not served by the WITHOUT ROWID primary key and degrades to a scan)
+            raw = (
+                connection
+                if isinstance(connection, sqlite3.Connection)
+                else connection.connection.driver_connection
+            )
+
+            def fetch_sqlite(keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+                found: dict[tuple[int, int], bytes] = {}
+                for key in keys:
+                    row = raw.execute(
+                        "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", key
+                    ).fetchone()
+                    if row is not None:
+                        found[(int(key[0]), int(key[1]))] = bytes(row[0])
+                return found
+
+            return fetch_sqlite
+
         def fetch(keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
             found: dict[tuple[int, int], bytes] = {}
             keys = list(keys)
@@ -781,35 +1057,54 @@ class Ledger:
         ledger holds the signing key, a checkpoint is signed first. `verifier.verify_inclusion_bundle`
         checks the bundle with only the public key.
         """
-        found = self.event(event)
-        latest = self.latest_checkpoint()
-        if (latest is None or latest.tree_size < found.seq) and self._signer is not None:
-            latest = self.checkpoint()
-        if latest is None or latest.tree_size < found.seq:
+        for attempt in (1, 2):
+            # one read transaction: the event, the checkpoint and the audit path from one snapshot
+            with self._connect() as connection:
+                column = (
+                    ledger_events.c.seq if isinstance(event, int) else ledger_events.c.event_id
+                )
+                row = connection.execute(select(ledger_events).where(column == event)).first()
+                if row is None:
+                    raise LedgerError(f"no ledger event {event!r}")
+                found = _row_to_event(row)
+                if tree_size is None:
+                    query = (
+                        select(ledger_checkpoints)
+                        .order_by(ledger_checkpoints.c.tree_size.desc())
+                        .limit(1)
+                    )
+                else:
+                    query = select(ledger_checkpoints).where(
+                        ledger_checkpoints.c.tree_size == tree_size
+                    )
+                checkpoint_row = connection.execute(query).first()
+                chosen = None if checkpoint_row is None else _checkpoint_info(checkpoint_row)
+                if tree_size is not None:
+                    if chosen is None:
+                        raise LedgerError(f"no signed checkpoint at tree size {tree_size}")
+                    if chosen.tree_size < found.seq:
+                        raise LedgerError(
+                            f"event {found.seq} is not in the checkpoint of tree size {tree_size}"
+                        )
+                if chosen is not None and chosen.tree_size >= found.seq:
+                    try:
+                        path = inclusion_proof(
+                            found.seq - 1, chosen.tree_size, self._node_source(connection)
+                        )
+                    except ProofError as exc:
+                        raise LedgerError(f"cannot prove event {found.seq}: {exc}") from None
+                    break
+            if attempt == 1 and self._signer is not None:
+                self.checkpoint()  # the event is newer than the last checkpoint: sign one
+                continue
             raise LedgerError(
                 f"event {found.seq} is not yet covered by a signed checkpoint "
-                f"(latest covers {latest.tree_size if latest else 0} events)"
+                f"(latest covers {chosen.tree_size if chosen else 0} events)"
             )
-        with self._connect() as connection:
-            chosen = latest
-            if tree_size is not None:
-                row = connection.execute(
-                    select(ledger_checkpoints).where(ledger_checkpoints.c.tree_size == tree_size)
-                ).first()
-                if row is None:
-                    raise LedgerError(f"no signed checkpoint at tree size {tree_size}")
-                chosen = _checkpoint_info(row)
-                if chosen.tree_size < found.seq:
-                    raise LedgerError(
-                        f"event {found.seq} is not in the checkpoint of tree size {tree_size}"
-                    )
-            try:
-                path = inclusion_proof(found.seq - 1, chosen.tree_size, self._node_source(connection))
-            except ProofError as exc:
-                raise LedgerError(f"cannot prove event {found.seq}: {exc}") from None
+        record = dict(found.__dict__)  # a private copy: no need for asdict's deep copy
         return {
             "format": PROOF_FORMAT,
-            "event": found.to_dict(),
+            "event": record,
             "leaf_index": found.seq - 1,
             "tree_size": chosen.tree_size,
             "inclusion_proof": [base64.b64encode(h).decode() for h in path],
@@ -983,6 +1278,10 @@ class _Broken(Exception):
         self.seq, self.reason = seq, reason
 
 
+class _Stop(Exception):
+    """Verification stops: a signed root did not match (the failure is already recorded)."""
+
+
 def verify_log(
     store: LedgerStore,
     connection: Connection,
@@ -994,6 +1293,7 @@ def verify_log(
     """Verify the chain, the Merkle roots of every checkpoint and their signatures (see Ledger.verify)."""
     failures: list[tuple[int, str]] = []
     signed: list[tuple[int, bytes]] = []
+    parallel = _start_parallel_check(store, connection, [size for size, _ in checkpoints])
     previous = 0
     for size, note in checkpoints:
         problem = None
@@ -1010,12 +1310,15 @@ def verify_log(
             break
         signed.append((size, opened.root_hash))
         previous = size
+    if parallel is not None:
+        verdict = parallel.finish(signed if not failures else None)
+        if verdict is not None:
+            return verdict
 
     sha256 = hashlib.sha256
     state = {"seq": 0, "hash": GENESIS_HASH, "checked": 0}
     boundary_hashes: dict[int, str] = {0: GENESIS_HASH}
-    stack: list[bytes] = []
-    size = 0
+    frontier = MerkleFrontier()
     next_index = 0
     checkpoints_ok = 0
     fast_sql = store.record_bytes_sql()
@@ -1024,60 +1327,26 @@ def verify_log(
         "FROM ledger_events WHERE seq > :after ORDER BY seq LIMIT 1"
     )
 
-    def accepted() -> Iterator[tuple[int, str]]:
-        while True:
-            cursor = store.raw_cursor(connection)
-            try:
-                cursor.arraysize = _VERIFY_BATCH_ROWS
-                cursor.execute(fast_sql, (state["seq"],))
-                mismatch = False
-                while not mismatch:
-                    rows = cursor.fetchmany(_VERIFY_BATCH_ROWS)
-                    if not rows:
-                        break
-                    for seq, prev, digest, record in rows:
-                        if (
-                            seq == state["seq"] + 1
-                            and prev == state["hash"]
-                            and record is not None
-                            and sha256(record.encode("utf-8")).hexdigest() == digest
-                        ):
-                            state["checked"] += 1
-                            state["seq"], state["hash"] = seq, digest
-                            yield seq, digest
-                        else:
-                            mismatch = True
-                            break
-            finally:
-                cursor.close()
-            if not mismatch:
-                return
-            # Slow path for one row: exact diagnosis, or acceptance if only the SQL rendering differed.
-            row = connection.exec_driver_sql(slow_sql, {"after": state["seq"]}).first()
-            if row is None:
-                return
-            state["checked"] += 1
-            problem = check_row(row, state["seq"], state["hash"])
-            if problem is not None:
-                raise _Broken(*problem)
-            state["seq"], state["hash"] = row.seq, row.hash
-            yield row.seq, row.hash
-
-    try:
-        for _seq, digest in accepted():
-            current = sha256(b"\x00" + bytes.fromhex(digest)).digest()
-            index = size
-            while index & 1:
-                current = sha256(b"\x01" + stack.pop() + current).digest()
-                index >>= 1
-            stack.append(current)
-            size += 1
-            if next_index < len(signed) and signed[next_index][0] == size:
-                root = stack[-1]
-                for left in reversed(stack[:-1]):
-                    root = sha256(b"\x01" + left + root).digest()
-                boundary_hashes[size] = digest
-                if root != signed[next_index][1]:
+    def accept(seqs: Sequence[int], hashes: Sequence[str]) -> None:
+        """Take verified events (contiguous seqs) into the tree, checking the root at every
+        signed size reached; the count and head advance only up to where the check stops."""
+        nonlocal next_index, checkpoints_ok
+        position, count = 0, len(hashes)
+        while position < count:
+            take = count - position
+            if next_index < len(signed):
+                take = min(take, signed[next_index][0] - frontier.size)
+            part = hashes[position:position + take]
+            frontier.extend_level_by_level(
+                [sha256(b"\x00" + bytes.fromhex(digest)).digest() for digest in part]
+            )
+            position += take
+            state["checked"] += take
+            state["seq"], state["hash"] = seqs[position - 1], part[-1]
+            if next_index < len(signed) and signed[next_index][0] == frontier.size:
+                size = frontier.size
+                boundary_hashes[size] = part[-1]
+                if frontier.root() != signed[next_index][1]:
                     start = signed[next_index - 1][0] if next_index else 0
                     failures.append(
                         (
@@ -1087,11 +1356,72 @@ def verify_log(
                             "(history rewritten after it was signed)",
                         )
                     )
-                    break
+                    raise _Stop
                 next_index += 1
                 checkpoints_ok += 1
+
+    try:
+        while True:
+            # Fast path: whole chunks checked at once (contiguous seqs, links, hashes of the
+            # record text the database rebuilds), then the Merkle tree level by level.
+            mismatch = False
+            cursor = store.raw_cursor(connection)
+            try:
+                cursor.arraysize = _VERIFY_BATCH_ROWS
+                cursor.execute(fast_sql, (state["seq"],))
+                while not mismatch:
+                    rows = cursor.fetchmany(_VERIFY_BATCH_ROWS)
+                    if not rows:
+                        break
+                    seqs, prevs, digests, records = zip(*rows, strict=True)
+                    after, last = state["seq"], state["hash"]
+                    good = (
+                        seqs[0] == after + 1
+                        and seqs[-1] == after + len(seqs)
+                        and prevs[0] == last
+                        and prevs[1:] == digests[:-1]
+                    )
+                    if good:
+                        try:
+                            good = tuple(
+                                [sha256(record.encode("utf-8")).hexdigest() for record in records]
+                            ) == digests
+                        except AttributeError:  # a NULL column made the record NULL
+                            good = False
+                    if good:
+                        accept(seqs, digests)
+                        continue
+                    # find the first row that fails; accept those before it
+                    n = 0
+                    for seq, prev, digest, record in rows:
+                        if not (
+                            seq == after + 1
+                            and prev == last
+                            and record is not None
+                            and sha256(record.encode("utf-8")).hexdigest() == digest
+                        ):
+                            break
+                        after, last, n = seq, digest, n + 1
+                    accept(seqs[:n], digests[:n])
+                    mismatch = True
+            finally:
+                cursor.close()
+            if not mismatch:
+                break
+            # Slow path for one row: exact diagnosis, or acceptance if only the SQL rendering differed.
+            row = connection.exec_driver_sql(slow_sql, {"after": state["seq"]}).first()
+            if row is None:
+                break
+            problem = check_row(row, state["seq"], state["hash"])
+            if problem is not None:
+                state["checked"] += 1
+                raise _Broken(*problem)
+            accept((row.seq,), (row.hash,))
     except _Broken as broken:
         failures.append((broken.seq, broken.reason))
+    except _Stop:
+        pass
+    size = frontier.size
 
     if not failures and next_index < len(signed):
         claimed = signed[next_index][0]
@@ -1109,7 +1439,11 @@ def verify_log(
             False, state["checked"], first_bad, reason, head, checkpoints_ok,
             signed[checkpoints_ok - 1][0] if checkpoints_ok else 0,
         )
-    checked = state["checked"]
+    return _intact(state["checked"], state["hash"], signed)
+
+
+def _intact(checked: int, head: str, signed: Sequence[tuple[int, bytes]]) -> ChainVerification:
+    """The verdict for an intact log of `checked` events whose newest hash is `head`."""
     if not checked:
         return ChainVerification(True, 0, None, "ledger is empty; nothing to verify", GENESIS_HASH)
     noun = "event" if checked == 1 else "events"
@@ -1122,7 +1456,144 @@ def verify_log(
         )
     if checked > signed_size:
         summary += f"; {checked - signed_size} newest not yet in a signed checkpoint"
-    return ChainVerification(True, checked, None, summary, state["hash"], len(signed), signed_size)
+    return ChainVerification(True, checked, None, summary, head, len(signed), signed_size)
+
+
+PARALLEL_VERIFY_MIN_EVENTS = 200_000
+"""Below this many events verification runs in this process only."""
+
+
+def _verify_range(job: tuple[str, str, int, int, tuple[int, ...]]) -> tuple[Any, ...]:
+    """Worker: check events lo+1..hi of a SQLite ledger file; roots are local to the range.
+
+    Returns (ok, prev_hash of event lo+1, hash of event hi, [(tree size, local root)] at each
+    signed size in (lo, hi], local root of the whole range). `ok` is False at the first anomaly:
+    the caller then re-runs the sequential check, which names the first bad event.
+    """
+    path, sql, lo, hi, sizes = job
+    sha256 = hashlib.sha256
+    connection = sqlite3.connect(path)
+    try:
+        cursor = connection.execute(sql, (lo, hi))
+        frontier = MerkleFrontier()
+        roots: list[tuple[int, bytes]] = []
+        boundaries = [size - lo for size in sizes]
+        first_prev: str | None = None
+        last = ""
+        after = lo
+        next_boundary = 0
+        while True:
+            rows = cursor.fetchmany(_VERIFY_BATCH_ROWS)
+            if not rows:
+                break
+            seqs, prevs, digests, records = zip(*rows, strict=True)
+            if first_prev is None:
+                first_prev, last = prevs[0], prevs[0]
+            try:
+                good = (
+                    seqs[0] == after + 1
+                    and seqs[-1] == after + len(seqs)
+                    and prevs[0] == last
+                    and prevs[1:] == digests[:-1]
+                    and tuple(
+                        [sha256(record.encode("utf-8")).hexdigest() for record in records]
+                    ) == digests
+                )
+            except AttributeError:  # NULL record
+                good = False
+            if not good:
+                return (False,)
+            leaves = [sha256(b"\x00" + bytes.fromhex(digest)).digest() for digest in digests]
+            position = 0
+            while position < len(leaves):
+                take = len(leaves) - position
+                if next_boundary < len(boundaries):
+                    take = min(take, boundaries[next_boundary] - frontier.size)
+                frontier.extend_level_by_level(leaves[position:position + take])
+                position += take
+                if next_boundary < len(boundaries) and frontier.size == boundaries[next_boundary]:
+                    roots.append((sizes[next_boundary], frontier.root()))
+                    next_boundary += 1
+            after, last = seqs[-1], digests[-1]
+        if after != hi:
+            return (False,)
+        return True, first_prev, last, roots, frontier.root()
+    finally:
+        connection.close()
+
+
+class _ParallelCheck:
+    """The intact-log check of a large SQLite ledger split over worker processes.
+
+    The events are cut into ranges of 2^L leaves, so each range's tree is a perfect subtree of
+    the whole: the root at a signed size k inside range j is fold_right(frontier of the ranges
+    before j ++ [range j's root up to k]). Only an intact verdict is produced here; on any
+    anomaly `finish` returns None and the caller runs the sequential check for the diagnosis.
+    """
+
+    def __init__(self, pool: Any, results: Any, size: int) -> None:
+        self.pool, self.results, self.size = pool, results, size
+
+    def finish(self, signed: Sequence[tuple[int, bytes]] | None) -> ChainVerification | None:
+        try:
+            if signed is None or (signed and signed[-1][0] > self.size):
+                return None
+            expected = dict(signed)
+            ranges = MerkleFrontier()  # the tree over whole ranges' roots
+            head = GENESIS_HASH
+            matched = 0
+            for result in self.results:
+                ok, first_prev, last, roots, range_root = (*result, None, None, None, None)[:5]
+                if not ok or first_prev != head:
+                    return None
+                for size, local_root in roots:
+                    if fold_right([*ranges.stack, local_root]) != expected.get(size):
+                        return None
+                    matched += 1
+                ranges.append(range_root)
+                head = last
+            if matched != len(signed):
+                return None
+            return _intact(self.size, head, signed)
+        finally:
+            self.pool.terminate()
+
+
+def _start_parallel_check(
+    store: LedgerStore, connection: Connection, sizes: Sequence[int]
+) -> _ParallelCheck | None:
+    """Start the parallel check for a big SQLite file ledger on a multi-core machine, else None.
+
+    Worker processes are forked, so only from a single-threaded process (forking while other
+    threads hold locks is unsafe); they read the same file through their own connections, and
+    only events up to this snapshot's newest.
+    """
+    import multiprocessing
+
+    cores = os.cpu_count() or 1
+    path = store.database_path
+    if (
+        cores < 2
+        or path is None
+        or threading.active_count() != 1
+        or "fork" not in multiprocessing.get_all_start_methods()
+        or os.environ.get("FEDPACT_AUDIT_VERIFY_PROCESSES") == "1"
+    ):
+        return None
+    size = int(connection.exec_driver_sql("SELECT coalesce(max(seq), 0) FROM ledger_events").scalar())
+    if size < PARALLEL_VERIFY_MIN_EVENTS:
+        return None
+    level = max(12, (size // 8).bit_length())
+    span = 1 << level
+    sql = store.record_bytes_sql().replace("WHERE seq > ?", "WHERE seq > ? AND seq <= ?")
+    sizes = sorted(sizes)
+    jobs = []
+    for lo in range(0, size, span):
+        hi = min(lo + span, size)
+        jobs.append((str(path), sql, lo, hi, tuple(s for s in sizes if lo < s <= hi)))
+    workers = min(cores, 2, len(jobs))
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    return _ParallelCheck(pool, pool.imap(_verify_range, jobs), size)
 
 
 def _open_with_any(note: str, keys: Sequence[VerifierKey]) -> Checkpoint:

@@ -304,5 +304,40 @@ class MerkleFrontier:
         for leaf in leaves:
             self.append(leaf)
 
+    def extend_level_by_level(
+        self, leaves: Sequence[bytes], *, collect: bool = False
+    ) -> list[tuple[int, int, bytes]]:
+        """Append many leaves at once, hashing level by level (no per-leaf Python calls).
+
+        Same result as `append` for each leaf. With `collect`, returns every perfect subtree the
+        leaves complete as (level, index, hash), leaves included; `on_node` is not called.
+        """
+        if not leaves:
+            return []
+        size = self.size
+        levels = [lv for lv in range(size.bit_length() - 1, -1, -1) if size >> lv & 1]
+        open_nodes = dict(zip(levels, self.stack, strict=True))
+        completed: list[tuple[int, int, bytes]] = []
+        nodes = list(leaves)
+        start, level = size, 0
+        sha256 = _sha256
+        while nodes:
+            if collect:
+                completed.extend(
+                    zip([level] * len(nodes), range(start, start + len(nodes)), nodes, strict=True)
+                )
+            if start & 1:  # the first new node is a right child: its left sibling waited here
+                nodes.insert(0, open_nodes.pop(level))
+                start -= 1
+            if len(nodes) & 1:
+                open_nodes[level] = nodes[-1]
+            pairs = iter(nodes[: len(nodes) & ~1])
+            nodes = [sha256(b"\x01" + left + right).digest() for left, right in zip(pairs, pairs, strict=False)]
+            start >>= 1
+            level += 1
+        self.size = size + len(leaves)
+        self.stack = [open_nodes[lv] for lv in sorted(open_nodes, reverse=True)]
+        return completed
+
     def root(self) -> bytes:
         return fold_right(self.stack) if self.stack else EMPTY_ROOT

@@ -19,9 +19,10 @@ the SQL that rebuilds an event's hashed bytes for fast verification.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from fedpact.audit.events import LedgerError
@@ -159,9 +160,9 @@ job_subjects = Table(
 APPEND_ONLY_TABLES = ("ledger_events", "merkle_nodes", "ledger_checkpoints")
 
 
-def is_lock_contention(exc: OperationalError) -> bool:
+def is_lock_contention(exc: BaseException) -> bool:
     """True when the database refused the write only because another writer held the lock."""
-    message = str(exc.orig).lower()
+    message = str(getattr(exc, "orig", exc)).lower()
     return "locked" in message or "busy" in message
 
 
@@ -265,6 +266,7 @@ class SQLiteStore(LedgerStore):
             raise LedgerError(f"cannot use ledger database {url}: {exc}") from None
         super().__init__(url, engine)
         self.in_memory = in_memory
+        self.busy_timeout_s = busy_timeout_s
         _install_sqlite_transaction_control(engine, wal=not in_memory)
         # A single shared in-memory connection cannot hold two transactions: serialise its users.
         if in_memory:
@@ -276,6 +278,30 @@ class SQLiteStore(LedgerStore):
 
     def _prepare_write(self, connection: Connection) -> None:
         connection.execution_options(**{_BEGIN_MODE_OPTION: "IMMEDIATE"})
+
+    @property
+    def guard(self) -> contextlib.AbstractContextManager[Any]:
+        """Held around any use of the raw writer (serialises the shared in-memory connection)."""
+        return self._guard
+
+    def open_writer(self) -> tuple[sqlite3.Connection, Callable[[], None]]:
+        """A raw sqlite3 connection for the ledger's appends and checkpoints, and how to close it.
+
+        The append path bypasses SQLAlchemy: it runs BEGIN IMMEDIATE ... COMMIT itself, in WAL
+        mode with synchronous=FULL like every other connection. Any thread may use it (the ledger
+        serialises them). An in-memory database has one connection, which this borrows.
+        """
+        if self.in_memory:
+            fairy = self.engine.raw_connection()
+            return fairy.driver_connection, fairy.close
+        connection = sqlite3.connect(
+            str(self.url.database), timeout=self.busy_timeout_s, isolation_level=None,
+            check_same_thread=False, cached_statements=64,
+        )
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON",
+                       "foreign_keys=ON", "cache_size=-65536"):
+            connection.execute(f"PRAGMA {pragma}")
+        return connection, connection.close
 
     def record_bytes_sql(self) -> str:
         q = _json_quote_sqlite
