@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 APPEND_ATTEMPTS = 5
 """How many times an append that lost a race to another appender is retried before giving up."""
 
+GROUP_COMMIT_WAIT_S = 0.0005
+"""How long the leader of a group commit waits for appenders that are about to queue events."""
 CHECKPOINT_EVERY = 1000
 CHECKPOINT_INTERVAL_S = 60.0
 _VERIFY_BATCH_ROWS = 8192
@@ -188,6 +190,7 @@ class _Pending:
     result: LedgerEvent | None = None
     error: BaseException | None = None
     done: bool = False
+    gate: Any = None
 
 
 @dataclass(slots=True)
@@ -219,6 +222,7 @@ class _Built:
 
 
 _new_object = object.__new__
+_allocate_lock = threading.Lock
 
 
 def _make_event(
@@ -345,8 +349,9 @@ class Ledger:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval_s = checkpoint_interval_s
         self._queue: list[_Pending] = []
-        self._queue_cv = threading.Condition()
+        self._queue_lock = threading.Lock()
         self._leader = False
+        self._appenders = 0
         self._checkpoint_lock = threading.Lock()
         # SQLite: one raw connection appends and checkpoints, with the chain head, the Merkle
         # frontier and the not-yet-checkpointed hashes cached (see _WriterState)
@@ -619,8 +624,12 @@ class Ledger:
         Appends from several threads at once are committed together (group commit: one durable
         transaction, one fsync, for every append waiting at that moment).
         """
-        pending = self._prepare(event_type, payload, actor, job_id)
-        self._group_commit(pending)
+        self._appenders += 1  # (under the GIL; a hint for batching only)
+        try:
+            pending = self._prepare(event_type, payload, actor, job_id)
+            self._group_commit(pending)
+        finally:
+            self._appenders -= 1
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -651,13 +660,34 @@ class Ledger:
         return [p.result for p in batch if p.result is not None]
 
     def _group_commit(self, pending: _Pending) -> None:
-        with self._queue_cv:
+        """Queue `pending`; the first appender in line writes everything queued in one transaction.
+
+        Each waiter sleeps on its own gate (a locked lock): the leader opens the gates of the
+        events it committed and then hands the lead to the next queued appender, so no thread
+        is woken just to find its event still queued.
+        """
+        gate = _allocate_lock()
+        gate.acquire()
+        pending.gate = gate
+        with self._queue_lock:
             self._queue.append(pending)
-            while not pending.done and self._leader:
-                self._queue_cv.wait()
+            lead = not self._leader
+            self._leader = True
+        if not lead:
+            gate.acquire()  # opened when our event is committed, or when we are to lead
             if pending.done:
                 return
-            self._leader = True
+        # Other threads are about to queue events (they are preparing them, or were just woken
+        # by the previous commit): give them a moment to join this transaction and its fsync.
+        deadline = 0.0
+        while len(self._queue) < self._appenders:
+            now = time.perf_counter()
+            if not deadline:
+                deadline = now + GROUP_COMMIT_WAIT_S
+            elif now > deadline:
+                break
+            time.sleep(0)
+        with self._queue_lock:
             batch, self._queue = self._queue, []
         try:
             self._write_batch(batch)
@@ -667,11 +697,15 @@ class Ledger:
                     item.error = exc
             raise
         finally:
-            with self._queue_cv:
-                for item in batch:
-                    item.done = True
-                self._leader = False
-                self._queue_cv.notify_all()
+            for item in batch:
+                item.done = True
+                if item is not pending:
+                    item.gate.release()
+            with self._queue_lock:
+                if self._queue:
+                    self._queue[0].gate.release()  # the next in line leads
+                else:
+                    self._leader = False
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         """Chain and insert `batch` in one write transaction, retrying lost races."""
