@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from fedpact.errors import ConfigurationError
-from fedpact.models.datasets import PartnerData, load_dataset, load_partner_csv
+from fedpact.models.datasets import PartnerData, load_dataset, load_mapping, load_partner_csv
+from fedpact.models.streaming import StreamedRows, build_stream, count_data_rows, stream_threshold
 
 from .job import JobConfig
 from .partition import partition
@@ -17,19 +19,24 @@ class NodeData:
     """A partner's name and its local train and test rows."""
 
     partner: str
-    train: PartnerData
-    test: PartnerData
+    train: PartnerData | StreamedRows  # StreamedRows: a large CSV trained from disk
+    test: PartnerData | StreamedRows
 
     @property
     def columns(self) -> list[str]:
         return list(self.train.spec.features)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=2)
+def _partitions(dataset: str, scheme: str, n: int, seed: int, data_dir: str | None):
+    """Parse the public file and split it once per process: a simulation worker serves many nodes."""
+    return partition(load_dataset(dataset, data_dir), scheme, n, seed=seed)
+
+
+@lru_cache(maxsize=1024)
 def _simulated(dataset: str, scheme: str, n: int, seed: int, test_fraction: float, index: int,
                data_dir: str | None) -> NodeData:
-    parts = partition(load_dataset(dataset, data_dir), scheme, n, seed=seed)
-    part = parts[index]
+    part = _partitions(dataset, scheme, n, seed, data_dir)[index]
     train, test = part.data.split(test_fraction, seed)
     return NodeData(part.name, train, test)
 
@@ -41,16 +48,43 @@ def _own_csv(csv: str, mapping: str, name: str, seed: int, test_fraction: float)
     return NodeData(name or data.spec.name, train, test)
 
 
+@lru_cache(maxsize=8)
+def _streamed(csv: str, mapping: str, name: str, seed: int, test_fraction: float,
+              cache_dir: str) -> NodeData:
+    spec = load_mapping(mapping)
+    table = build_stream(csv, spec, cache_dir, seed=seed, test_fraction=test_fraction)
+    return NodeData(name or spec.name, table.train, table.test)
+
+
+def _stream_dir(node_config: dict, job: JobConfig, name: str, mapping: str) -> str:
+    """Node-config `stream-dir`, else `stream/` in the partner's state folder (its own disk)."""
+    if node_config.get("stream-dir"):
+        return str(node_config["stream-dir"])
+    from .local_round import node_state_dir  # local_round imports this module
+
+    return str(node_state_dir(node_config, job, name or load_mapping(mapping).name) / "stream")
+
+
 def load_node_data(node_config, job: JobConfig) -> NodeData:
     """Rows for this node: `data-csv` + `mapping` from the node's own config, else its partition.
 
     With `job.require_consent`, rows whose subject has no valid consent for the job's purpose are
     removed here — before any feature statistic is computed — and the count is recorded.
+
+    A CSV with more data rows than node-config `stream-rows` (else $FEDPACT_STREAM_ROWS, else
+    `streaming.DEFAULT_STREAM_ROWS`; 0 = never) is not loaded: its rows are encoded once to
+    on-disk arrays (`fedpact.models.streaming`) and trained from there in bounded memory.
     """
     node_config = dict(node_config)
     if "data-csv" in node_config:
-        node = _own_csv(str(node_config["data-csv"]), str(node_config["mapping"]),
-                        str(node_config.get("partner", "")), job.seed, job.test_fraction)
+        csv, mapping = str(node_config["data-csv"]), str(node_config["mapping"])
+        name = str(node_config.get("partner", ""))
+        limit = stream_threshold(node_config.get("stream-rows"))
+        if limit and Path(csv).is_file() and count_data_rows(csv) > limit:
+            node = _streamed(csv, mapping, name, job.seed, job.test_fraction,
+                             _stream_dir(node_config, job, name, mapping))
+        else:
+            node = _own_csv(csv, mapping, name, job.seed, job.test_fraction)
     else:
         index = int(node_config.get("partition-id", 0))
         data_dir = node_config.get("data-dir")
@@ -73,6 +107,10 @@ def _consented(node: NodeData, job_id: str, purpose: str, ledger_path: str) -> N
     from fedpact.audit import EventType, Ledger
     from fedpact.audit.consent import ConsentRegistry
 
+    if isinstance(node.train, StreamedRows):
+        raise ConfigurationError(
+            f"{node.partner}: consent enforcement is not supported for a streamed CSV "
+            f"({len(node.train) + len(node.test)} rows); raise the node's stream-rows to load it in memory")
     if node.train.ids is None:
         raise ConfigurationError(
             f"{node.partner}: consent cannot be enforced without a subject id column; set `id` in "

@@ -2,7 +2,10 @@
 
 Used to simulate a consortium from one public file: `segment` gives each partner one group of
 customers (bank: job groups), `period` gives each partner a consecutive slice of a date-ordered
-file, `iid` deals rows out at random (the easy case, for contrast).
+file, `iid` deals rows out at random (the easy case, for contrast), `dirichlet` gives each
+partner a label mix drawn from a Dirichlet(α) distribution (label skew, any number of partners).
+`period`, `iid` and `dirichlet` scale to hundreds of partners; `segment` needs as many distinct
+values of its column as partners.
 """
 
 from __future__ import annotations
@@ -14,7 +17,12 @@ import numpy as np
 from fedpact.errors import ConfigurationError
 from fedpact.models.datasets import PartnerData
 
-SCHEMES = ("segment", "period", "iid")
+SCHEMES = ("segment", "period", "iid", "dirichlet")
+# Concentration of the per-class Dirichlet shares: small α = strong label skew between partners.
+DIRICHLET_ALPHA = 0.5
+# Rows of each class every Dirichlet partner gets before the skewed shares (a stratified
+# train/test split needs at least two rows of each class).
+DIRICHLET_FLOOR = 2
 
 # The attribute that separates partners, per built-in data set, and its named groups for 3 partners.
 SEGMENT_COLUMNS = {
@@ -74,6 +82,8 @@ def partition_names(spec_name: str, scheme: str, n: int) -> list[str]:
         return [f"{spec_name}/period-{i + 1}" for i in range(n)]
     if scheme == "iid":
         return [f"{spec_name}/share-{i + 1}" for i in range(n)]
+    if scheme == "dirichlet":
+        return [f"{spec_name}/dirichlet-{i + 1}" for i in range(n)]
     named = NAMED_SEGMENTS.get((spec_name, n))
     if named is not None:
         return [f"{spec_name}/{name}" for name in named]
@@ -81,9 +91,33 @@ def partition_names(spec_name: str, scheme: str, n: int) -> list[str]:
     return [f"{spec_name}/{column}-group-{i + 1}" for i in range(n)]
 
 
+def dirichlet_indices(labels: np.ndarray, n: int, *, alpha: float = DIRICHLET_ALPHA, seed: int = 0,
+                      floor: int = DIRICHLET_FLOOR) -> list[np.ndarray]:
+    """Row indices of `n` label-skewed partners; every row goes to exactly one partner.
+
+    For each class, every partner first receives `floor` random rows of it (when the class has
+    enough), then the class's remaining rows are cut by proportions drawn from Dirichlet(α, …, α).
+    """
+    if not alpha > 0:
+        raise ConfigurationError(f"dirichlet partitioning needs alpha > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    shares: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for value in np.unique(labels):
+        rows = np.flatnonzero(labels == value)
+        rng.shuffle(rows)
+        base = floor if len(rows) >= floor * n else 0
+        for i in range(n):
+            shares[i].append(rows[i * base:(i + 1) * base])
+        rest = rows[n * base:]
+        cuts = np.floor(np.cumsum(rng.dirichlet(np.full(n, alpha)))[:-1] * len(rest)).astype(int)
+        for i, chunk in enumerate(np.split(rest, cuts)):
+            shares[i].append(chunk)
+    return [np.sort(np.concatenate(s)) for s in shares]
+
+
 def partition(data: PartnerData, scheme: str, n: int, *, seed: int = 0,
-              column: str | None = None) -> list[Partition]:
-    """Split `data` into `n` partners by `scheme` ('segment', 'period' or 'iid')."""
+              column: str | None = None, alpha: float = DIRICHLET_ALPHA) -> list[Partition]:
+    """Split `data` into `n` partners by `scheme` ('segment', 'period', 'iid' or 'dirichlet')."""
     if scheme not in SCHEMES:
         raise ConfigurationError(f"unknown partitioning {scheme!r}: choose one of {', '.join(SCHEMES)}")
     if n < 1 or n > len(data):
@@ -97,6 +131,14 @@ def partition(data: PartnerData, scheme: str, n: int, *, seed: int = 0,
         order = np.random.default_rng(seed).permutation(len(data))
         return [Partition(f"{prefix}/share-{i + 1}", data.subset(np.sort(chunk)))
                 for i, chunk in enumerate(np.array_split(order, n))]
+    if scheme == "dirichlet":
+        parts = dirichlet_indices(data.labels, n, alpha=alpha, seed=seed)
+        empty = [i + 1 for i, rows in enumerate(parts) if len(rows) == 0]
+        if empty:
+            raise ConfigurationError(
+                f"dirichlet split of {len(data)} rows into {n} partners left partners {empty[:5]} "
+                "without rows; use fewer partners or the iid scheme")
+        return [Partition(f"{prefix}/dirichlet-{i + 1}", data.subset(rows)) for i, rows in enumerate(parts)]
 
     column = column or SEGMENT_COLUMNS.get(data.spec.name)
     if column is None or column not in data.features.columns:
