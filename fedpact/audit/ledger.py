@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import logging
 import os
@@ -764,13 +765,18 @@ class Ledger:
 
     @contextlib.contextmanager
     def _raw_write(self) -> Iterator[tuple[sqlite3.Connection, _WriterState]]:
-        """BEGIN IMMEDIATE on the raw writer, with the cached state checked; COMMIT or ROLLBACK."""
+        """BEGIN IMMEDIATE on the raw writer, with the cached state checked.
+
+        The body COMMITs, then updates the cached state (still under the write lock); any
+        exception rolls back and drops the cache.
+        """
         with self._write_lock, self._store.guard:
             connection = self._writer()
             connection.execute("BEGIN IMMEDIATE")
             try:
                 yield connection, self._sync_state(connection)
-                connection.execute("COMMIT")
+                if connection.in_transaction:
+                    raise LedgerError("internal error: write transaction left open")
             except BaseException:
                 self._state = None  # re-read everything next time
                 if connection.in_transaction:
@@ -804,12 +810,16 @@ class Ledger:
                 connection.executemany(_INSERT_INDEX.format("?"), built.index_rows)
             if built.consent_rows:
                 connection.executemany(_UPSERT_CONSENT, built.consent_rows)
-        # committed: advance the cached head (our own commit leaves data_version unchanged)
-        if state.pending is not None and state.pending_base + len(state.pending) == state.tip_seq:
-            state.pending.extend(built.hashes)
-        else:
-            state.pending = None
-        state.tip_seq, state.tip_hash = built.last_seq, built.last_hash
+            connection.execute("COMMIT")
+            # committed: advance the cached head (our own commit leaves data_version unchanged)
+            if (
+                state.pending is not None
+                and state.pending_base + len(state.pending) == state.tip_seq
+            ):
+                state.pending.extend(built.hashes)
+            else:
+                state.pending = None
+            state.tip_seq, state.tip_hash = built.last_seq, built.last_hash
         for item, result in zip(batch, built.results, strict=True):
             item.result = result
         self._last_seq_hint = max(self._last_seq_hint, built.last_seq)
@@ -910,9 +920,10 @@ class Ledger:
                     "note) VALUES (?, ?, ?, ?, ?)",
                     (tip_seq, info.root_hash, stamp, self._signer.name, note),
                 )
-        if cached_frontier is not None:
-            self._frontier_cache = cached_frontier
-            state.pending_base, state.pending = tip_seq, []
+            connection.execute("COMMIT")
+            if cached_frontier is not None:
+                self._frontier_cache = cached_frontier
+                state.pending_base, state.pending = tip_seq, []
         self._last_checkpoint_size = info.tree_size if info is not None else 0
         self._last_checkpoint_wall = time.time()
         return info
@@ -1328,26 +1339,33 @@ def verify_log(
     failures: list[tuple[int, str]] = []
     signed: list[tuple[int, bytes]] = []
     parallel = _start_parallel_check(store, connection, [size for size, _ in checkpoints])
-    previous = 0
-    for size, note in checkpoints:
-        problem = None
-        try:
-            opened = _open_with_any(note, keys)
-            if opened.tree_size != size:
-                problem = f"checkpoint stored at tree size {size} signs tree size {opened.tree_size}"
-            elif origin is not None and opened.origin != origin:
-                problem = f"checkpoint at tree size {size} is for another log ({opened.origin})"
-        except CheckpointError as exc:
-            problem = str(exc)
-        if problem is not None:
-            failures.append((previous + 1, problem))
-            break
-        signed.append((size, opened.root_hash))
-        previous = size
-    if parallel is not None:
-        verdict = parallel.finish(signed if not failures else None)
-        if verdict is not None:
-            return verdict
+    try:
+        previous = 0
+        for size, note in checkpoints:
+            problem = None
+            try:
+                opened = _open_with_any(note, keys)
+                if opened.tree_size != size:
+                    problem = (
+                        f"checkpoint stored at tree size {size} signs tree size {opened.tree_size}"
+                    )
+                elif origin is not None and opened.origin != origin:
+                    problem = f"checkpoint at tree size {size} is for another log ({opened.origin})"
+            except CheckpointError as exc:
+                problem = str(exc)
+            if problem is not None:
+                failures.append((previous + 1, problem))
+                break
+            signed.append((size, opened.root_hash))
+            previous = size
+        if parallel is not None:
+            verdict = parallel.finish(signed if not failures else None)
+            if verdict is not None:
+                return verdict
+    finally:
+        if parallel is not None:
+            parallel.close()
+    # the sequential check: also the exact diagnosis whenever the parallel one saw an anomaly
 
     sha256 = hashlib.sha256
     state = {"seq": 0, "hash": GENESIS_HASH, "checked": 0}
@@ -1568,10 +1586,13 @@ class _ParallelCheck:
     def __init__(self, pool: Any, results: Any, size: int) -> None:
         self.pool, self.results, self.size = pool, results, size
 
+    def close(self) -> None:
+        self.pool.terminate()
+
     def finish(self, signed: Sequence[tuple[int, bytes]] | None) -> ChainVerification | None:
+        if signed is None or (signed and signed[-1][0] > self.size):
+            return None
         try:
-            if signed is None or (signed and signed[-1][0] > self.size):
-                return None
             expected = dict(signed)
             ranges = MerkleFrontier()  # the tree over whole ranges' roots
             head = GENESIS_HASH
@@ -1589,8 +1610,9 @@ class _ParallelCheck:
             if matched != len(signed):
                 return None
             return _intact(self.size, head, signed)
-        finally:
-            self.pool.terminate()
+        except Exception as exc:  # noqa: BLE001 - a worker failed: the sequential check decides
+            log.warning("parallel verification failed (%s); verifying sequentially", exc)
+            return None
 
 
 def _start_parallel_check(
@@ -1626,7 +1648,9 @@ def _start_parallel_check(
         hi = min(lo + span, size)
         jobs.append((str(path), sql, lo, hi, tuple(s for s in sizes if lo < s <= hi)))
     workers = min(cores, 2, len(jobs))
-    pool = multiprocessing.get_context("fork").Pool(workers)
+    # gc off in the workers: they must never finalise (close) the SQLite connections they
+    # inherited; they exit with os._exit and allocate nothing cyclic
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=gc.disable)
     return _ParallelCheck(pool, pool.imap(_verify_range, jobs), size)
 
 
