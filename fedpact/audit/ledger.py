@@ -249,6 +249,9 @@ def _event_ids(count: int) -> list[str]:
     return [prefix + noise[i:i + 20] for i in range(0, 20 * count, 20)]
 
 
+_EVENT_COLUMNS = (
+    "seq", "event_id", "timestamp", "event_type", "actor", "job_id", "payload", "prev_hash", "hash",
+)
 _INSERT_EVENT = (
     "INSERT INTO ledger_events (seq, event_id, timestamp, event_type, actor, job_id, payload, "
     "prev_hash, hash) VALUES ({0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0})"
@@ -742,10 +745,10 @@ class Ledger:
         with self._connect(write=True) as connection:
             last_seq, last_hash = self._chain_tip(connection)
             built = _build_rows(batch, last_seq, last_hash)
-            mark = "%s"
-            connection.exec_driver_sql(_INSERT_EVENT.format(mark), built.event_rows)
-            if built.index_rows:
-                connection.exec_driver_sql(_INSERT_INDEX.format(mark), built.index_rows)
+            self._store.bulk_insert(connection, "ledger_events", _EVENT_COLUMNS, built.event_rows)
+            self._store.bulk_insert(
+                connection, "event_index", ("kind", "value", "seq"), built.index_rows
+            )
             if built.consent_rows:
                 connection.exec_driver_sql(
                     self._store.paramstyle_named(_UPSERT_CONSENT), built.consent_rows
@@ -1016,11 +1019,7 @@ class Ledger:
                     )
                 last_seq, last_hash = row.seq, row.hash
                 frontier.append(leaf_hash(bytes.fromhex(row.hash)))
-            mark = "?" if self._is_sqlite else "%s"
-            connection.exec_driver_sql(
-                f"INSERT INTO merkle_nodes (level, idx, hash) VALUES ({mark}, {mark}, {mark})",
-                new_nodes,
-            )
+            self._store.bulk_insert(connection, "merkle_nodes", ("level", "idx", "hash"), new_nodes)
             stamp = _utc_timestamp()
             checkpoint = Checkpoint(
                 self.origin, tip_seq, frontier.root(), (f"timestamp {stamp}",)

@@ -236,6 +236,16 @@ class LedgerStore:
         """A DBAPI cursor on this connection that streams a large result (verification)."""
         return connection.connection.driver_connection.cursor()
 
+    def bulk_insert(
+        self, connection: Connection, table: str, columns: Sequence[str], rows: Sequence[tuple]
+    ) -> None:
+        """Insert many rows in the current transaction (executemany; PostgreSQL uses COPY)."""
+        if rows:
+            marks = ", ".join(["%s"] * len(columns))
+            connection.exec_driver_sql(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", list(rows)
+            )
+
     def paramstyle_named(self, sql: str) -> str:
         """Turn `:name` parameters into this driver's DBAPI paramstyle."""
         return sql
@@ -330,6 +340,15 @@ class SQLiteStore(LedgerStore):
     def paramstyle_named(self, sql: str) -> str:
         return sql  # pysqlite accepts :name
 
+    def bulk_insert(
+        self, connection: Connection, table: str, columns: Sequence[str], rows: Sequence[tuple]
+    ) -> None:
+        if rows:
+            marks = ", ".join(["?"] * len(columns))
+            connection.exec_driver_sql(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", list(rows)
+            )
+
     def after_erasure(self) -> None:
         if self.in_memory:
             return
@@ -396,6 +415,19 @@ class PostgresStore(LedgerStore):
         import uuid
 
         return connection.connection.driver_connection.cursor(name=f"verify_{uuid.uuid4().hex}")
+
+    def bulk_insert(
+        self, connection: Connection, table: str, columns: Sequence[str], rows: Sequence[tuple]
+    ) -> None:
+        if not rows:
+            return
+        cursor = connection.connection.driver_connection.cursor()
+        try:
+            with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        finally:
+            cursor.close()
 
     def install_append_only_guards(self, connection: Connection) -> None:
         connection.exec_driver_sql(
