@@ -813,9 +813,15 @@ class Ledger:
                 connection.executemany(_INSERT_INDEX.format("?"), built.index_rows)
             if built.consent_rows:
                 connection.executemany(_UPSERT_CONSENT, built.consent_rows)
+            signed = self._sign_inline(connection, state, built)
             connection.execute("COMMIT")
             # committed: advance the cached head (our own commit leaves data_version unchanged)
-            if (
+            if signed is not None:
+                self._frontier_cache, info = signed
+                state.pending_base, state.pending = built.last_seq, []
+                self._last_checkpoint_size = info.tree_size
+                self._last_checkpoint_wall = time.time()
+            elif (
                 state.pending is not None
                 and state.pending_base + len(state.pending) == state.tip_seq
             ):
@@ -912,23 +918,54 @@ class Ledger:
                 connection.executemany(
                     "INSERT INTO merkle_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes
                 )
-                stamp = _utc_timestamp()
-                checkpoint = Checkpoint(
-                    self.origin, tip_seq, cached_frontier.root(), (f"timestamp {stamp}",)
-                )
-                note = self._signer.sign(checkpoint)
-                info = SignedCheckpointInfo(tip_seq, checkpoint.root_hash.hex(), stamp, note)
-                connection.execute(
-                    "INSERT INTO ledger_checkpoints (tree_size, root_hash, timestamp, key_name, "
-                    "note) VALUES (?, ?, ?, ?, ?)",
-                    (tip_seq, info.root_hash, stamp, self._signer.name, note),
-                )
+                info = self._insert_checkpoint(connection, cached_frontier)
             connection.execute("COMMIT")
             if cached_frontier is not None:
                 self._frontier_cache = cached_frontier
                 state.pending_base, state.pending = tip_seq, []
         self._last_checkpoint_size = info.tree_size if info is not None else 0
         self._last_checkpoint_wall = time.time()
+        return info
+
+    def _sign_inline(
+        self, connection: sqlite3.Connection, state: _WriterState, built: _Built
+    ) -> tuple[MerkleFrontier, SignedCheckpointInfo] | None:
+        """If this append makes a checkpoint due, and the cache holds every unsigned hash (no
+        other connection has committed since our last checkpoint), integrate and sign it in the
+        same transaction: one fsync for both. Otherwise leave it to `_maybe_checkpoint`."""
+        frontier = self._frontier_cache
+        pending = state.pending
+        if (
+            self._signer is None
+            or pending is None
+            or frontier is None
+            or frontier.size != state.pending_base
+            or state.pending_base + len(pending) != state.tip_seq
+            or built.last_seq - state.pending_base < self.checkpoint_every
+        ):
+            return None
+        sha256 = hashlib.sha256
+        extended = MerkleFrontier(frontier.size, list(frontier.stack))
+        nodes = extended.extend_level_by_level(
+            [sha256(b"\x00" + bytes.fromhex(h)).digest() for h in (*pending, *built.hashes)],
+            collect=True,
+        )
+        connection.executemany("INSERT INTO merkle_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes)
+        return extended, self._insert_checkpoint(connection, extended)
+
+    def _insert_checkpoint(
+        self, connection: sqlite3.Connection, frontier: MerkleFrontier
+    ) -> SignedCheckpointInfo:
+        assert self._signer is not None
+        stamp = _utc_timestamp()
+        checkpoint = Checkpoint(self.origin, frontier.size, frontier.root(), (f"timestamp {stamp}",))
+        note = self._signer.sign(checkpoint)
+        info = SignedCheckpointInfo(frontier.size, checkpoint.root_hash.hex(), stamp, note)
+        connection.execute(
+            "INSERT INTO ledger_checkpoints (tree_size, root_hash, timestamp, key_name, note) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (frontier.size, info.root_hash, stamp, self._signer.name, note),
+        )
         return info
 
     def _recheck_chain(self, connection: sqlite3.Connection, after: int, upto: int) -> list[str]:
