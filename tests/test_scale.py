@@ -135,6 +135,11 @@ def test_streamed_bad_rows_are_reported_with_file_lines(tmp_path):
     with pytest.raises(DataValidationError) as err:
         build_stream(csv, spec, tmp_path / "cache", chunk_rows=10)
     assert "lines 32-32" in str(err.value) and "'oops'" in str(err.value)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataValidationError, match="the file is empty"):
+        build_stream(empty, spec, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written left behind
 
 
 # --------------------------------------------------------------------------- the node's path
