@@ -162,3 +162,82 @@ def test_bad_settings_name_the_parameter():
         normalize_ids(["x"], "fax")
     with pytest.raises(ConfigurationError, match="consent_filter"):
         normalize_ids(["x"], "string", consent_filter=lambda s: np.ones(3, dtype=bool))
+
+
+# Text that reaches every branch of the vectorised e-mail path: ASCII and not, whitespace the
+# per-row strip() removes (\x1c-\x1f, \x85, NBSP), provider domains, '+' tags, dots and garbage.
+NASTY = st.lists(st.one_of(
+    st.builds(lambda sp1, e, sp2, up: (sp1 + (e.upper() if up else e) + sp2),
+              SPACE | st.sampled_from(["\x1c", "\x1f ", "\x85", "\x0b"]), emails(),
+              SPACE | st.sampled_from(["\x1d", "\r\n"]), st.booleans()),
+    st.text(alphabet=string.ascii_letters + "@.+-_ \t\"!~'", max_size=24),
+    st.text(max_size=16),
+    st.sampled_from(["+tag@gmail.com", "a.+b@gmail.com", "a.+b@outlook.com", "A.B+c@GoogleMail.com",
+                     "x@xn--bcher-kva.ch", "a@-x.com", "a" * 65 + "@x.com", "ü@x.com", "a@ü.de",
+                     "İ@x.com", "a@x.c0m", "", None, "a@b@c.com", "a@1.2.3.4"]),
+), min_size=1, max_size=60)
+
+
+def _fast_and_slow(values, **options):
+    from fedpact.privacy.matching import normalize as norm_module
+
+    saved = norm_module.FAST_PATH_MIN_ROWS
+    try:
+        norm_module.FAST_PATH_MIN_ROWS = 0
+        fast = normalize_ids(values, "email", **options)
+        norm_module.FAST_PATH_MIN_ROWS = 10**12
+        slow = normalize_ids(values, "email", **options)
+    finally:
+        norm_module.FAST_PATH_MIN_ROWS = saved
+    return fast, slow
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(NASTY, st.booleans())
+def test_vectorised_email_path_equals_the_per_row_path(values, provider_rules):
+    """The polars fast path gives exactly the per-row results: values, rows, reasons, order."""
+    fast, slow = _fast_and_slow(values, provider_rules=provider_rules)
+    assert fast.values == slow.values
+    assert fast.rows.tolist() == slow.rows.tolist()
+    assert fast.invalid_by_reason == slow.invalid_by_reason
+    assert fast.unique() == list(dict.fromkeys(slow.values))
+
+
+def test_vectorised_email_path_with_consent_and_mixed_types():
+    raw = [" A.B+x@GMail.com", "bad", 7, None, "c@x.org", "c@x.org", "ü@x.com", float("nan")] * 5
+    subjects = [f"s{i}" for i in range(len(raw))]
+
+    def consent(subj):
+        return np.array([int(s[1:]) % 3 != 0 for s in subj])
+
+    text_only = [v if isinstance(v, str) or v is None else str(v) for v in raw]
+    for column in (raw, text_only):  # mixed types fall back to the per-row path as a whole
+        fast, slow = _fast_and_slow(column, subjects=subjects, consent_filter=consent)
+        assert (fast.values, fast.rows.tolist(), fast.invalid_by_reason,
+                fast.excluded_by_consent) == (slow.values, slow.rows.tolist(),
+                                              slow.invalid_by_reason, slow.excluded_by_consent)
+        assert fast.unique() == slow.unique() and fast.excluded_by_consent == 14
+
+
+def _normalise_in_child(conn):
+    ids = normalize_ids([f"User{i}@Example.org " for i in range(5000)], "email")
+    conn.send((ids.valid, ids.unique()[:2]))
+
+
+def test_a_forked_child_does_not_hang_on_polars():
+    """polars' thread pool does not survive fork(): a child forked after polars ran keeps to the
+    per-row path instead of hanging."""
+    import multiprocessing as mp
+
+    normalize_ids([f"u{i}@x.org" for i in range(5000)], "email")  # polars runs in this process
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_normalise_in_child, args=(send,))
+    child.start()
+    try:
+        assert recv.poll(60), "the forked child hung"
+        assert recv.recv() == (5000, ["user0@example.org", "user1@example.org"])
+    finally:
+        child.join(5)
+        if child.is_alive():
+            child.kill()

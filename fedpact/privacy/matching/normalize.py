@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import re
+import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -85,6 +87,8 @@ class NormalizedIds:
     total: int
     invalid_by_reason: dict[str, int] = field(default_factory=dict)
     excluded_by_consent: int = 0
+    _unique: list[str] | None = field(default=None, repr=False, compare=False)
+    """The distinct values in first-seen order, when the vectorised path already computed them."""
 
     @property
     def valid(self) -> int:
@@ -96,6 +100,8 @@ class NormalizedIds:
 
     def unique(self) -> list[str]:
         """The distinct identifiers, in first-seen order."""
+        if self._unique is not None:
+            return list(self._unique)
         return list(dict.fromkeys(self.values))
 
     def inverse(self, unique: list[str]) -> np.ndarray:
@@ -212,6 +218,85 @@ def _email_reason(s: str) -> str | None:
 def _control(s: str) -> bool:
     """True if `s` holds a control or invisible format character (tab, NUL, zero-width space...)."""
     return not s.isprintable() and any(unicodedata.category(c) in ("Cc", "Cf") for c in s)
+
+
+_ASCII_SPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+"""The ASCII characters str.strip() removes (str.isspace() is true for exactly these below 128)."""
+_LOCAL_ATOM = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_FAST_EMAIL = rf"^{_LOCAL_ATOM}(?:\.{_LOCAL_ATOM})*@[a-z0-9.-]+$"
+"""What the vectorised path accepts: one '@', a local part as `_EmailNormalizer` accepts it (the
+allowed characters, no leading, trailing or double dot) and a domain of DNS characters (checked
+per distinct domain by `_EmailNormalizer._domain`)."""
+FAST_PATH_MIN_ROWS = 2048
+_POLARS_FORKED = False
+"""True in a process forked from one that had imported polars: polars' thread pool does not
+survive fork() (a forked child that uses it can hang), so such a child keeps to the per-row path."""
+
+
+def _note_fork() -> None:
+    global _POLARS_FORKED
+    if "polars" in sys.modules:
+        _POLARS_FORKED = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_note_fork)
+
+
+def _emails_vectorised(raw: list, normalizer: _EmailNormalizer):
+    """Plain ASCII e-mail addresses normalised column-wise with polars; the rest left to Python.
+
+    Returns (normalised value or None per row, rows still to do one by one, mask of rows done,
+    the distinct values in first-seen order when no row is left to do), or None when the
+    column is not all text/None (the caller then normalises every row one by one). Exactly what
+    `normalizer(value)` returns for every row it accepts: the same strip (ASCII whitespace),
+    lower-casing, local-part rules, the same domain check (run once per distinct domain) and the
+    same provider rules; any row that could differ (non-ASCII, quoted, too long, an unusual
+    domain, provider rules that empty the local part) goes to the per-row path instead.
+    """
+    import polars as pl
+
+    try:
+        col = pl.Series("v", raw, dtype=pl.String, strict=True)
+    except (TypeError, ValueError, pl.exceptions.PolarsError):
+        return None
+    text = col.str.strip_chars(_ASCII_SPACE).str.to_lowercase()
+    at = text.str.find("@", literal=True)
+    ok = ((col.str.len_bytes() == col.str.len_chars()) & (text.str.len_bytes() <= 254)
+          & text.str.contains(_FAST_EMAIL) & (at <= 64)).fill_null(False)
+    domain = text.str.slice(at + 1)
+    # An ASCII domain that passes the check is its own canonical form, except googlemail.com.
+    canon = {d: normalizer._domain(d) for d in domain.filter(ok).unique().to_list()}
+    if any(c is not None and c != d and not (normalizer.provider_rules and d == "googlemail.com")
+           for d, c in canon.items()):  # pragma: no cover - defensive: keep the per-row path exact
+        return None
+    ok = ok & domain.is_in([d for d, c in canon.items() if c is not None])
+    result = text
+    if normalizer.provider_rules:
+        gmail = domain.is_in(["gmail.com", "googlemail.com"])
+        changed = ok & (gmail | (domain.is_in(sorted(SUBADDRESS_DOMAINS))
+                                 & text.str.contains("+", literal=True)))
+        idx = np.flatnonzero(changed.to_numpy())
+        if len(idx):
+            sub = pl.DataFrame({"t": text.gather(idx), "at": at.gather(idx),
+                                "g": gmail.gather(idx)})
+            local = pl.col("t").str.slice(0, pl.col("at"))
+            plus = local.str.find("+", literal=True).fill_null(pl.col("at"))
+            local = local.str.slice(0, plus)
+            local = pl.when("g").then(local.str.replace_all(".", "", literal=True)).otherwise(local)
+            dom = pl.when("g").then(pl.lit("gmail.com")).otherwise(
+                pl.col("t").str.slice(pl.col("at") + 1))
+            fixed = sub.select(local.alias("local"), dom.alias("dom"))
+            empty = (fixed["local"].str.len_bytes() == 0).to_numpy()
+            new = fixed.select(pl.col("local") + "@" + pl.col("dom")).to_series()
+            result = text.scatter(idx, new)
+            if empty.any():  # e.g. "+tag@gmail.com": the per-row path names the reason
+                ok = ok.scatter(idx[empty], False)
+    values = pl.select(pl.when(ok).then(result)).to_series()
+    ok_np = ok.to_numpy()
+    todo = np.flatnonzero(~ok_np)
+    unique = values.filter(ok).unique(maintain_order=True).to_list() if len(todo) == 0 else None
+    return values.to_list(), todo, ok_np, unique
 
 
 # --------------------------------------------------------------------------- phone
@@ -343,9 +428,32 @@ def normalize_ids(
             )
         excluded = int(total - allowed.sum())
 
+    reasons: Counter[str] = Counter()
+    if (kind is IdKind.EMAIL and isinstance(one, _EmailNormalizer)
+            and total >= FAST_PATH_MIN_ROWS and not _POLARS_FORKED):
+        fast = _emails_vectorised(raw if allowed is None else
+                                  [v for v, ok in zip(raw, allowed, strict=True) if ok], one)
+        if fast is not None:
+            kept = np.arange(total) if allowed is None else np.flatnonzero(allowed)
+            values, todo, present, unique = fast
+            for k in todo.tolist():
+                norm, reason = _one_row(raw[kept[k]], one)
+                values[k] = norm
+                if norm is None:
+                    reasons[reason] += 1  # type: ignore[index]
+                else:
+                    present[k] = True
+            out_rows = kept[present]
+            out = values if len(out_rows) == len(values) else [v for v in values if v is not None]
+            result = NormalizedIds(kind=kind, values=out, rows=out_rows.astype(np.int64),
+                                   total=total, invalid_by_reason=dict(reasons),
+                                   excluded_by_consent=excluded)
+            if unique is not None:
+                object.__setattr__(result, "_unique", unique)
+            return result
+
     out: list[str] = []
     rows: list[int] = []
-    reasons: Counter[str] = Counter()
     append, append_row = out.append, rows.append
     for i, v in enumerate(raw):
         if allowed is not None and not allowed[i]:
@@ -367,6 +475,18 @@ def normalize_ids(
     return NormalizedIds(kind=kind, values=out, rows=np.asarray(rows, dtype=np.int64),
                          total=total, invalid_by_reason=dict(reasons),
                          excluded_by_consent=excluded)
+
+
+def _one_row(v: object, one: Callable[[str], tuple[str | None, str | None]]
+             ) -> tuple[str | None, str | None]:
+    """One row by the per-value path (the loop of `normalize_ids`, for the vectorised path's rest)."""
+    if type(v) is not str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None, MISSING
+        if isinstance(v, bool) or not isinstance(v, (str, int, np.integer)):
+            return None, NOT_TEXT
+        v = str(v)
+    return one(v)
 
 
 def _subject_text(value: object) -> str:
