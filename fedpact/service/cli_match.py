@@ -1,9 +1,13 @@
 """`fedpact match`: run one audience-match job with a partner node (see docs/matching.md).
 
-One node listens, the other connects; both name their identifier file and column:
+One node listens, the other connects; both name their identifier file and column, and the column
+with the subject id their consent registry knows (only subjects with a current consent for
+'audience_matching' in the ledger's registry take part):
 
-    fedpact match --mode psi-cardinality --listen 0.0.0.0:7400 --ids ours.csv --column email --kind email
-    fedpact match --mode psi-cardinality --connect partner:7400 --ids theirs.csv --column email --kind email
+    fedpact match --mode psi-cardinality --listen 0.0.0.0:7400 --ids ours.csv --column email \
+        --kind email --subject-column customer_id
+    fedpact match --mode psi-cardinality --connect partner:7400 --ids theirs.csv --column email \
+        --kind email --subject-column member_id
 """
 
 from __future__ import annotations
