@@ -24,6 +24,7 @@ from fedpact.privacy.budget import PrivacyBudgets
 from fedpact.privacy.crosscheck import cross_check
 
 from .central_dp import client_level_privacy, with_central_dp
+from .client_app import ERROR_CODE_REFUSED
 from .job import JobConfig
 from .local_round import plan_for
 from .partition import partition_names
@@ -80,28 +81,38 @@ class JobResult:
         return cls(**doc)
 
 
-def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+def _enlist(grid: Grid, job: JobConfig, timeout: float):
+    """Ask every connected node for its feature layout and row counts until `num_partitions`
+    partners answered (a dead node the SuperLink still lists is skipped after `round_timeout`).
+    A node that refuses (budget, layout, bad data) fails the job with its reason; all layouts
+    must be identical."""
     deadline = time.monotonic() + timeout
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= n:
-            return sorted(nodes)[:n] if len(nodes) > n else sorted(nodes)
-        if time.monotonic() > deadline:
-            raise JobFailed(f"only {len(nodes)} of {n} partner nodes connected within {timeout:.0f} s")
-        time.sleep(0.5)
-
-
-def _handshake(grid: Grid, job: JobConfig, node_ids: list[int], timeout: float):
-    """Ask each node for its feature layout and row counts; all layouts must be identical."""
     content = RecordDict({"config": ConfigRecord(job.to_config())})
-    msgs = [Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids]
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
-    errors = [r for r in replies if r.has_error()]
-    if errors or len(replies) < len(node_ids):
-        reasons = "; ".join(r.error.reason for r in errors) or "no reply"
-        raise JobFailed(f"handshake failed: {reasons}")
+    answered: dict[str, Message] = {}
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= job.num_partitions:
+            msgs = [Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY)
+                    for nid in nodes]
+            wait = max(1.0, min(job.round_timeout, deadline - time.monotonic()))
+            replies = list(grid.send_and_receive(msgs, timeout=wait))
+            refusals = [r for r in replies if r.has_error() and r.error.code == ERROR_CODE_REFUSED]
+            if refusals:
+                raise JobFailed("handshake failed: " + "; ".join(r.error.reason for r in refusals))
+            answered = {}
+            for reply in sorted((r for r in replies if not r.has_error()),
+                                key=lambda r: r.metadata.src_node_id):
+                answered.setdefault(str(reply.content["layout"]["partner"]), reply)
+            if len(answered) >= job.num_partitions:
+                break
+        if time.monotonic() > deadline:
+            raise JobFailed(f"only {len(answered)} of {job.num_partitions} partner nodes answered "
+                            f"within {timeout:.0f} s ({len(nodes)} connected)"
+                            + (f": {', '.join(sorted(answered))}" if answered else ""))
+        time.sleep(0.5)
+    chosen = [answered[name] for name in sorted(answered)[:job.num_partitions]]
     names, partners, layouts = {}, [], set()
-    for reply in replies:
+    for reply in chosen:
         rec = reply.content["layout"]
         names[reply.metadata.src_node_id] = str(rec["partner"])
         partners.append(PartnerSummary(str(rec["partner"]), int(rec["train-rows"]), int(rec["test-rows"])))
@@ -216,8 +227,7 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
     admitted = [] if resuming else admit_job(job, ledger)
     job.job_dir.mkdir(parents=True, exist_ok=True)
     try:
-        node_ids = _wait_for_nodes(grid, job.num_partitions, timeout)
-        names, partners, layout = _handshake(grid, job, node_ids, timeout)
+        names, partners, layout = _enlist(grid, job, timeout)
         if not resuming:
             try:
                 _check_plan_against_rows(job, ledger, partners, admitted)

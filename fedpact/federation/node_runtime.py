@@ -17,6 +17,7 @@ cannot make a partner execute code the partner did not install.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -26,13 +27,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 log = logging.getLogger("fedpact.node")
 
 CLIENT_APP_REF = "fedpact.federation.client_app:app"
 DEFAULT_POLL_INTERVAL = 0.05
+# The SuperLink did not admit the node (Flower's exit code 305: unregistered key or unreachable).
+EXIT_NOT_ADMITTED = 77
+# A task's message must arrive within this many seconds (it cannot when its run has just ended).
+TASK_INPUT_TIMEOUT = 30.0
 
 
 class _CappedSleep:
@@ -51,10 +56,20 @@ class _CappedSleep:
 def run_supernode(argv: list[str], poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
     """Flower's `flower-supernode` with its fixed 3 s / 0.5 s polling sleeps capped at
     `poll_interval` (pinned to flwr 1.41's module layout; checked in tests/test_deployment.py)."""
-    from flwr.supernode import start_client_internal
+    from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    flwr_exit = fleet_http_connection.flwr_exit
+
+    def exit_with_reason(code: int, *args, **kwargs):
+        try:
+            flwr_exit(code, *args, **kwargs)
+        finally:  # Flower exits 1 for every error; keep "not admitted" distinguishable
+            if code == 305:
+                os._exit(EXIT_NOT_ADMITTED)
+
     start_client_internal.time = _CappedSleep(poll_interval)
+    fleet_http_connection.flwr_exit = exit_with_reason
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
@@ -67,6 +82,7 @@ class TaskOutcome:
     seconds: float
     ok: bool
     details: str = ""
+    compute_seconds: float = 0.0  # inside fedpact's ClientApp (the rest is Flower messaging)
 
 
 def _runtime_client(address: str, token: str | None, secret: bytes | None):
@@ -100,16 +116,50 @@ def _fab_client_app(fab_content: bytes) -> str:
         return ""
 
 
-def run_task(address: str, token: str, task_id: int, client_app=None) -> TaskOutcome:
+def _pull_task_input(client, max_time: float):
+    """flwr 1.41's `run_clientapp.pull_task_input` with a bound on the object pulls: a task whose
+    message belongs to a run that ended meanwhile would otherwise block for PULL_MAX_TIME (2 h)."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
+        PullAppMessagesRequest,
+        PullTaskInputRequest,
+    )
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context, run, fab = (context_from_proto(res.context), run_from_proto(res.run),
+                         fab_from_proto(res.fab))
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("no message for this task from the Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message, max_time=max_time)
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, run, fab
+
+
+def run_task(address: str, token: str, task_id: int, client_app=None, *,
+             input_timeout: float = TASK_INPUT_TIMEOUT) -> TaskOutcome:
     """Pull one ClientApp task's message, run fedpact's ClientApp on it, push the reply."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supernode.runtime.run_clientapp import (
-        pull_task_input,
-        push_message,
-        push_task_output,
-    )
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     if client_app is None:
         from .client_app import app as client_app
@@ -119,9 +169,9 @@ def run_task(address: str, token: str, task_id: int, client_app=None) -> TaskOut
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     message = context = reply = None
-    sub_status, details, run_id, kind = SubStatus.FAILED, "", 0, "?"
+    sub_status, details, run_id, kind, compute = SubStatus.FAILED, "", 0, "?", 0.0
     try:
-        message, context, run, fab = pull_task_input(client)
+        message, context, run, fab = _pull_task_input(client, input_timeout)
         run_id, kind = run.run_id, message.metadata.message_type
         wanted = _fab_client_app(fab.content)
         if wanted != CLIENT_APP_REF:
@@ -131,7 +181,9 @@ def run_task(address: str, token: str, task_id: int, client_app=None) -> TaskOut
             reply = Message(Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=details),
                             reply_to=message)
         else:
+            computing = time.perf_counter()
             reply = client_app(message=message, context=context)
+            compute = time.perf_counter() - computing
             sub_status = SubStatus.COMPLETED
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator, node keeps serving
         details = f"{type(exc).__name__}: {exc}"
@@ -148,7 +200,7 @@ def run_task(address: str, token: str, task_id: int, client_app=None) -> TaskOut
             heartbeat.stop()
             client.close()
     return TaskOutcome(task_id, run_id, kind, time.perf_counter() - started,
-                       sub_status == SubStatus.COMPLETED, details)
+                       sub_status == SubStatus.COMPLETED, details, compute)
 
 
 def serve_tasks(address: str, *, secret: bytes | None = None,
@@ -222,33 +274,31 @@ def _secret_file(state_dir: Path) -> tuple[Path, bytes]:
     return path, secret
 
 
-def start_node(config: NodeProcessConfig, *, stop: threading.Event | None = None,
-               on_task: Callable[[TaskOutcome], None] | None = None) -> int:
-    """Run the SuperNode (child process) and the warm executor (this process) until stopped or
-    until the SuperNode exits; returns the SuperNode's exit code (305: key not registered)."""
-    stop = stop or threading.Event()
+def _run_once(config: NodeProcessConfig, stop: threading.Event,
+              record: Callable[[TaskOutcome], None]) -> int:
+    """One SuperNode child + the executor until either ends; the SuperNode's exit code."""
     secret_file, secret = _secret_file(Path(config.state_dir))
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     supernode = subprocess.Popen(
         [sys.executable, "-m", "fedpact.federation.node_runtime", "supernode",
          "--poll-interval", str(config.poll_interval), "--",
          *config.supernode_argv(secret_file)], env=env)
+    ended = threading.Event()
 
     def watch() -> None:
         supernode.wait()
-        stop.set()
+        ended.set()
+
+    def forward() -> None:
+        stop.wait()
+        ended.set()
 
     threading.Thread(target=watch, daemon=True).start()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=forward, daemon=True).start()
     try:
         serve_tasks(f"127.0.0.1:{config.runtime_port}", secret=secret,
-                    poll_interval=config.poll_interval, stop=stop, on_task=on_task)
+                    poll_interval=config.poll_interval, stop=ended, on_task=record)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if supernode.poll() is None:
             supernode.terminate()
             try:
@@ -257,6 +307,45 @@ def start_node(config: NodeProcessConfig, *, stop: threading.Event | None = None
                 supernode.kill()
                 supernode.wait()
     return supernode.returncode
+
+
+def start_node(config: NodeProcessConfig, *, stop: threading.Event | None = None,
+               on_task: Callable[[TaskOutcome], None] | None = None,
+               admission_wait: float = 120.0) -> int:
+    """Run the SuperNode (child process) and the warm executor (this process) until stopped or
+    until the SuperNode exits; returns the SuperNode's exit code.
+
+    A node restarted after a crash is not admitted while the SuperLink still holds its previous
+    session (until that session's heartbeat expires, ≈ 1 min): it retries for `admission_wait`
+    seconds before returning EXIT_NOT_ADMITTED (also what an unregistered key gets)."""
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    task_log = Path(config.state_dir) / "tasks.jsonl"
+
+    def record(outcome: TaskOutcome) -> None:
+        with task_log.open("a") as handle:
+            handle.write(json.dumps({**asdict(outcome), "finished": time.time()}) + "\n")
+        if on_task is not None:
+            on_task(outcome)
+
+    started = time.monotonic()
+    try:
+        while True:
+            code = _run_once(config, stop, record)
+            waited = time.monotonic() - started
+            if code != EXIT_NOT_ADMITTED or stop.is_set() or waited >= admission_wait:
+                return code
+            log.warning("the SuperLink did not admit this node (key not registered, or its "
+                        "previous session not yet expired); retrying for another %.0f s",
+                        admission_wait - waited)
+            if stop.wait(min(5.0, admission_wait - waited)):
+                return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -120,9 +120,12 @@ def start(
                                                    "API (one per node on a machine).")] = 9094,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls of the SuperLink "
                                                       "and the Runtime API.")] = 0.05,
+    admission_wait: Annotated[float, typer.Option(
+        help="Seconds to keep retrying when the SuperLink does not admit the node (after a "
+             "crash it holds the old session for about a minute).")] = 120.0,
 ) -> None:
     """Run this partner's node: the SuperNode and a warm fedpact ClientApp executor."""
-    from fedpact.federation.node_runtime import NodeProcessConfig, start_node
+    from fedpact.federation.node_runtime import EXIT_NOT_ADMITTED, NodeProcessConfig, start_node
 
     if not insecure and (root_certificates is None or key is None):
         _fail("give --root-certificates ca.crt and --key NODE_KEY (or --insecure on loopback)")
@@ -153,10 +156,11 @@ def start(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     console.print(f"node → SuperLink {superlink} ({'insecure' if insecure else 'TLS + node key'}); "
                   f"Ctrl-C stops it")
-    code = start_node(config)
-    if code == 305:
-        _fail("the SuperLink refused this node's key: ask the coordinator to run "
-              "`fedpact node register` with your .pub file", 305)
+    code = start_node(config, admission_wait=admission_wait)
+    if code == EXIT_NOT_ADMITTED:
+        _fail(f"the SuperLink at {superlink} did not admit this node: its key is not registered "
+              "(ask the coordinator to run `fedpact node register` with your .pub file) or the "
+              "address/certificate is wrong", EXIT_NOT_ADMITTED)
     if code not in (0, None, -15):
         _fail(f"the SuperNode exited with code {code}", 1)
 
