@@ -168,3 +168,51 @@ def test_parallel_verification_catches_truncation(big: Path) -> None:
     _tamper(big, "DELETE FROM ledger_events WHERE seq > 12000")
     result = _verify(big, [])
     assert not result.ok and result.first_bad_seq == 12_001 and "truncated" in result.reason
+
+
+def test_an_interrupted_waiter_passes_on_the_lead(tmp_path: Path) -> None:
+    """A queued appender interrupted while waiting withdraws its event and hands on the lead."""
+    import threading
+    import time
+
+    with Ledger.open(tmp_path / "l.db") as ledger:
+        first = ledger._prepare(EventType.JOB_FAILED, {"i": 1}, "a", None)
+        ledger._leader = True  # someone else is writing
+        interrupted = ledger._prepare(EventType.JOB_FAILED, {"i": 2}, "a", None)
+        follower = ledger._prepare(EventType.JOB_FAILED, {"i": 3}, "a", None)
+
+        class Interrupt(BaseException):
+            pass
+
+        real_lock = ledger_module._allocate_lock
+
+        class Gate:
+            def __init__(self) -> None:
+                self.lock, self.calls = real_lock(), 0
+
+            def acquire(self) -> bool:
+                self.calls += 1
+                if self.calls == 2:
+                    raise Interrupt
+                return self.lock.acquire()
+
+            def release(self) -> None:
+                self.lock.release()
+
+        ledger_module._allocate_lock = Gate
+        try:
+            with pytest.raises(Interrupt):
+                ledger._group_commit(interrupted)
+        finally:
+            ledger_module._allocate_lock = real_lock
+        assert ledger._queue == []
+        # the leader finishes; a queued appender is then promoted and commits its own event
+        thread = threading.Thread(target=ledger._group_commit, args=(follower,))
+        thread.start()
+        while follower not in ledger._queue:
+            time.sleep(0.001)
+        ledger._leader = False
+        ledger._group_commit(first)
+        thread.join(timeout=10)
+        assert first.done and follower.done and not thread.is_alive()
+        assert sorted(e.payload["i"] for e in ledger.events()) == [1, 3]

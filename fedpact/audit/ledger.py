@@ -179,7 +179,7 @@ def utc_iso(value: str) -> str:
     return datetime.fromisoformat(value).astimezone(UTC).isoformat(timespec="microseconds")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity (queue removal)
 class _Pending:
     """One append waiting for a group commit."""
 
@@ -192,6 +192,7 @@ class _Pending:
     error: BaseException | None = None
     done: bool = False
     gate: Any = None
+    lead: bool = False
 
 
 @dataclass(slots=True)
@@ -678,7 +679,19 @@ class Ledger:
             lead = not self._leader
             self._leader = True
         if not lead:
-            gate.acquire()  # opened when our event is committed, or when we are to lead
+            try:
+                gate.acquire()  # opened when our event is committed, or when we are to lead
+            except BaseException:  # interrupted while queued: withdraw, pass on a lead given to us
+                with self._queue_lock:
+                    if not pending.done and pending in self._queue:
+                        self._queue.remove(pending)
+                        if pending.lead:
+                            if self._queue:
+                                self._queue[0].lead = True
+                                self._queue[0].gate.release()
+                            else:
+                                self._leader = False
+                raise
             if pending.done:
                 return
         # Other threads are about to queue events (they are preparing them, or were just woken
@@ -707,6 +720,7 @@ class Ledger:
                     item.gate.release()
             with self._queue_lock:
                 if self._queue:
+                    self._queue[0].lead = True
                     self._queue[0].gate.release()  # the next in line leads
                 else:
                     self._leader = False
