@@ -19,7 +19,7 @@ fitted pipeline's arithmetic, so its feature vectors are the in-memory path's. A
   accountant records (`local_round.plan_for`), so its history is the in-memory path's.
 
 Memory is bounded by the batch plus the pages of the memmaps the OS keeps resident: about
-(4·categorical + 8·numeric + 1) bytes a row, 67 bytes for bank marketing (0.7 GB at 10M rows).
+(4·categorical + 8·numeric + 1) bytes a row, 85 bytes for bank marketing (0.85 GB at 10M rows).
 No Flower and no privacy accounting here: `fedpact.federation.local_round` uses these functions.
 """
 
