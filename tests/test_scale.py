@@ -294,3 +294,21 @@ def test_dirichlet_floor_and_alpha():
 
     with pytest.raises(ConfigurationError):
         dirichlet_indices(labels, 3, alpha=0.0)
+
+
+@pytest.mark.shared_data
+def test_a_worker_parses_and_splits_the_file_once_for_all_its_nodes(shared_data, tmp_path):
+    """A simulation worker serves many virtual nodes: one parse and split, not one per message."""
+    from fedpact.federation import node_data
+
+    node_data._partitions.cache_clear()
+    node_data._simulated.cache_clear()
+    job = JobConfig(dataset="bank", partitioning="dirichlet", num_partitions=100, seed=2,
+                    home=str(tmp_path))
+    config = {"data-dir": str(shared_data)}
+    nodes = [load_node_data({**config, "partition-id": i}, job) for i in range(100)]
+    again = [load_node_data({**config, "partition-id": i}, job) for i in range(100)]
+    assert node_data._partitions.cache_info().misses == 1
+    assert all(a is b for a, b in zip(nodes, again, strict=True))
+    assert [n.partner for n in nodes] == partition_names("bank-marketing", "dirichlet", 100)
+    assert sum(len(n.train) + len(n.test) for n in nodes) == 45_211
