@@ -9,6 +9,11 @@ import pytest
 
 from fedpact.models.datasets import SHARED_FILES, shared_data_dir
 
+# Tests compare runs that must compute the same thing (SecAgg+ vs FedAvg, deployment vs simulation,
+# streamed vs in-memory), so nodes started by the tests derive their DP noise seed from the job.
+# Real nodes draw it from the OS (local_round.round_seed); tests/test_noise_seed.py pins that.
+os.environ.setdefault("FEDPACT_REPRODUCIBLE_NOISE", "1")
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -125,12 +126,26 @@ def train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Pat
     return update
 
 
+REPRODUCIBLE_NOISE_ENV = "FEDPACT_REPRODUCIBLE_NOISE"
+
+
+def round_seed(job: JobConfig, server_round: int, rows: int) -> int:
+    """The seed of this round's DP noise and batch sampling: fresh OS randomness, so nobody else
+    (not the coordinator, who knows the job seed, the round and the row count) can recompute the
+    noise and subtract it. Only a node started with FEDPACT_REPRODUCIBLE_NOISE=1 (tests,
+    benchmarks) derives it from the job seed."""
+    if os.environ.get(REPRODUCIBLE_NOISE_ENV) == "1":
+        return job.seed * 1_000_003 + server_round * 101 + rows
+    return secrets.randbits(63)
+
+
 def _train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Path,
                  server_round: int) -> RoundUpdate:
     pipe = pipeline_for(node)
     rows = len(node.train)
     model = model_from_weights(weights, pipe.n_features, job)
-    torch.manual_seed(job.seed * 1_000_003 + server_round * 101 + rows)
+    seed = round_seed(job, server_round, rows)
+    torch.manual_seed(seed)
     optimizer = make_optimizer(model, job.learning_rate)
     if isinstance(node.train, StreamedRows):  # a large CSV: batches encoded from the on-disk rows
         loader = shuffled_loader(node.train, job.batch_size, seed=job.seed + server_round)
@@ -139,7 +154,8 @@ def _train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Pa
                              seed=job.seed + server_round)
     metrics: dict[str, float] = {"num-examples": float(rows)}
     if job.dp:
-        metrics.update(_train_private(model, optimizer, loader, node, job, state_dir, server_round))
+        metrics.update(_train_private(model, optimizer, loader, node, job, state_dir, server_round,
+                                      seed))
     else:
         metrics["train-loss"] = run_epochs(model, optimizer, loader, job.local_epochs)
         metrics.update({"epsilon": 0.0, "noise-multiplier": 0.0, "steps": 0.0, "sample-rate": 0.0})
@@ -194,7 +210,7 @@ def _epsilon(history, delta: float, accountant: str) -> float:
 
 
 def _train_private(model, optimizer, loader, node: NodeData, job: JobConfig, state_dir: Path,
-                   server_round: int) -> dict:
+                   server_round: int, seed: int) -> dict:
     """DP-SGD for this round; the accountant history is restored from and saved to the node's disk."""
     store = AccountantStore(state_dir / "accountants")
     dataset = node.partner
@@ -230,7 +246,7 @@ def _train_private(model, optimizer, loader, node: NodeData, job: JobConfig, sta
         # Opacus' sampler draws one uniform per row per step (O(rows²/batch) an epoch); this one
         # draws Poisson batches in O(batch), at exactly the rate and steps the accountant records.
         private.loader = poisson_loader(node.train, sample_rate, steps=steps_per_round // job.local_epochs,
-                                        seed=job.seed + server_round)
+                                        seed=seed)
     loss = run_epochs(private.model, private.optimizer, private.loader, job.local_epochs,
                       loss_fn=private.loss_fn)
     state.history = session.history
