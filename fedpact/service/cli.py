@@ -74,7 +74,7 @@ def demo(
 @app.command()
 def train(
     dataset: Annotated[str, typer.Option(help="bank | telco | caravan | cdnow")] = "bank",
-    partitioning: Annotated[str, typer.Option(help="segment | period | iid")] = "segment",
+    partitioning: Annotated[str, typer.Option(help="segment | period | iid | dirichlet (label-skewed, any number of partners)")] = "segment",
     partners: Annotated[int, typer.Option(help="Number of simulated partner nodes.")] = 3,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 10,
     epsilon: Annotated[float, typer.Option(help="Target ε per partner dataset for the whole job.")] = 1.0,

@@ -130,7 +130,7 @@ def _print_json(doc: Any) -> None:
 def job_submit(
     purpose: Annotated[str, typer.Option(help="Purpose of processing, a slug, e.g. churn_model_training.")],
     dataset: Annotated[str, typer.Option(help="bank | telco | caravan | cdnow")] = "telco",
-    partitioning: Annotated[str, typer.Option(help="segment | period | iid")] = "segment",
+    partitioning: Annotated[str, typer.Option(help="segment | period | iid | dirichlet (label-skewed, any number of partners)")] = "segment",
     partners: Annotated[int, typer.Option(help="Number of partner datasets.")] = 3,
     epsilon: Annotated[float, typer.Option(help="Target ε per partner dataset for the job.")] = 1.0,
     delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
