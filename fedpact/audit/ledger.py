@@ -1700,7 +1700,11 @@ def _start_parallel_check(
     workers = min(cores, 2, len(jobs))
     # gc off in the workers: they must never finalise (close) the SQLite connections they
     # inherited; they exit with os._exit and allocate nothing cyclic
-    pool = multiprocessing.get_context("fork").Pool(workers, initializer=gc.disable)
+    gc.freeze()  # and nothing the parent holds is even a candidate for collection there
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=gc.disable)
+    finally:
+        gc.unfreeze()
     return _ParallelCheck(pool, pool.imap(_verify_range, jobs), size)
 
 
