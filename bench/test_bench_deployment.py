@@ -104,10 +104,10 @@ def test_three_node_round_time_vs_simulation_and_stock_flower(tmp_path, shared_d
     per_round = statistics.median(deploy_rounds)
     sim_round = statistics.median(sim_rounds)
     stock_round = statistics.median(stock_rounds)
-    print(f"\ndeployment rounds {['%.2f' % r for r in deploy_rounds]} (job {wall:.1f} s, "
-          f"AUC {result.final['roc_auc']:.4f}); simulation {['%.2f' % r for r in sim_rounds]} "
+    print(f"\ndeployment rounds {[f'{r:.2f}' for r in deploy_rounds]} (job {wall:.1f} s, "
+          f"AUC {result.final['roc_auc']:.4f}); simulation {[f'{r:.2f}' for r in sim_rounds]} "
           f"(job {sim_wall:.1f} s, AUC {sim_result.final['roc_auc']:.4f}); stock Flower "
-          f"{['%.2f' % r for r in stock_rounds]} (job {stock_wall:.1f} s)")
+          f"{[f'{r:.2f}' for r in stock_rounds]} (job {stock_wall:.1f} s)")
     _report("bank, 3 nodes: s per round, fedpact nodes on loopback (TLS, node auth)",
             f"{per_round:.2f}", f"simulation {sim_round:.2f}", f"{per_round / sim_round:.2f}×",
             "≤ 2 s")
@@ -138,9 +138,9 @@ def test_ten_node_round_overhead(tmp_path, shared_data):
     sim_rounds = _round_times(Path(sim.home), sim.job_id)
     per_round, sim_round = statistics.median(rounds), statistics.median(sim_rounds)
     overhead = statistics.median(overheads)
-    print(f"\n10 nodes: rounds {['%.2f' % r for r in rounds]}, overhead "
-          f"{['%.3f' % o for o in overheads]} (job {wall:.1f} s); simulation "
-          f"{['%.2f' % r for r in sim_rounds]}")
+    print(f"\n10 nodes: rounds {[f'{r:.2f}' for r in rounds]}, overhead "
+          f"{[f'{o:.3f}' for o in overheads]} (job {wall:.1f} s); simulation "
+          f"{[f'{r:.2f}' for r in sim_rounds]}")
     _report("bank iid, 10 nodes: round overhead beyond local compute (s)", f"{overhead:.3f}",
             f"round {per_round:.2f} s, simulation round {sim_round:.2f} s",
             f"{per_round / sim_round:.2f}× simulation", "≤ 0.100")

@@ -105,6 +105,20 @@ def test_supernode_poll_shim_matches_flower_layout():
     assert "ExitCode.SUPERNODE_CONNECTION_ERROR" in Path(fleet_http_connection.__file__).read_text()
 
 
+def test_flower_pull_backoff_is_tunable():
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from fedpact.federation.flower_tuning import tune_object_pulls
+
+    saved = dict(inflatable_utils.pull_objects.__kwdefaults__)
+    try:
+        tune_object_pulls(0.05, 0.4)
+        assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.05
+        assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__["backoff_cap"] == 0.4
+    finally:
+        inflatable_utils.pull_objects.__kwdefaults__.update(saved)
+
+
 def test_unregistered_node_is_refused(deployment):
     proc = deployment.start_node(3, key="intruder", track=False, admission_wait=0)
     try:

@@ -28,12 +28,8 @@ from .client_app import ERROR_CODE_REFUSED
 from .job import JobConfig
 from .local_round import plan_for
 from .partition import partition_names
-from .rounds import load_checkpoint, run_rounds
+from .rounds import JobFailed, load_checkpoint, run_rounds
 from .strategy import AuditedFedAvg, RoundFailed, make_strategy
-
-
-class JobFailed(FedpactError):
-    """The federated job stopped; the message says at which step and why."""
 
 
 @dataclass
@@ -213,6 +209,20 @@ def resumable(job: JobConfig, ledger: Ledger) -> bool:
     return EventType.JOB_CREATED.value in kinds
 
 
+def _check_resume(job: JobConfig, ledger: Ledger, partners: list[PartnerSummary]) -> None:
+    """A resumed job must be the job that was created: same partners, same settings."""
+    created = ledger.events(job_id=job.job_id, event_type=EventType.JOB_CREATED.value)[0].payload
+    if sorted(created["partners"]) != sorted(p.name for p in partners):
+        raise JobFailed(f"cannot resume {job.job_id}: it was created with partners "
+                        f"{sorted(created['partners'])}, the nodes now answering are "
+                        f"{sorted(p.name for p in partners)}")
+    before, now = created.get("config", {}), job.as_dict()
+    changed = sorted(k for k in now if k not in ("home",) and k in before and before[k] != now[k])
+    if changed:
+        raise JobFailed(f"cannot resume {job.job_id}: settings changed since it was created "
+                        f"({', '.join(changed)}); submit a new job instead")
+
+
 def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
             on_round: Callable[[int, dict], None] | None = None, *, timeout: float = 600,
             rounds: RoundsRunner = fedavg_rounds) -> JobResult:
@@ -228,7 +238,9 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
     job.job_dir.mkdir(parents=True, exist_ok=True)
     try:
         names, partners, layout = _enlist(grid, job, timeout)
-        if not resuming:
+        if resuming:
+            _check_resume(job, ledger, partners)
+        else:
             try:
                 _check_plan_against_rows(job, ledger, partners, admitted)
             except FedpactError as exc:
@@ -249,6 +261,11 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
             raise
         ledger.append(EventType.JOB_FAILED, {"reason": str(exc)}, actor="coordinator", job_id=job.job_id)
         raise JobFailed(f"job {job.job_id} failed: {exc}") from None
+    except Exception as exc:  # Flower, the disk, the network: still a recorded, explained failure
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        ledger.append(EventType.JOB_FAILED, {"reason": reason}, actor="coordinator",
+                      job_id=job.job_id)
+        raise JobFailed(f"job {job.job_id} failed: {reason}") from exc
 
     model.load_state_dict(final_state)
     model_path = job.job_dir / "model.pt"

@@ -10,6 +10,7 @@ partners refuse any other ClientApp). `flwr run` submits it; the ServerApp write
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -165,8 +166,14 @@ def _flwr() -> str:
 def flwr_cli(connection: Connection, *args: str, timeout: float = 120) -> dict:
     """Run `flwr ARGS --format json` against the connection; return its JSON or raise."""
     connection.write()
-    proc = subprocess.run([_flwr(), *args, "--format", "json"], env=connection.env(),
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([_flwr(), *args, "--format", "json"], env=connection.env(),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeploymentError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f} s "
+                              f"(SuperLink {connection.address})") from None
+    except OSError as exc:
+        raise DeploymentError(f"cannot run the Flower CLI `flwr`: {exc}") from None
     out = proc.stdout.strip()
     try:
         doc = json.loads(out[out.index("{"):]) if "{" in out else {}
@@ -226,7 +233,7 @@ def wait_for_result(connection: Connection, job: JobConfig, run_id: int, *,
     reason the ledger gives. `on_round` sees each round as the ServerApp records it."""
     result_path = job.job_dir / "result.json"
     deadline = time.monotonic() + timeout
-    next_status, seen = 0.0, 0
+    next_status, seen, failures = 0.0, 0, 0
     while time.monotonic() < deadline:
         if on_round is not None and job.ledger_path.exists():
             rounds, seen = _new_rounds(job, seen)
@@ -238,7 +245,14 @@ def wait_for_result(connection: Connection, job: JobConfig, run_id: int, *,
             except ValueError:
                 pass  # being written
         if time.monotonic() >= next_status:
-            status = run_status(connection, run_id)
+            try:
+                status = run_status(connection, run_id)
+                failures = 0
+            except DeploymentError:
+                failures += 1  # a slow or briefly unreachable SuperLink: try again
+                if failures >= 10:
+                    raise
+                status = ""
             if status.startswith("finished"):
                 time.sleep(poll)
                 if not result_path.exists():
@@ -246,7 +260,10 @@ def wait_for_result(connection: Connection, job: JobConfig, run_id: int, *,
                     raise JobFailed(f"job {job.job_id} failed: {reason}")
             next_status = time.monotonic() + 2
         time.sleep(poll)
-    raise DeploymentError(f"job {job.job_id} (run {run_id}) did not finish within {timeout:.0f} s")
+    with contextlib.suppress(DeploymentError):  # don't leave a run spending ε unwatched
+        flwr_cli(connection, "stop", str(run_id), connection.name)
+    raise DeploymentError(f"job {job.job_id} (run {run_id}) did not finish within {timeout:.0f} s;"
+                          " the run was stopped")
 
 
 class DeploymentRun:

@@ -124,6 +124,9 @@ class JobConfig:
         if self.secure_aggregation and self.num_partitions < 2:
             bad("num_partitions", "secure aggregation needs at least 2 partners (the sum of one "
                 "update is that update)")
+        if self.central_dp_noise > 0 and 0 < self.min_partners < self.num_partitions:
+            bad("min_partners", "central DP calibrates its noise to every partner taking part; "
+                "with central_dp_noise keep min_partners at 0 (all)")
         if not (self.central_dp_noise >= 0 and math.isfinite(self.central_dp_noise)):
             bad("central_dp_noise", "must be 0 (off) or a positive noise multiplier")
         if self.central_dp_noise > 0 and not (self.central_dp_clip > 0

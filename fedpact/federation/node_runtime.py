@@ -68,6 +68,9 @@ def run_supernode(argv: list[str], poll_interval: float = DEFAULT_POLL_INTERVAL)
             if code == 305:
                 os._exit(EXIT_NOT_ADMITTED)
 
+    from .flower_tuning import tune_object_pulls
+
+    tune_object_pulls()
     start_client_internal.time = _CappedSleep(poll_interval)
     fleet_http_connection.flwr_exit = exit_with_reason
     sys.argv = ["flower-supernode", *argv]
@@ -196,6 +199,9 @@ def run_task(address: str, token: str, task_id: int, client_app=None, *,
             if reply is not None and context is not None:
                 push_message(client, reply, context)
             push_task_output(client, context, sub_status, details)
+        except Exception as exc:  # noqa: BLE001 - the run ended or the SuperNode restarted
+            sub_status, details = SubStatus.FAILED, f"reply not delivered: {exc}"
+            log.warning("task %s: %s", task_id, details)
         finally:
             heartbeat.stop()
             client.close()
@@ -212,7 +218,9 @@ def serve_tasks(address: str, *, secret: bytes | None = None,
     from flwr.supercore.constant import TaskType
 
     from . import client_app  # noqa: F401 - import torch/opacus/fedpact once, before any task
+    from .flower_tuning import tune_object_pulls
 
+    tune_object_pulls()
     stop = stop or threading.Event()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     client = _runtime_client(address, None, secret)
@@ -227,7 +235,12 @@ def serve_tasks(address: str, *, secret: bytes | None = None,
                 stop.wait(1.0)
                 continue
             if res.HasField("task") and res.token:
-                outcome = run_task(address, res.token, res.task.task_id)
+                try:
+                    outcome = run_task(address, res.token, res.task.task_id)
+                except Exception as exc:  # noqa: BLE001 - one bad task must not stop the node
+                    log.exception("task %s could not run", res.task.task_id)
+                    outcome = TaskOutcome(res.task.task_id, res.task.run_id, "?", 0.0, False,
+                                          f"{type(exc).__name__}: {exc}")
                 log.info("task %s (%s, run %s) %s in %.2f s", outcome.task_id,
                          outcome.message_type, outcome.run_id,
                          "done" if outcome.ok else "FAILED " + outcome.details, outcome.seconds)
@@ -269,6 +282,7 @@ def _secret_file(state_dir: Path) -> tuple[Path, bytes]:
     path = state_dir / "superexec.secret"
     secret = secrets.token_bytes(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(secret)
     return path, secret

@@ -23,12 +23,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedpact.errors import FedpactError
+
 from .client_app import ERROR_CODE_REFUSED
 from .job import JobConfig
 from .strategy import AuditedStrategyMixin, RoundFailed
 
+
+class JobFailed(FedpactError):
+    """The federated job stopped; the message says at which step and why."""
+
 log = logging.getLogger("fedpact.rounds")
 CHECKPOINT_NAME = "checkpoint.pt"
+POLL_INTERVAL = 0.02  # seconds between pulls of replies (Flower's own Grid sleeps 3 s)
 
 
 class NodeSubsetGrid(Grid):
@@ -81,14 +88,51 @@ def load_checkpoint(job: JobConfig) -> dict | None:
     path = checkpoint_path(job)
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=True)
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise JobFailed(f"job {job.job_id}: checkpoint {path} is unreadable ({exc}); move it "
+                        "away to start the job from round 1") from None
     return state if state.get("job_id") == job.job_id else None
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float):
+    """Push, then pull replies until all arrived or `timeout`; (replies, unanswered ids)."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_INTERVAL)
+    return replies, pending
+
+
+def collect_late_replies(grid: Grid, audited: AuditedStrategyMixin, late: dict[str, int]) -> None:
+    """Train replies that arrived after their phase moved on: the partner trained, so its ε is
+    charged and its data access recorded (idempotently) even though the update was not used."""
+    if not late:
+        return
+    try:
+        replies = list(grid.pull_messages(list(late)))
+    except Exception as exc:  # noqa: BLE001 - best effort at the end of a job
+        log.warning("could not collect late replies: %s", exc)
+        return
+    for reply in replies:
+        server_round = late.pop(reply.metadata.reply_to_message_id, None)
+        if server_round is not None and not reply.has_error():
+            audited.charge_spend([reply], server_round)
+            audited.record_access([reply], server_round)
 
 
 def _run_phase(grid: Grid, job: JobConfig, strategy, audited: AuditedStrategyMixin,
                names: dict[int, str], server_round: int, phase: str, arrays: ArrayRecord,
-               config: ConfigRecord):
+               config: ConfigRecord, late: dict[str, int]):
     """Send one phase's messages, tolerate dropouts down to `min_partners`, aggregate."""
+    collect_late_replies(grid, audited, late)
     minimum = job.min_partners or job.num_partitions
     configure = strategy.configure_train if phase == "train" else strategy.configure_evaluate
     missing: dict[str, str] = {}
@@ -100,7 +144,9 @@ def _run_phase(grid: Grid, job: JobConfig, strategy, audited: AuditedStrategyMix
         good, refused = [], {}
         if len(alive) >= minimum:
             messages = list(configure(server_round, arrays, config, NodeSubsetGrid(grid, alive)))
-            replies = list(grid.send_and_receive(messages, timeout=job.round_timeout))
+            replies, unanswered = _exchange(grid, messages, job.round_timeout)
+            if phase == "train":
+                late.update({mid: server_round for mid in unanswered})
             answered = {m.metadata.src_node_id for m in replies}
             for nid in alive:
                 if nid not in answered:
@@ -122,8 +168,9 @@ def _run_phase(grid: Grid, job: JobConfig, strategy, audited: AuditedStrategyMix
             if phase == "train":
                 return strategy.aggregate_train(server_round, good)
             return strategy.aggregate_evaluate(server_round, good)
-        if phase == "train" and good:
-            audited.charge_spend(good, server_round)  # they trained: their ε is spent anyway
+        if phase == "train" and good:  # they trained: their ε is spent and their rows were read
+            audited.charge_spend(good, server_round)
+            audited.record_access(good, server_round)
         missing.update(refused)
         if len(good) + len(missing) - len(refused) < minimum:
             break  # refusals are final: waiting cannot bring enough partners back
@@ -143,11 +190,16 @@ def run_rounds(grid: Grid, job: JobConfig, strategy, names: dict[int, str],
     """Rounds `first_round`..`job.rounds`; a checkpoint after each. Returns the final weights."""
     config = ConfigRecord(job.to_config())
     audited = getattr(strategy, "strategy", strategy)  # central DP wraps the audited strategy
-    for server_round in range(first_round, job.rounds + 1):
-        new_arrays, _ = _run_phase(grid, job, strategy, audited, names, server_round, "train",
-                                   arrays, config)
-        if new_arrays is not None:
-            arrays = new_arrays
-        _run_phase(grid, job, strategy, audited, names, server_round, "evaluate", arrays, config)
-        save_checkpoint(job, server_round, arrays, audited, names)
+    late: dict[str, int] = {}  # train messages whose reply had not come when the phase moved on
+    try:
+        for server_round in range(first_round, job.rounds + 1):
+            new_arrays, _ = _run_phase(grid, job, strategy, audited, names, server_round, "train",
+                                       arrays, config, late)
+            if new_arrays is not None:
+                arrays = new_arrays
+            _run_phase(grid, job, strategy, audited, names, server_round, "evaluate", arrays,
+                       config, late)
+            save_checkpoint(job, server_round, arrays, audited, names)
+    finally:
+        collect_late_replies(grid, audited, late)
     return arrays

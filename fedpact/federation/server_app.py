@@ -16,6 +16,7 @@ from fedpact.audit import Ledger
 
 from .coordinator import JobResult, run_job
 from .deployment import PollingGrid
+from .flower_tuning import tune_object_pulls
 from .job import JobConfig
 
 
@@ -28,6 +29,7 @@ def make_server_app(job: JobConfig | None = None, *, results: list[JobResult] | 
     def main(grid: Grid, context: Context) -> None:
         spec = job or JobConfig.from_config(context.run_config)
         if not isinstance(grid, InMemoryGrid):  # deployment engine: don't sleep 3 s per poll
+            tune_object_pulls()
             grid = PollingGrid(grid)
         with Ledger.open(spec.ledger_path) as ledger:
             result = run_job(grid, spec, ledger, on_round)

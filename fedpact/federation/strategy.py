@@ -79,6 +79,10 @@ class AuditedStrategyMixin:
             if ev.event_type == EventType.DATA_ACCESSED.value:
                 self._recorded.add((ev.payload.get("node"), ev.payload.get("phase"),
                                     ev.payload.get("round")))
+            elif ev.event_type == EventType.ROUND_AGGREGATED.value:
+                self._recorded.add(("round", ev.payload.get("round")))
+            elif ev.event_type == EventType.UPDATE_REJECTED.value:
+                self._recorded.add(("rejected", ev.payload.get("node"), ev.payload.get("round")))
             elif ev.event_type == EventType.PRIVACY_SPENT.value:
                 name = ev.payload["dataset"]
                 self._charged[name] = self._charged.get(name, 0.0) + float(ev.payload["epsilon"])
@@ -121,7 +125,8 @@ class AuditedStrategyMixin:
                                 job_id=self.job.job_id, actor=f"node:{name}", round=server_round)
             self._charged[name] = cumulative
 
-    def _record_access(self, replies: list[Message], server_round: int) -> None:
+    def record_access(self, replies: list[Message], server_round: int) -> None:
+        """One `data.accessed` event per node, phase and round (never twice for a resumed job)."""
         for msg in replies:
             access = msg.content["access"]
             key = (str(access["partner"]), str(access["phase"]), server_round)
@@ -172,9 +177,11 @@ class AuditedStrategyMixin:
                 kept.append(msg)
                 continue
             self.rejected.append({"round": server_round, "node": name, "reason": reason})
-            self.ledger.append(EventType.UPDATE_REJECTED,
-                               {"node": name, "round": server_round, "reason": reason},
-                               actor="coordinator", job_id=self.job.job_id)
+            if ("rejected", name, server_round) not in self._recorded:
+                self._recorded.add(("rejected", name, server_round))
+                self.ledger.append(EventType.UPDATE_REJECTED,
+                                   {"node": name, "round": server_round, "reason": reason},
+                                   actor="coordinator", job_id=self.job.job_id)
         minimum = self.job.min_partners or self.job.num_partitions
         if len(kept) < minimum:
             raise RoundFailed(f"round {server_round}: only {len(kept)} acceptable updates, the job "
@@ -185,7 +192,7 @@ class AuditedStrategyMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         good = self._split(replies, "train", server_round)
-        self._record_access(good, server_round)
+        self.record_access(good, server_round)
         # Charge this round's share; the per-round charges add up to the composed ε.
         self.charge_spend(good, server_round)
         good = self._reject_bad_updates(good, server_round)
@@ -195,7 +202,7 @@ class AuditedStrategyMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good = self._split(replies, "evaluate", server_round)
-        self._record_access(good, server_round)
+        self.record_access(good, server_round)
         pos = np.zeros(HISTOGRAM_BINS, np.int64)
         neg = np.zeros(HISTOGRAM_BINS, np.int64)
         sq_error = 0.0
@@ -213,14 +220,16 @@ class AuditedStrategyMixin:
         epsilon = max(self.partner_epsilon.values(), default=0.0)
         entry = {"round": server_round, **self._pending, **pooled, "epsilon": epsilon}
         self.round_log.append(entry)
-        self.ledger.append(
-            EventType.ROUND_AGGREGATED,
-            {"round": server_round, "nodes": sorted(str(m.content["access"]["partner"]) for m in good),
-             "strategy": self.job.aggregation, "metrics": {k: v for k, v in entry.items() if k != "round"},
-             "missing": self.missing.get(server_round, {})},
-            actor="coordinator",
-            job_id=self.job.job_id,
-        )
+        if ("round", server_round) not in self._recorded:
+            self._recorded.add(("round", server_round))
+            self.ledger.append(
+                EventType.ROUND_AGGREGATED,
+                {"round": server_round, "nodes": sorted(str(m.content["access"]["partner"]) for m in good),
+                 "strategy": self.job.aggregation, "metrics": {k: v for k, v in entry.items() if k != "round"},
+                 "missing": self.missing.get(server_round, {})},
+                actor="coordinator",
+                job_id=self.job.job_id,
+            )
         if self.on_round:
             self.on_round(server_round, entry)
         return MetricRecord({"roc-auc": pooled["roc_auc"], "pr-auc": pooled["pr_auc"],

@@ -36,6 +36,7 @@ class CertificateFiles:
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file existed with a looser mode
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
 
@@ -66,8 +67,10 @@ def _san(hosts: tuple[str, ...] | list[str]) -> x509.SubjectAlternativeName:
 def create_certificates(directory: str | Path, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS,
                         *, organisation: str = "fedpact consortium",
                         days: int = 365) -> CertificateFiles:
-    """A self-signed consortium CA and a SuperLink server certificate for `hosts` (SANs)."""
+    """A self-signed consortium CA and a SuperLink server certificate for `hosts` (SANs) plus
+    the loopback names (the coordinator's own tools dial the SuperLink on 127.0.0.1)."""
     directory = Path(directory)
+    hosts = list(dict.fromkeys([*hosts, *DEFAULT_HOSTS]))
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),

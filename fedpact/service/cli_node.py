@@ -43,12 +43,18 @@ def init(
     partner: Annotated[list[str] | None, typer.Option(
         help="Partner: create this partner's node key pair (repeat for several).")] = None,
     days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
+    force: Annotated[bool, typer.Option(help="Replace existing certificates or keys.")] = False,
 ) -> None:
     """Create deployment credentials: the CA + SuperLink certificate and/or partner node keys."""
     from fedpact.privacy.pki import create_certificates, create_node_key, node_key_fingerprint
 
     if not superlink_host and not partner:
         _fail("say what to create: --superlink-host HOST (coordinator) and/or --partner NAME")
+    existing = ([out / "ca.key"] if superlink_host else []) + [out / "keys" / n for n in partner or []]
+    existing = [p for p in existing if p.exists()]
+    if existing and not force:
+        _fail(f"{', '.join(map(str, existing))} already exist; keys already registered or "
+              "certificates already handed out would stop working — pass --force to replace them")
     try:
         if superlink_host:
             files = create_certificates(out, superlink_host, days=days)
