@@ -40,30 +40,45 @@ EXIT_NOT_ADMITTED = 77
 TASK_INPUT_TIMEOUT = 30.0
 
 
+class IdlePoll:
+    """How long to wait before polling again: `fast` s while work happened in the last `hot` s
+    (between a job's phases), then doubling up to `slow` s (between jobs)."""
+
+    def __init__(self, fast: float, slow: float = 1.0, hot: float = 3.0) -> None:
+        self.fast, self.slow, self.hot = fast, max(fast, slow), hot
+        self._last_work = time.monotonic()
+        self._wait = fast
+
+    def worked(self) -> None:
+        self._last_work = time.monotonic()
+        self._wait = self.fast
+
+    def next_wait(self) -> float:
+        if time.monotonic() - self._last_work < self.hot:
+            return self.fast
+        wait, self._wait = self._wait, min(self._wait * 2, self.slow)
+        return wait
+
+
 class _CappedSleep:
     """Stands in for the `time` module inside Flower's SuperNode loop.
 
     Flower sleeps 3 s when the SuperLink had no message and 0.5 s while a reply is pending. Here
-    the idle sleep starts at `cap` and doubles up to `idle_max` while nothing happens, and any
-    sleep while a reply is pending (work is going on) resets it: polls are fast during a job and
-    cheap between jobs (ten nodes polling every 50 ms would keep two cores busy on their own).
+    the idle sleep follows `IdlePoll` (fast during a job, up to 1 s between jobs: ten nodes
+    polling every 50 ms would keep two cores busy on their own), and a pending reply is checked
+    every `cap` s.
     """
 
-    def __init__(self, cap: float, idle_max: float = 1.0) -> None:
+    def __init__(self, cap: float) -> None:
         self._cap = cap
-        self._idle_max = max(cap, idle_max)
-        self._idle = cap
+        self._idle = IdlePoll(cap)
 
     def sleep(self, seconds: float) -> None:
         if seconds >= 1.0:  # the SuperNode's "no message" wait
-            time.sleep(self._idle)
-            self._idle = min(self._idle * 2, self._idle_max)
+            time.sleep(self._idle.next_wait())
         else:  # waiting for a reply or its content: a job is running
-            self._idle = self._cap
+            self._idle.worked()
             time.sleep(min(seconds, self._cap))
-
-    def active(self) -> None:
-        self._idle = self._cap
 
     def __getattr__(self, name: str):
         return getattr(time, name)
@@ -246,7 +261,7 @@ def serve_tasks(address: str, *, secret: bytes | None = None,
     stop = stop or threading.Event()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     client = _runtime_client(address, None, secret)
-    idle = poll_interval
+    idle = IdlePoll(poll_interval)
     try:
         while not stop.is_set():
             try:
@@ -258,7 +273,6 @@ def serve_tasks(address: str, *, secret: bytes | None = None,
                 stop.wait(1.0)
                 continue
             if res.HasField("task") and res.token:
-                idle = poll_interval
                 try:
                     outcome = run_task(address, res.token, res.task.task_id)
                 except Exception as exc:  # noqa: BLE001 - one bad task must not stop the node
@@ -270,9 +284,9 @@ def serve_tasks(address: str, *, secret: bytes | None = None,
                          "done" if outcome.ok else "FAILED " + outcome.details, outcome.seconds)
                 if on_task is not None:
                     on_task(outcome)
+                idle.worked()
                 continue
-            stop.wait(idle)  # fast while tasks come, backing off to 1 s when idle
-            idle = min(idle * 2, max(poll_interval, 1.0))
+            stop.wait(idle.next_wait())  # fast during a job, backing off to 1 s between jobs
     finally:
         client.close()
 

@@ -13,6 +13,7 @@ and the strategy never writes a ledger event twice (see `AuditedStrategyMixin`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -128,6 +129,20 @@ def collect_late_replies(grid: Grid, audited: AuditedStrategyMixin, late: dict[s
             audited.record_access([reply], server_round)
 
 
+def _log_timing(job: JobConfig, server_round: int, phase: str, exchange: float,
+                aggregate: float) -> None:
+    """jobs/JOB/timings.jsonl: per phase, the message round trip and the aggregation (with its
+    ledger writes), for operators comparing engines and networks."""
+    try:
+        with (job.job_dir / "timings.jsonl").open("a") as handle:
+            handle.write(json.dumps({"round": server_round, "phase": phase,
+                                     "exchange_s": round(exchange, 4),
+                                     "aggregate_s": round(aggregate, 4),
+                                     "at": time.time()}) + "\n")
+    except OSError as exc:
+        log.warning("could not write phase timings: %s", exc)
+
+
 def _run_phase(grid: Grid, job: JobConfig, strategy, audited: AuditedStrategyMixin,
                names: dict[int, str], server_round: int, phase: str, arrays: ArrayRecord,
                config: ConfigRecord, late: dict[str, int]):
@@ -143,8 +158,10 @@ def _run_phase(grid: Grid, job: JobConfig, strategy, audited: AuditedStrategyMix
         missing = {names[nid]: "not connected" for nid in names if nid not in online}
         good, refused = [], {}
         if len(alive) >= minimum:
+            began = time.perf_counter()
             messages = list(configure(server_round, arrays, config, NodeSubsetGrid(grid, alive)))
             replies, unanswered = _exchange(grid, messages, job.round_timeout)
+            exchanged = time.perf_counter() - began
             if phase == "train":
                 late.update({mid: server_round for mid in unanswered})
             answered = {m.metadata.src_node_id for m in replies}
@@ -165,9 +182,11 @@ def _run_phase(grid: Grid, job: JobConfig, strategy, audited: AuditedStrategyMix
             if missing or refused:
                 log.warning("round %s (%s) proceeds with %d of %d partners; missing: %s",
                             server_round, phase, len(good), len(names), {**missing, **refused})
-            if phase == "train":
-                return strategy.aggregate_train(server_round, good)
-            return strategy.aggregate_evaluate(server_round, good)
+            began = time.perf_counter()
+            result = (strategy.aggregate_train(server_round, good) if phase == "train"
+                      else strategy.aggregate_evaluate(server_round, good))
+            _log_timing(job, server_round, phase, exchanged, time.perf_counter() - began)
+            return result
         if phase == "train" and good:  # they trained: their ε is spent and their rows were read
             audited.charge_spend(good, server_round)
             audited.record_access(good, server_round)
