@@ -139,10 +139,15 @@ def _runtime_client(address: str, token: str | None, secret: bytes | None):
     elif secret:
         interceptors.append(SuperExecAuthHttpInterceptor(
             master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
+    # Flower's invoker retries a refused connection forever; this process must notice when its
+    # SuperNode is gone (polling: fail at once, the loop waits and checks; a task: a few tries).
+    invoker = make_simple_http_retry_invoker()
+    invoker.max_tries = 5 if token else 1
+    invoker.max_time = 60.0
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=True,
                                                  root_certificates=None,
                                                  interceptors=interceptors,
-                                                 retry_invoker=make_simple_http_retry_invoker())
+                                                 retry_invoker=invoker)
 
 
 def _fab_client_app(fab_content: bytes) -> str:
@@ -264,16 +269,21 @@ def serve_tasks(address: str, *, secret: bytes | None = None,
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     client = _runtime_client(address, None, secret)
     idle = IdlePoll(poll_interval)
+    down_since, warned = 0.0, False
     try:
         while not stop.is_set():
             try:
                 res = client.AcquireTask(AcquireTaskRequest(
                     supported_task_types=[TaskType.CLIENT_APP]))
-            except Exception as exc:  # noqa: BLE001 - SuperNode restarting: keep trying
-                log.warning("SuperNode Runtime API at %s not reachable (%s); retrying", address,
-                            exc)
-                stop.wait(1.0)
+            except Exception as exc:  # noqa: BLE001 - SuperNode starting or restarting
+                down_since = down_since or time.monotonic()
+                if not warned and time.monotonic() - down_since > 10:
+                    log.warning("SuperNode Runtime API at %s not reachable for 10 s (%s); still "
+                                "trying", address, exc)
+                    warned = True
+                stop.wait(min(1.0, poll_interval * 4))
                 continue
+            down_since, warned = 0.0, False
             if res.HasField("task") and res.token:
                 try:
                     outcome = run_task(address, res.token, res.task.task_id)
