@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -29,6 +30,7 @@ from fedpact.errors import FedpactError
 
 from .coordinator import JobFailed, JobResult
 from .job import JobConfig
+from .rounds import DelegatingGrid, exchange
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -47,52 +49,21 @@ class DeploymentError(FedpactError):
     """The deployment engine could not start, accept or finish a job."""
 
 
-class PollingGrid(Grid):
+class PollingGrid(DelegatingGrid):
     """A Grid that waits for replies with a short poll instead of Flower's fixed 3 s sleep.
 
     Every call is delegated to the deployment Grid; only `send_and_receive`'s waiting differs.
     """
 
     def __init__(self, grid: Grid, poll_interval: float = REPLY_POLL_INTERVAL) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._poll = poll_interval
-
-    def set_run(self, run) -> None:  # noqa: D102 - Grid interface
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: D102
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: D102
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: D102
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         """Push, then pull replies every `poll_interval` until all arrived or `timeout` passed."""
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            got = list(self.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self._poll)
-        return replies
+        return exchange(self, list(messages), math.inf if timeout is None else timeout,
+                        self._poll)[0]
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)

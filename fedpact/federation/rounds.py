@@ -39,12 +39,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 POLL_INTERVAL = 0.02  # seconds between pulls of replies (Flower's own Grid sleeps 3 s)
 
 
-class NodeSubsetGrid(Grid):
-    """The deployment's Grid restricted to this job's connected nodes (what strategies sample)."""
+class DelegatingGrid(Grid):
+    """A Grid that hands every call to another Grid; subclasses change one behaviour."""
 
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self._nodes = list(node_ids)
 
     def set_run(self, run) -> None:  # noqa: D102 - Grid interface
         self._grid.set_run(run)
@@ -57,7 +56,7 @@ class NodeSubsetGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return list(self._nodes)
+        return self._grid.get_node_ids()
 
     def push_messages(self, messages):  # noqa: D102
         return self._grid.push_messages(messages)
@@ -67,6 +66,17 @@ class NodeSubsetGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):  # noqa: D102
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class NodeSubsetGrid(DelegatingGrid):
+    """The deployment's Grid restricted to this job's connected nodes (what strategies sample)."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        super().__init__(grid)
+        self._nodes = list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return list(self._nodes)
 
 
 def checkpoint_path(job: JobConfig) -> Path:
@@ -97,7 +107,8 @@ def load_checkpoint(job: JobConfig) -> dict | None:
     return state if state.get("job_id") == job.job_id else None
 
 
-def _exchange(grid: Grid, messages: list[Message], timeout: float):
+def exchange(grid: Grid, messages: list[Message], timeout: float,
+             poll_interval: float = POLL_INTERVAL):
     """Push, then pull replies until all arrived or `timeout`; (replies, unanswered ids)."""
     try:
         pending = set(grid.push_messages(messages))
@@ -111,7 +122,7 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float):
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending or time.monotonic() >= deadline:
             break
-        time.sleep(POLL_INTERVAL)
+        time.sleep(poll_interval)
     return replies, pending
 
 
@@ -163,7 +174,7 @@ def _run_phase(grid: Grid, job: JobConfig, strategy, audited: AuditedStrategyMix
         if len(alive) >= minimum:
             began = time.perf_counter()
             messages = list(configure(server_round, arrays, config, NodeSubsetGrid(grid, alive)))
-            replies, unanswered = _exchange(grid, messages, job.round_timeout)
+            replies, unanswered = exchange(grid, messages, job.round_timeout)
             exchanged = time.perf_counter() - began
             if phase == "train":
                 late.update({mid: server_round for mid in unanswered})
