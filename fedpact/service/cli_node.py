@@ -9,6 +9,7 @@ Partner: `fedpact node init --partner NAME` (its key pair; only the `.pub` leave
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -200,6 +201,7 @@ def superlink_start(
                   f"({'insecure' if insecure else 'TLS, only registered node keys'}); "
                   f"log {Path(home) / 'superlink' / 'superlink.log'}")
     stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # stop the SuperLink too, not orphan it
     try:
         while link.process.poll() is None and not stop.wait(1):
             pass
