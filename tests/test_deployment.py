@@ -24,7 +24,7 @@ from fedpact.federation.loopback import LoopbackDeployment
 from fedpact.federation.node_runtime import EXIT_NOT_ADMITTED, _CappedSleep
 from fedpact.privacy.budget import PrivacyBudgets
 from fedpact.service.api.app import create_app
-from fedpact.service.api.testing import seed_consortium
+from fedpact.service.api.testing import approve_and_wait, seed_consortium
 from fedpact.service.cli import app as cli
 
 PARTNERS = partner_datasets(JobConfig(dataset="telco", partitioning="segment", num_partitions=3))
@@ -142,16 +142,7 @@ def test_propensity_job_through_the_api_on_the_deployment_engine(deployment):
         job = client.post("/api/v1/jobs", json={"dataset": "caravan", "purpose": "propensity_model",
                                                 "rounds": 2, "target_epsilon": 1.0},
                           headers=people.scientist.headers).json()
-        for partner in CARAVAN:
-            r = client.post(f"/api/v1/jobs/{job['job_id']}/approve", json={"partner": partner},
-                            headers=people.admins[partner].headers)
-            assert r.status_code == 200
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            view = service.board.get(job["job_id"])
-            if view.status not in ("queued", "running", "approved") and service.runner.idle():
-                break
-            time.sleep(0.5)
+        approve_and_wait(client, service, people, job["job_id"], CARAVAN, timeout=600)
         view = client.get(f"/api/v1/jobs/{job['job_id']}", headers=people.scientist.headers).json()
         assert view["status"] == "finished", view.get("reason")
         assert view["model"] == "propensity-caravan@1"

@@ -175,23 +175,21 @@ def run_status(connection: Connection, run_id: int) -> str:
     return str(runs[0].get("status", "")) if runs else ""
 
 
-def _ledger_reason(job: JobConfig) -> str | None:
-    from fedpact.audit import EventType, Ledger
+def _ledger_reason(ledger, job: JobConfig) -> str | None:
+    from fedpact.audit import EventType
 
-    with Ledger.open(job.ledger_path) as ledger:
-        for kind in (EventType.JOB_REFUSED, EventType.JOB_FAILED):
-            events = ledger.events(job_id=job.job_id, event_type=kind.value)
-            if events:
-                return str(events[-1].payload.get("reason", kind.value))
+    for kind in (EventType.JOB_REFUSED, EventType.JOB_FAILED):
+        events = ledger.events(job_id=job.job_id, event_type=kind.value)
+        if events:
+            return str(events[-1].payload.get("reason", kind.value))
     return None
 
 
-def _new_rounds(job: JobConfig, since: int) -> tuple[list[tuple[int, dict]], int]:
-    from fedpact.audit import EventType, Ledger
+def _new_rounds(ledger, job: JobConfig, since: int) -> tuple[list[tuple[int, dict]], int]:
+    from fedpact.audit import EventType
 
-    with Ledger.open(job.ledger_path) as ledger:
-        events = ledger.events(job_id=job.job_id, event_type=EventType.ROUND_AGGREGATED.value,
-                               since_seq=since)
+    events = ledger.events(job_id=job.job_id, event_type=EventType.ROUND_AGGREGATED.value,
+                           since_seq=since)
     rounds = [(int(ev.payload["round"]), {"round": int(ev.payload["round"]),
                                           **ev.payload.get("metrics", {})}) for ev in events]
     return rounds, (events[-1].seq if events else since)
@@ -202,12 +200,21 @@ def wait_for_result(connection: Connection, job: JobConfig, run_id: int, *,
                     on_round: Callable[[int, dict], None] | None = None) -> JobResult:
     """Wait until the run finished; return the JobResult its ServerApp wrote, or raise with the
     reason the ledger gives. `on_round` sees each round as the ServerApp records it."""
+    from fedpact.audit import Ledger
+
+    job.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    with Ledger.open(job.ledger_path) as ledger:  # one connection for the whole wait
+        return _wait(connection, job, run_id, ledger, timeout, poll, on_round)
+
+
+def _wait(connection: Connection, job: JobConfig, run_id: int, ledger, timeout: float,
+          poll: float, on_round: Callable[[int, dict], None] | None) -> JobResult:
     result_path = job.job_dir / "result.json"
     deadline = time.monotonic() + timeout
     next_status, seen, failures = 0.0, 0, 0
     while time.monotonic() < deadline:
-        if on_round is not None and job.ledger_path.exists():
-            rounds, seen = _new_rounds(job, seen)
+        if on_round is not None:
+            rounds, seen = _new_rounds(ledger, job, seen)
             for number, entry in rounds:
                 on_round(number, entry)
         if result_path.exists():
@@ -227,7 +234,8 @@ def wait_for_result(connection: Connection, job: JobConfig, run_id: int, *,
             if status.startswith("finished"):
                 time.sleep(poll)
                 if not result_path.exists():
-                    reason = _ledger_reason(job) or f"run {run_id} ended ({status}) without a result"
+                    reason = (_ledger_reason(ledger, job)
+                              or f"run {run_id} ended ({status}) without a result")
                     raise JobFailed(f"job {job.job_id} failed: {reason}")
             next_status = time.monotonic() + 2
         time.sleep(poll)

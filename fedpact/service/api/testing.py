@@ -105,3 +105,18 @@ def write_mapping(spec, path, *, name: str = "acme-telco", categories: dict | No
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def approve_and_wait(client, service: CoordinatorService, people: Consortium, job_id: str,
+                     partners: list[str], *, timeout: float = 300) -> None:
+    """Every partner's admin approves `job_id`; wait until the runner has finished with it."""
+    for partner in partners:
+        r = client.post(f"/api/v1/jobs/{job_id}/approve", json={"partner": partner},
+                        headers=people.admins[partner].headers)
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (service.board.get(job_id).status not in ("queued", "running", "approved")
+                and service.runner.idle()):
+            return
+        time.sleep(0.5)
