@@ -174,6 +174,9 @@ class LedgerStore:
     few things that differ. Everything else is portable SQLAlchemy Core in the ledger.
     """
 
+    placeholder = "%s"  # the DBAPI paramstyle marker of bulk_insert
+
+
     dialect = "generic"
 
     def __init__(self, url: URL, engine: Engine) -> None:
@@ -241,7 +244,7 @@ class LedgerStore:
     ) -> None:
         """Insert many rows in the current transaction (executemany; PostgreSQL uses COPY)."""
         if rows:
-            marks = ", ".join(["%s"] * len(columns))
+            marks = ", ".join([self.placeholder] * len(columns))
             connection.exec_driver_sql(
                 f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", list(rows)
             )
@@ -260,6 +263,8 @@ def _json_quote_sqlite(column: str) -> str:
 
 class SQLiteStore(LedgerStore):
     """The embedded default: one file in WAL mode, synchronous=FULL, secure_delete on."""
+
+    placeholder = "?"
 
     dialect = "sqlite"
 
@@ -339,15 +344,6 @@ class SQLiteStore(LedgerStore):
 
     def paramstyle_named(self, sql: str) -> str:
         return sql  # pysqlite accepts :name
-
-    def bulk_insert(
-        self, connection: Connection, table: str, columns: Sequence[str], rows: Sequence[tuple]
-    ) -> None:
-        if rows:
-            marks = ", ".join(["?"] * len(columns))
-            connection.exec_driver_sql(
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", list(rows)
-            )
 
     def after_erasure(self) -> None:
         if self.in_memory:
