@@ -227,9 +227,16 @@ def _openmined_cardinality(raw_a: list[str], raw_b: list[str]) -> tuple[int, flo
 def test_psi_cardinality_vs_openmined(n):
     raw_a, raw_b, _ = synthetic_emails(n, 0.30)
     truth = _truth(raw_a, raw_b)
-    run = run_two_nodes(raw_a, raw_b, "psi-cardinality")
-    _print_run(f"ECDH-PSI cardinality (x25519) {n:,} x {n:,}", run)
-    assert run["overlap"] == truth
+    # Two parties share the 2 cores: one thread each (OpenSSL X25519) or two each (libsodium
+    # threads, which release the GIL). Both are printed; the faster is compared below.
+    runs = {}
+    for workers in (1, 2):
+        run = run_two_nodes(raw_a, raw_b, "psi-cardinality", workers=workers)
+        _print_run(f"ECDH-PSI cardinality (x25519, {workers} worker thread(s) per party) "
+                   f"{n:,} x {n:,}", run)
+        assert run["overlap"] == truth
+        runs[workers] = run
+    run = min(runs.values(), key=lambda r: r["wall_s"])
     if n > 100_000 and os.environ.get("FEDPACT_BENCH_SKIP_OPENMINED_1M") == "1":
         print("  openmined-psi 1M skipped (FEDPACT_BENCH_SKIP_OPENMINED_1M=1)")
         return

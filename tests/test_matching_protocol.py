@@ -387,3 +387,22 @@ def test_x25519_clamping_clears_the_cofactor_and_commutes():
     q = int(RFC9380_NU[1][2], 16)
     ka, kb = secrets.token_bytes(32), secrets.token_bytes(32)
     assert _x25519(kb, _x25519(ka, q)) == _x25519(ka, _x25519(kb, q))
+
+
+SMALL_ORDER_U = [0, 1, 325606250916557431795983626356110631294008115727848805560023387167927233504,
+                 39382357235489614581723060781553021112529911719440698176882885853963445705823,
+                 2**255 - 19 - 1, 2**255 - 19, 2**255 - 19 + 1]
+
+
+def test_x25519_openssl_and_libsodium_paths_agree_and_reject_the_same_points():
+    """One worker multiplies with OpenSSL (`cryptography`), several with libsodium threads: the
+    results must be the same bytes, and both must refuse every small-order input."""
+    g = group_named("x25519")
+    h = g.hash_to_group([f"id-{i}".encode() for i in range(5000)], b"job")
+    k = g.new_scalar()
+    assert g.multiply(k, h, workers=1) == g.multiply(k, h, workers=2)
+    for u in SMALL_ORDER_U:
+        bad = h[:32 * 10] + u.to_bytes(32, "little") + h[32 * 10:32 * 20]
+        for workers in (1, 2):
+            with pytest.raises(MatchProtocolError, match="degenerate"):
+                g.multiply(k, bad, workers=workers)
