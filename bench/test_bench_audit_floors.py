@@ -1,0 +1,94 @@
+"""What bounds a durable append on this machine (`make bench`): the measurements behind the
+missed single-writer target in docs/audit.md § Benchmarks.
+
+- the disk's `pwrite` + `fdatasync` latency, over existing file space and on a growing file
+  (SQLite's WAL is reused after each checkpoint, so steady-state commits overwrite);
+- fedpact's append with `synchronous=OFF` (everything but the fsync) and with FULL;
+- the same appends without any secondary indexing (the three secondary indexes of
+  `ledger_events` dropped, no `event_index` rows): how much the indexes cost a single writer;
+- the naive one-table append of bench/test_bench_audit.py, in the same run.
+
+Every figure printed is measured here; the experiment variants patch a scratch ledger only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import fedpact.audit.ledger as ledger_module
+from fedpact.audit import EventType, Ledger
+
+from test_bench_audit import ACCESS, _naive_append, _naive_sqlite
+
+pytestmark = pytest.mark.bench
+
+N = 3000
+SECONDARY = ("ix_ledger_events_type_seq", "ix_ledger_events_timestamp", "ix_ledger_events_job_id")
+
+
+def _fsync_us(path: Path, pages: int, grow: bool, reps: int = 400) -> float:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        span = 4096 * 2000
+        if not grow:
+            os.pwrite(fd, bytes(span), 0)
+            os.fsync(fd)
+        block = b"x" * (4096 * pages)
+        start = time.perf_counter()
+        for i in range(reps):
+            offset = span + i * len(block) if grow else (i * len(block)) % (span - len(block))
+            os.pwrite(fd, block, offset)
+            os.fdatasync(fd)
+        return (time.perf_counter() - start) / reps * 1e6
+    finally:
+        os.close(fd)
+
+
+def _append_us(folder: Path, *, sync: str = "FULL", indexed: bool = True) -> float:
+    ledger = Ledger.open(folder / f"l-{sync}-{indexed}-{time.monotonic_ns()}.db")
+    saved = ledger_module.index_keys
+    try:
+        writer = ledger._writer()
+        writer.execute(f"PRAGMA synchronous={sync}")
+        if not indexed:
+            for name in SECONDARY:
+                writer.execute(f"DROP INDEX IF EXISTS {name}")
+            ledger._invalidate_state()
+            ledger_module.index_keys = lambda *args: []
+        for i in range(300):  # warm: past the first WAL growth
+            ledger.append(EventType.DATA_ACCESSED, {**ACCESS, "rows": i}, actor="node:a", job_id="j")
+        start = time.perf_counter()
+        for i in range(N):
+            ledger.append(EventType.DATA_ACCESSED, {**ACCESS, "rows": i}, actor="node:a", job_id="j")
+        return (time.perf_counter() - start) / N * 1e6
+    finally:
+        ledger_module.index_keys = saved
+        ledger.close()
+
+
+def test_durable_append_floors(tmp_path: Path) -> None:
+    for pages in (1, 9):
+        print(f"\npwrite {pages} page(s) + fdatasync: over existing space "
+              f"{_fsync_us(tmp_path / f'o{pages}', pages, grow=False):.0f} us, growing file "
+              f"{_fsync_us(tmp_path / f'g{pages}', pages, grow=True, reps=200):.0f} us")
+    connection, lock = _naive_sqlite(tmp_path / "naive.db"), threading.Lock()
+    for i in range(300):
+        _naive_append(connection, lock, {**ACCESS, "rows": i})
+    start = time.perf_counter()
+    for i in range(N):
+        _naive_append(connection, lock, {**ACCESS, "rows": i})
+    naive = (time.perf_counter() - start) / N * 1e6
+    off = _append_us(tmp_path, sync="OFF")
+    full = _append_us(tmp_path)
+    bare = _append_us(tmp_path, indexed=False)
+    print(f"naive one-table append (FULL): {naive:.0f} us = {1e6 / naive:,.0f}/s")
+    print(f"fedpact append, synchronous=OFF: {off:.0f} us = {1e6 / off:,.0f}/s (all but the fsync)")
+    print(f"fedpact append, FULL: {full:.0f} us = {1e6 / full:,.0f}/s")
+    print(f"fedpact append, FULL, no secondary indexing: {bare:.0f} us = {1e6 / bare:,.0f}/s "
+          f"({full / bare:.2f}x the indexed append)")
+    assert off < full
