@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_bench_audit import ACCESS, _naive_append, _naive_sqlite
 
 import fedpact.audit.ledger as ledger_module
 from fedpact.audit import EventType, Ledger
-
-from test_bench_audit import ACCESS, _naive_append, _naive_sqlite
 
 pytestmark = pytest.mark.bench
 

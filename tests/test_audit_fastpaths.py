@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ledger_tamper import tamper
 
 import fedpact.audit.ledger as ledger_module
 from fedpact.audit import EventType, Ledger
@@ -28,17 +28,6 @@ def _fill(ledger: Ledger, start: int, n: int) -> None:
     ledger.append_many(
         (EventType.DATA_ACCESSED, {**ACCESS, "rows": i}, "node:bank-a", "job") for i in range(start, start + n)
     )
-
-
-def _tamper(db: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
-    connection = sqlite3.connect(db)
-    try:
-        for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
-            connection.execute(f"DROP TRIGGER {name}")
-        connection.execute(sql, params)
-        connection.commit()
-    finally:
-        connection.close()
 
 
 def test_bulk_frontier_matches_one_by_one() -> None:
@@ -83,7 +72,7 @@ def test_cached_unsigned_hashes_are_not_trusted_after_a_tamper(tmp_path: Path) -
         _fill(ledger, 0, 5)
         ledger.checkpoint()
         _fill(ledger, 5, 5)  # hashes of 6..10 cached for the next checkpoint
-        _tamper(path, "UPDATE ledger_events SET actor = 'x' WHERE seq = 8")
+        tamper(path, "UPDATE ledger_events SET actor = 'x' WHERE seq = 8")
         with pytest.raises(ledger_module.LedgerError, match="refusing to sign.*event 8"):
             ledger.checkpoint()
         ledger.close()
@@ -173,7 +162,7 @@ def _verify_sequential(path: Path) -> Any:
 
 
 def test_parallel_verification_falls_back_to_name_the_bad_event(big: Path) -> None:
-    _tamper(big, "UPDATE ledger_events SET actor = 'node:mallory' WHERE seq = 9000")
+    tamper(big, "UPDATE ledger_events SET actor = 'node:mallory' WHERE seq = 9000")
     fresh = _verify_in_fresh_process(big)
     assert fresh["parallel"] and not fresh["ok"] and fresh["first_bad_seq"] == 9000
     result = _verify(big, [])
@@ -188,7 +177,7 @@ def test_parallel_verification_catches_a_rehashed_history(big: Path) -> None:
         payload = {**original.payload, "purpose": "rewritten"} if original.seq == 8000 else original.payload
         digest = event_hash(prev, original.seq, original.timestamp, original.event_type,
                             original.actor, original.job_id, payload)
-        _tamper(big, "UPDATE ledger_events SET payload = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+        tamper(big, "UPDATE ledger_events SET payload = ?, prev_hash = ?, hash = ? WHERE seq = ?",
                 (canonical_json(payload).decode(), prev, digest, original.seq))
         prev = digest
     result = _verify(big, [])
@@ -197,7 +186,7 @@ def test_parallel_verification_catches_a_rehashed_history(big: Path) -> None:
 
 
 def test_parallel_verification_catches_truncation(big: Path) -> None:
-    _tamper(big, "DELETE FROM ledger_events WHERE seq > 12000")
+    tamper(big, "DELETE FROM ledger_events WHERE seq > 12000")
     result = _verify(big, [])
     assert not result.ok and result.first_bad_seq == 12_001 and "truncated" in result.reason
 

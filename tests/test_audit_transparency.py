@@ -6,9 +6,9 @@ import base64
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
+from ledger_tamper import tamper
 
 from fedpact.audit import EventType, Ledger, LedgerError
 from fedpact.audit.chain import canonical_json, event_hash
@@ -31,18 +31,6 @@ def _fill(ledger: Ledger, n: int) -> None:
     ledger.append_many(
         (EventType.DATA_ACCESSED, {**ACCESS, "rows": i}, "node:bank-a", JOB) for i in range(1, n + 1)
     )
-
-
-def _tamper(db: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
-    """Edit the file as an attacker with database access would: drop every guard trigger first."""
-    connection = sqlite3.connect(db)
-    try:
-        for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
-            connection.execute(f"DROP TRIGGER {name}")
-        connection.execute(sql, params)
-        connection.commit()
-    finally:
-        connection.close()
 
 
 @pytest.fixture
@@ -95,14 +83,14 @@ def test_intact_log_verifies(db: Path) -> None:
 
 
 def test_modified_field_is_named(db: Path) -> None:
-    _tamper(db, "UPDATE ledger_events SET actor = 'node:mallory' WHERE seq = 12")
+    tamper(db, "UPDATE ledger_events SET actor = 'node:mallory' WHERE seq = 12")
     result = _verify(db)
     assert not result.ok and result.first_bad_seq == 12
     assert result.reason.startswith("event 12:")
 
 
 def test_deleted_row_is_named(db: Path) -> None:
-    _tamper(db, "DELETE FROM ledger_events WHERE seq = 17")
+    tamper(db, "DELETE FROM ledger_events WHERE seq = 17")
     result = _verify(db)
     assert not result.ok and result.first_bad_seq == 17
     assert result.reason == "gap: event 18 follows event 16"
@@ -112,11 +100,11 @@ def test_inserted_row_is_named(db: Path) -> None:
     """A forged event slipped in as event 8, correctly hashed and linked to event 7."""
     with Ledger.open(db) as ledger:
         seven = ledger.event(7)
-    _tamper(db, "UPDATE ledger_events SET seq = seq + 1000 WHERE seq >= 8")
-    _tamper(db, "UPDATE ledger_events SET seq = seq - 999 WHERE seq >= 1000")
+    tamper(db, "UPDATE ledger_events SET seq = seq + 1000 WHERE seq >= 8")
+    tamper(db, "UPDATE ledger_events SET seq = seq - 999 WHERE seq >= 1000")
     forged = {**ACCESS, "rows": 999999}
     digest = event_hash(seven.hash, 8, seven.timestamp, "data.accessed", "node:bank-a", JOB, forged)
-    _tamper(
+    tamper(
         db,
         "INSERT INTO ledger_events VALUES (8, 'forged', ?, 'data.accessed', 'node:bank-a', ?, ?, ?, ?)",
         (seven.timestamp, JOB, canonical_json(forged).decode(), seven.hash, digest),
@@ -127,9 +115,9 @@ def test_inserted_row_is_named(db: Path) -> None:
 
 
 def test_swapped_rows_are_named(db: Path) -> None:
-    _tamper(db, "UPDATE ledger_events SET seq = -1 WHERE seq = 5")
-    _tamper(db, "UPDATE ledger_events SET seq = 5 WHERE seq = 6")
-    _tamper(db, "UPDATE ledger_events SET seq = 6 WHERE seq = -1")
+    tamper(db, "UPDATE ledger_events SET seq = -1 WHERE seq = 5")
+    tamper(db, "UPDATE ledger_events SET seq = 5 WHERE seq = 6")
+    tamper(db, "UPDATE ledger_events SET seq = 6 WHERE seq = -1")
     result = _verify(db)
     assert not result.ok and result.first_bad_seq == 5
     assert result.reason == "event 5: prev_hash does not link to event 4"
@@ -137,7 +125,7 @@ def test_swapped_rows_are_named(db: Path) -> None:
 
 def test_truncated_tail_is_caught_by_the_signed_checkpoint(db: Path) -> None:
     """Deleting the newest events leaves a perfect chain; only the checkpoint knows it was longer."""
-    _tamper(db, "DELETE FROM ledger_events WHERE seq > 26")
+    tamper(db, "DELETE FROM ledger_events WHERE seq > 26")
     result = _verify(db)
     assert not result.ok and result.first_bad_seq == 27
     assert result.reason.startswith("truncated: the signed checkpoint at tree size 30")
@@ -146,7 +134,7 @@ def test_truncated_tail_is_caught_by_the_signed_checkpoint(db: Path) -> None:
 
 
 def test_truncate_then_append_is_caught_too(db: Path) -> None:
-    _tamper(db, "DELETE FROM ledger_events WHERE seq > 28")
+    tamper(db, "DELETE FROM ledger_events WHERE seq > 28")
     with Ledger.open(db, checkpoint_every=10_000) as ledger:
         # the reopened writer refuses to build on a chain that contradicts its own signed tree
         ledger.append(EventType.JOB_FAILED, {}, actor="server")
@@ -165,7 +153,7 @@ def test_replaced_checkpoint_signature_is_named(db: Path) -> None:
     raw = base64.b64decode(blob)
     forged = raw[:4] + bytes(64)  # right key id, signature of zeros
     forged_note = f"{body}\n\n\u2014 {name} {base64.b64encode(forged).decode()}\n"
-    _tamper(db, "UPDATE ledger_checkpoints SET note = ? WHERE tree_size = 30", (forged_note,))
+    tamper(db, "UPDATE ledger_checkpoints SET note = ? WHERE tree_size = 30", (forged_note,))
     result = _verify(db)
     assert not result.ok and result.first_bad_seq == 21  # first event only that checkpoint vouches for
     assert "tree size 30" in result.reason and "does not verify" in result.reason
@@ -179,7 +167,7 @@ def test_checkpoint_resigned_with_an_attackers_key_is_refused(db: Path) -> None:
     from fedpact.audit.checkpoint import parse_note
 
     checkpoint, _, _ = parse_note(note)
-    _tamper(db, "UPDATE ledger_checkpoints SET note = ? WHERE tree_size = 10", (mallory.sign(checkpoint),))
+    tamper(db, "UPDATE ledger_checkpoints SET note = ? WHERE tree_size = 10", (mallory.sign(checkpoint),))
     result = _verify(db)
     assert not result.ok and result.first_bad_seq == 1 and "not signed by" in result.reason
 
@@ -193,7 +181,7 @@ def test_fully_rehashed_history_is_caught_by_the_checkpoint(db: Path) -> None:
         payload = {**original.payload, "purpose": "rewritten"} if original.seq == 14 else original.payload
         digest = event_hash(prev, original.seq, original.timestamp, original.event_type,
                             original.actor, original.job_id, payload)
-        _tamper(db, "UPDATE ledger_events SET payload = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+        tamper(db, "UPDATE ledger_events SET payload = ?, prev_hash = ?, hash = ? WHERE seq = ?",
                 (canonical_json(payload).decode(), prev, digest, original.seq))
         prev = digest
     result = _verify(db)
@@ -207,7 +195,7 @@ def test_refuses_to_sign_over_a_broken_chain(tmp_path: Path) -> None:
         _fill(ledger, 3)
         ledger.checkpoint()
         _fill(ledger, 3)
-        _tamper(path, "UPDATE ledger_events SET actor = 'x' WHERE seq = 5")
+        tamper(path, "UPDATE ledger_events SET actor = 'x' WHERE seq = 5")
         with pytest.raises(LedgerError, match="refusing to sign.*event 5"):
             ledger.checkpoint()
 
@@ -275,7 +263,7 @@ def test_tampered_merkle_node_makes_proofs_fail_verification(tmp_path: Path) -> 
     with Ledger.open(path, checkpoint_every=16) as ledger:
         _fill(ledger, 16)
         key = ledger.verifier_key
-    _tamper(path, "UPDATE merkle_nodes SET hash = ? WHERE level = 1 AND idx = 1", (bytes(32),))
+    tamper(path, "UPDATE merkle_nodes SET hash = ? WHERE level = 1 AND idx = 1", (bytes(32),))
     with Ledger.open(path) as ledger:
         bundle = ledger.prove(1)
     with pytest.raises(ProofError):
@@ -298,7 +286,7 @@ def test_database_copy_verifies_by_a_third_party(tmp_path: Path, capsys) -> None
     (tmp_path / "key.pub").write_text((tmp_path / "l.db.pub").read_text())
     assert main([str(bundle_file), "--public-key", str(tmp_path / "key.pub")]) == 0
     assert main([str(copy), "--public-key", str(tmp_path / "key.pub")]) == 0
-    _tamper(copy, "DELETE FROM ledger_events WHERE seq = 23")
+    tamper(copy, "DELETE FROM ledger_events WHERE seq = 23")
     assert main([str(copy), "--public-key", str(tmp_path / "key.pub")]) == 1
     out = capsys.readouterr().out
     assert "OK: event 5" in out and "BROKEN at event 23: truncated" in out

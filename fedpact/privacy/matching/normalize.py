@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedpact.errors import ConfigurationError
+from fedpact.errors import ConfigurationError, parse_choice
 
 ConsentFilter = Callable[[Sequence[str]], np.ndarray]
 """Given the raw subject ids of the rows, return a boolean array: True where the row may take part."""
@@ -34,15 +34,7 @@ class IdKind(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) form
 
     @classmethod
     def parse(cls, value: IdKind | str) -> IdKind:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            raise ConfigurationError(
-                f"identifier kind {value!r} is not supported; use one of: "
-                + ", ".join(k.value for k in cls)
-            ) from None
+        return parse_choice(cls, value, "identifier kind")
 
 
 # Reasons an identifier is rejected (the keys of NormalizedIds.invalid_by_reason).

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpact.errors import ConfigurationError
+from fedpact.errors import ConfigurationError, parse_choice
 from fedpact.privacy.matching.groups import (
     DEFAULT_GROUP,
     ELEMENT_BYTES,
@@ -53,15 +53,7 @@ class MatchMode(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) for
 
     @classmethod
     def parse(cls, value: MatchMode | str) -> MatchMode:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            raise ConfigurationError(
-                f"match mode {value!r} is not supported; use one of: "
-                + ", ".join(m.value for m in cls)
-            ) from None
+        return parse_choice(cls, value, "match mode")
 
 
 @dataclass(frozen=True)
