@@ -241,7 +241,7 @@ class X25519Group(CommutativeGroup):
         OpenSSL's X25519 (mulx/adx assembly) takes about 26 us per element from Python, libsodium's
         about 30 us, but `cryptography` holds the GIL, so only libsodium (through ctypes, which
         releases it) spreads over cores. Both compute RFC 7748 X25519 and reject the same degenerate
-        (small-order) inputs; tests/test_matching_groups.py checks they agree byte for byte.
+        (small-order) inputs; tests/test_matching_protocol.py checks they agree byte for byte.
         """
         if workers > 1:
             return super().multiply(scalar, points, workers, what)
