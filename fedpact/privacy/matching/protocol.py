@@ -11,6 +11,11 @@ the other end of the transport. Modes:
   With both sides' consent (``reveal_matches``) each side learns which of its own rows match.
 - ``psi-cardinality``: the same, but the returned values are shuffled again, so neither side
   learns which rows match, only how many (and, with segments, how many per own segment).
+
+With segments, PSI values travel grouped by segment and are shuffled only within each group, so
+a side learns the exact overlap of each of its groups. Both sides therefore refuse groups (their
+own, before sending; the partner's, after the hello) smaller than k (`min_segment_size`) or more
+of them than `max_segments`; the stricter values of the two hellos apply.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +45,15 @@ from fedpact.privacy.matching.keyed_hash import TOKEN_BYTES, KeyAgreement, KeySh
 from fedpact.privacy.matching.normalize import NormalizedIds
 from fedpact.privacy.matching.transport import INITIATOR, RESPONDER, Transport
 
-PROTOCOL = "fedpact-match/2"
-"""2: x25519 hashes with RFC 9380 Elligator 2 (1 used try-and-increment): not interoperable."""
+PROTOCOL = "fedpact-match/3"
+"""3: the hello carries the segment policy (k, at most how many segments) both sides enforce.
+2: x25519 hashes with RFC 9380 Elligator 2 (1 used try-and-increment). Not interoperable."""
 MATCHING_PURPOSE = "audience_matching"
 MISSING_SEGMENT = "(missing)"
+DEFAULT_MIN_SEGMENT_SIZE = 10
+"""k: the fewest distinct identifiers a segment group sent in PSI may hold (the report's k)."""
+DEFAULT_MAX_SEGMENTS = 64
+"""The most segment groups one side may send in PSI."""
 
 
 class MatchMode(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) form
@@ -71,6 +81,12 @@ class MatchConfig:
     report_epsilon: float | None = None
     """ε of the noisy overlap report this node will publish (told to the partner for its ledger)."""
     timeout_s: float = 3600.0
+    min_segment_size: int = DEFAULT_MIN_SEGMENT_SIZE
+    """k (``--min-count``): in PSI every segment group either side sends must hold at least this
+    many distinct identifiers, or the job is refused; the stricter k of the two sides applies."""
+    max_segments: int = DEFAULT_MAX_SEGMENTS
+    """At most this many segment groups per side (``--max-segments``); the smaller of the two
+    sides' values applies."""
 
     def __post_init__(self) -> None:
         mode = MatchMode.parse(self.mode)
@@ -92,6 +108,12 @@ class MatchConfig:
                 f"report_epsilon must be a positive number, not {self.report_epsilon}")
         if not self.purpose:
             raise ConfigurationError("purpose must name why the match is run")
+        if not (isinstance(self.min_segment_size, int) and self.min_segment_size >= 1):
+            raise ConfigurationError(
+                f"min_segment_size (--min-count, k) must be at least 1, not {self.min_segment_size}")
+        if not (isinstance(self.max_segments, int) and self.max_segments >= 1):
+            raise ConfigurationError(
+                f"max_segments (--max-segments) must be at least 1, not {self.max_segments}")
 
 
 @dataclass
@@ -298,6 +320,70 @@ def _check_sizes(sizes: Any, total: int, who: str) -> list[int]:
     return sizes
 
 
+def _check_own_segments(group_sizes: Sequence[int], k: int, most: int, *, agreed: bool) -> None:
+    """Refuse, before this side's values travel, segment groups the partner's policy forbids.
+
+    In PSI this side's values travel grouped by its segments and come back shuffled only within
+    each group, so this side learns the overlap of each group: a group of one identifier would
+    tell it whether that identifier matched. The message names no segment (it goes to the
+    partner as the reason of the abort).
+    """
+    if len(group_sizes) <= 1:
+        return
+    why = " agreed with the partner" if agreed else ""
+    if len(group_sizes) > most:
+        raise ConfigurationError(
+            f"--segment-column gives {len(group_sizes)} segments, more than max_segments={most}"
+            f"{why} (--max-segments); in PSI the count per segment is learned exactly, so use a "
+            "column with fewer distinct values")
+    smallest = min(group_sizes)
+    if smallest < k:
+        raise ConfigurationError(
+            f"--segment-column gives a segment of {smallest} distinct identifiers, fewer than "
+            f"k={k}{why} (--min-count); in PSI this node would learn which of the rows of such "
+            "a segment match, so use a coarser column (e.g. bands) or none")
+
+
+def check_segments(party: MatchParty, config: MatchConfig) -> None:
+    """Refuse now what `run_match` would refuse before sending: in PSI, more segments than
+    `config.max_segments` or one with fewer than `config.min_segment_size` distinct identifiers.
+    (The partner's stricter policy, known only after the hello, is checked there.)"""
+    mode = MatchMode.parse(config.mode)
+    if mode is MatchMode.HASH or party.segments is None:
+        return
+    prep = _Prepared(party)
+    if prep.labels is None or len(prep.unique) == 0:
+        return
+    sizes = np.bincount(prep.labels).tolist()
+    _check_own_segments(sizes, config.min_segment_size, config.max_segments, agreed=False)
+
+
+def _check_peer_segments(peer_groups: Sequence[int], k: int, most: int) -> None:
+    """Refuse a partner whose segment groups would show it which of its identifiers match."""
+    if len(peer_groups) <= 1:
+        return
+    if len(peer_groups) > most:
+        raise ConfigurationError(
+            f"the partner sent {len(peer_groups)} segment groups, more than max_segments={most} "
+            "(--max-segments); refused: per-segment counts over that many groups could show "
+            "it which of its identifiers match")
+    smallest = min(peer_groups)
+    if smallest < k:
+        raise ConfigurationError(
+            f"the partner sent a segment group of {smallest} identifiers, fewer than k={k} "
+            "(--min-count); refused: it would learn which of its identifiers match")
+
+
+def _peer_policy(peer: dict) -> tuple[int, int]:
+    policy = peer.get("segment_policy")
+    if not isinstance(policy, dict):
+        raise MatchProtocolError("partner's hello lacks its segment policy")
+    k, most = policy.get("min_size"), policy.get("max_segments")
+    if not (isinstance(k, int) and k >= 1 and isinstance(most, int) and most >= 1):
+        raise MatchProtocolError("partner's segment policy is not two positive integers")
+    return k, most
+
+
 def _job_id(initiator_nonce: bytes, responder_nonce: bytes) -> str:
     digest = hashlib.sha256(b"fedpact/match/job-id/v1" + initiator_nonce + responder_nonce)
     return "match-" + digest.hexdigest()[:20]
@@ -306,13 +392,24 @@ def _job_id(initiator_nonce: bytes, responder_nonce: bytes) -> str:
 # --------------------------------------------------------------------------- the job
 
 
-def run_match(party: MatchParty, transport: Transport, config: MatchConfig) -> MatchResult:
-    """Run this node's side of one match job over `transport`; the partner runs the same call."""
+BudgetCheck = Callable[[float], None]
+"""Called with the ε this job will charge to this node's dataset (its own report's ε plus the ε
+of the report the partner announced); raises to refuse the job."""
+
+
+def run_match(party: MatchParty, transport: Transport, config: MatchConfig, *,
+              budget_check: BudgetCheck | None = None) -> MatchResult:
+    """Run this node's side of one match job over `transport`; the partner runs the same call.
+
+    `budget_check`, if given, runs right after the handshake, before any value derived from an
+    identifier is sent, with the total ε the job will charge to this node's dataset; an error it
+    raises stops both sides (see `report.budget_check`).
+    """
     if transport.role not in (INITIATOR, RESPONDER):
         raise ConfigurationError(f"transport role must be {INITIATOR} or {RESPONDER}")
     wire = _Wire(transport, config.timeout_s)
     try:
-        return _run(party, wire, transport.role, config)
+        return _run(party, wire, transport.role, config, budget_check)
     except BaseException as exc:
         # Tell the partner why, so it does not wait for a message that never comes.
         with contextlib.suppress(Exception):  # the channel itself may be gone
@@ -321,7 +418,8 @@ def run_match(party: MatchParty, transport: Transport, config: MatchConfig) -> M
         raise
 
 
-def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig) -> MatchResult:
+def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig,
+         budget_check: BudgetCheck | None) -> MatchResult:
     mode = config.mode
     assert isinstance(mode, MatchMode)
     initiator = role == INITIATOR
@@ -335,6 +433,9 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig) -> Matc
     segmented_groups = mode is not MatchMode.HASH and prep.labels is not None
     order, group_sizes = _group_permutation(prep.labels if segmented_groups else None,
                                             len(prep.unique), rng)
+    if segmented_groups:  # before anything is sent
+        _check_own_segments(group_sizes, config.min_segment_size, config.max_segments,
+                            agreed=False)
     agreement = KeyAgreement() if mode is MatchMode.HASH else None
     nonce = secrets.token_bytes(32)
     hello = {
@@ -344,6 +445,8 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig) -> Matc
         "reveal_matches": bool(config.reveal_matches),
         "unique_ids": len(prep.unique), "normalization": party.ids.summary(),
         "group_sizes": group_sizes, "report_epsilon": config.report_epsilon,
+        "segment_policy": {"min_size": config.min_segment_size,
+                           "max_segments": config.max_segments},
         "nonce": nonce.hex(),
     }
     if agreement is not None:
@@ -354,6 +457,17 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig) -> Matc
     _check_hello(hello, peer, config)
     peer_n = int(peer["unique_ids"])
     peer_groups = _check_sizes(peer.get("group_sizes"), peer_n, "the partner")
+    # Segment policy: the stricter of the two sides' k and group limits binds both.
+    peer_k, peer_most = _peer_policy(peer)
+    k, most = max(config.min_segment_size, peer_k), min(config.max_segments, peer_most)
+    if mode is not MatchMode.HASH:
+        _check_peer_segments(peer_groups, k, most)
+        if segmented_groups:
+            _check_own_segments(group_sizes, k, most, agreed=True)
+    if budget_check is not None:
+        charge = (config.report_epsilon or 0.0) + float(peer.get("report_epsilon") or 0.0)
+        if charge > 0:
+            budget_check(charge)
     job_id = (_job_id(nonce, bytes.fromhex(peer["nonce"])) if initiator
               else _job_id(bytes.fromhex(peer["nonce"]), nonce))
     transcript = hashlib.sha256((my_hello + peer_hello) if initiator
