@@ -237,7 +237,14 @@ def listen(address: str, *, tls: TlsFiles | None = None, record: bool = False,
 
 def connect(address: str, *, tls: TlsFiles | None = None, record: bool = False,
             timeout: float = 3600.0, connect_timeout: float = 60.0) -> GrpcMatchTransport:
-    """Open the match channel to the partner listening on `address` (``host:port``)."""
+    """Open the match channel to the partner listening on `address` (``host:port``).
+
+    Dials until the partner listens, for at most `connect_timeout` seconds (``--connect-timeout``);
+    `timeout` then bounds the wait for each message.
+    """
+    if not connect_timeout > 0:
+        raise ConfigurationError(f"connect_timeout (--connect-timeout) must be positive, not "
+                                 f"{connect_timeout}")
     transport = GrpcMatchTransport(INITIATOR, record=record, timeout=timeout)
     channel = (grpc.secure_channel(address, tls.channel_credentials(), options=_DIAL_OPTIONS)
                if tls else grpc.insecure_channel(address, options=_DIAL_OPTIONS))
@@ -246,8 +253,9 @@ def connect(address: str, *, tls: TlsFiles | None = None, record: bool = False,
     except grpc.FutureTimeoutError:
         channel.close()
         raise ConfigurationError(
-            f"no match partner reachable at {address} within {connect_timeout:.0f} s "
-            "(is the other node listening with --listen?)") from None
+            f"no match partner reachable at {address} within {connect_timeout:g} s "
+            "(is the other node listening with --listen? --connect-timeout sets how long to "
+            "dial)") from None
     call = channel.stream_stream(METHOD, request_serializer=_identity,
                                  response_deserializer=_identity)
     responses = call(transport._outgoing())
