@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -36,6 +37,8 @@ match_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+err_console = Console(stderr=True)
+"""Progress and warnings: stderr, so that stdout holds only the result (pure JSON with --json)."""
 
 def ledger_consent_filter(registry: ConsentRegistry, purpose: str) -> ConsentFilter:
     """A `normalize_ids` consent filter backed by the ledger's consent registry.
@@ -97,7 +100,11 @@ def match(
              "if the partner opts in too (not with psi-cardinality).")] = None,
     segment_column: Annotated[str | None, typer.Option(
         help="Column of --ids to count the overlap by (e.g. label, age band, channel).")] = None,
-    min_count: Annotated[int, typer.Option(help="Suppress report counts below this (k).")] = 10,
+    min_count: Annotated[int, typer.Option(
+        help="Suppress report counts below this (k); in PSI also the fewest identifiers a "
+             "segment may hold, on either side.")] = 10,
+    max_segments: Annotated[int, typer.Option(
+        help="In PSI, refuse more segments than this, on either side.")] = 64,
     epsilon: Annotated[float | None, typer.Option(
         help="Add discrete Laplace noise to the report with this ε (charged to the dataset).")] = None,
     require_consent: Annotated[bool, typer.Option(
@@ -117,6 +124,8 @@ def match(
     workers: Annotated[int, typer.Option(help="Threads for the PSI group operations.")] = 2,
     max_peer_ids: Annotated[int, typer.Option(help="Refuse a partner set larger than this.")] = 50_000_000,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each partner message.")] = 3600.0,
+    connect_timeout: Annotated[float, typer.Option(
+        help="--connect: seconds to keep dialling until the partner listens.")] = 60.0,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA certificate (PEM) to verify the partner.")] = None,
@@ -137,14 +146,26 @@ def match(
         record_match,
         run_match,
     )
+    from fedpact.privacy.matching.protocol import check_segments
+    from fedpact.privacy.matching.report import (
+        MatchAttempt,
+        budget_check,
+        record_match_failed,
+        record_match_started,
+    )
 
     if (listen is None) == (connect is None):
         raise ConfigurationError("give exactly one of --listen HOST:PORT or --connect HOST:PORT")
     if min_count < 1:
         raise ConfigurationError(f"--min-count must be at least 1, not {min_count}")
+    if not connect_timeout > 0:
+        raise ConfigurationError(f"--connect-timeout must be positive, not {connect_timeout}")
     config = MatchConfig(mode=mode, group=group, reveal_matches=matched_out is not None,
                          workers=workers, max_peer_ids=max_peer_ids, report_epsilon=epsilon,
-                         timeout_s=timeout)
+                         timeout_s=timeout, min_segment_size=min_count, max_segments=max_segments)
+    for path, option in ((matched_out, "--matched-out"), (report_out, "--report-out")):
+        if path is not None:
+            _check_writable(path, option)
     subject_col = subject_column or column
     wanted = [column] + ([segment_column] if segment_column else []) + (
         [subject_col] if require_consent else [])
@@ -157,6 +178,11 @@ def match(
     ledger = Ledger.open(ledger_path)
     consent_source = None
     try:
+        # The budget must have room for this node's ε before anything happens; the partner's
+        # announced ε is added and checked again right after the handshake (run_match).
+        check_budget = budget_check(ledger, dataset_name, own_epsilon=epsilon)
+        if epsilon is not None:
+            check_budget(epsilon)
         registry = None
         if require_consent:
             same = consent_ledger is None or consent_ledger.resolve() == ledger_path.resolve()
@@ -177,18 +203,38 @@ def match(
                 f"consent: {normalized.excluded_by_consent}){hint}")
         me = MatchParty(name=name, dataset=dataset_name, ids=normalized,
                         segments=data[segment_column] if segment_column else None)
+        check_segments(me, config)  # what run_match refuses before sending, refused now
         tls = TlsFiles(tls_cert, tls_key, tls_ca) if (tls_cert or tls_key or tls_ca) else None
-        if listen is not None:
-            console.print(f"waiting for the partner on {listen} ...", highlight=False)
-            channel = open_listen(listen, tls=tls, timeout=timeout)
-        else:
-            channel = open_connect(connect or "", tls=tls, timeout=timeout)
-        with channel:
-            result = run_match(me, channel, config)
-        report = build_overlap_report(result, min_count=min_count, epsilon=epsilon)
+        attempt = MatchAttempt(
+            party=name, dataset=dataset_name, mode=config.mode.value, purpose=config.purpose,
+            role="responder" if listen is not None else "initiator",
+            partner=listen if listen is not None else (connect or ""),
+            group=config.group if config.mode.value != "hash" else None, report_epsilon=epsilon)
+        record_match_started(ledger, attempt, actor=f"node:{name}")
+        stage = "connect"
+        try:
+            if listen is not None:
+                err_console.print(f"waiting for the partner on {listen} ...", highlight=False)
+                channel = open_listen(listen, tls=tls, timeout=timeout)
+            else:
+                channel = open_connect(connect or "", tls=tls, timeout=timeout,
+                                       connect_timeout=connect_timeout)
+            stage = "exchange"
+            with channel:
+                result = run_match(me, channel, config, budget_check=check_budget)
+            stage = "report"
+            report = build_overlap_report(result, min_count=min_count, epsilon=epsilon)
+        except BaseException as exc:
+            try:
+                record_match_failed(ledger, attempt, exc, stage=stage, actor=f"node:{name}")
+            except Exception as audit_exc:  # noqa: BLE001 - the job's own error goes first
+                err_console.print(f"[red]could not record the failure in the ledger:[/red] "
+                                  f"{audit_exc}", highlight=False)
+            raise
         consent_facts = {"enforced": require_consent, "purpose": MATCHING_PURPOSE,
                          "rows": normalized.total, "excluded": normalized.excluded_by_consent}
-        events = record_match(ledger, result, report, consent=consent_facts)
+        events = record_match(ledger, result, report, consent=consent_facts,
+                              attempt=attempt.attempt_id)
         if registry is not None:
             actor = f"node:{name}"
             registry.record_exclusion(result.job_id, dataset_name, MATCHING_PURPOSE,
@@ -202,20 +248,46 @@ def match(
         if consent_source is not None and consent_source is not ledger:
             consent_source.close()
         ledger.close()
-    if matched_out is not None:
-        _write_matches(matched_out, result)
-    if report_out is not None:
-        report_out.parent.mkdir(parents=True, exist_ok=True)
-        report_out.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    try:
+        if matched_out is not None:
+            _write_matches(matched_out, result)
+        if report_out is not None:
+            report_out.parent.mkdir(parents=True, exist_ok=True)
+            report_out.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise ConfigurationError(
+            f"match job {result.job_id} completed and is recorded in the ledger, but its output "
+            f"could not be written: {exc.filename or ''}: {exc.strerror or exc}") from None
     if as_json:
-        console.print_json(json.dumps(report.to_dict(), allow_nan=False))
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
         return
     _print_result(result, report, len(events), matched_out)
 
 
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse, before connecting, an output path the job could not write once it has finished."""
+    if path.is_dir():
+        raise ConfigurationError(f"{option} {path} is a folder; give the name of a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with open(path, "ab"):  # appends nothing: only checks that it may be written
+                pass
+        else:
+            with open(path, "xb"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{option} {path} cannot be written: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")
+        ) from None
+
+
 def _write_matches(path: Path, result) -> None:
     if result.matched_rows is None:
-        console.print("[yellow]matched rows not written:[/yellow] the partner did not opt in "
+        err_console.print("[yellow]matched rows not written:[/yellow] the partner did not opt in "
                       "(--matched-out on both nodes), so only counts were exchanged",
                       highlight=False)
         return
