@@ -45,7 +45,8 @@ def _job(ledger: Ledger, job_id: str = "job-1") -> None:
                       actor=f"node:{node}", job_id=job_id)
     ledger.append(EventType.JOB_FINISHED, {"metrics": {"roc_auc": 0.81}, "epsilon": 0.97},
                   actor="coordinator", job_id=job_id)
-    ledger.append(EventType.MODEL_DELIVERED, {"model": f"{job_id}/model.pt", "recipient": "bank-a"},
+    ledger.append(EventType.MODEL_DELIVERED, {"model": f"{job_id}/model.pt", "recipient": "bank-a",
+                                                  "purpose": PURPOSE},
                   actor="coordinator", job_id=job_id)
 
 

@@ -20,10 +20,10 @@ def _writer(db_path: str, worker: int, count: int, start) -> None:
     with Ledger.open(db_path, checkpoint_every=25) as ledger:
         start.wait(timeout=60)
         for i in range(count):
-            ledger.append(EventType.JOB_FAILED, {"worker": worker, "i": i}, actor=f"p{worker}")
+            ledger.append(EventType.JOB_FAILED, {"reason": "test", "worker": worker, "i": i}, actor=f"p{worker}")
         for b in range(count // 10):
             ledger.append_many(
-                (EventType.JOB_FAILED, {"worker": worker, "i": count + b * 10 + j}, f"p{worker}", None)
+                (EventType.JOB_FAILED, {"reason": "test", "worker": worker, "i": count + b * 10 + j}, f"p{worker}", None)
                 for j in range(10)
             )
 
@@ -72,7 +72,7 @@ def test_threads_share_group_commits(tmp_path: Path) -> None:
         def run(worker: int) -> None:
             barrier.wait()
             for i in range(40):
-                ledger.append(EventType.JOB_FAILED, {"w": worker, "i": i}, actor="t")
+                ledger.append(EventType.JOB_FAILED, {"reason": "test", "w": worker, "i": i}, actor="t")
 
         threads = [threading.Thread(target=run, args=(w,)) for w in range(8)]
         for thread in threads:
@@ -94,7 +94,7 @@ KILLED_WRITER = textwrap.dedent(
         batch = 0
         while True:
             events = ledger.append_many(
-                (EventType.JOB_FAILED, {"batch": batch, "i": i}, "writer", None) for i in range(200)
+                (EventType.JOB_FAILED, {"reason": "test", "batch": batch, "i": i}, "writer", None) for i in range(200)
             )
             out.write(f"{events[0].event_id} {events[-1].event_id} {events[-1].seq}\\n")
             out.flush()
@@ -128,7 +128,7 @@ def test_kill_9_mid_batch_loses_nothing_committed(tmp_path: Path) -> None:
             assert ledger.event(last_id).seq == int(last_seq)
         assert count % 200 == 0  # a batch is all or nothing
         assert count >= 200 * len(committed)
-        ledger.append(EventType.JOB_FAILED, {"after": "crash"}, actor="recovery")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test", "after": "crash"}, actor="recovery")
     assert result.ok and result.events_checked == count
     with Ledger.open(db) as ledger:
         after = ledger.verify()

@@ -54,9 +54,9 @@ def test_writer_cache_follows_other_writers(tmp_path: Path) -> None:
     with Ledger.open(path, checkpoint_every=7) as first, Ledger.open(path, checkpoint_every=5) as second:
         for round_ in range(6):
             _fill(first, round_ * 10, 4)
-            second.append(EventType.JOB_FAILED, {"round": round_}, actor="other")
+            second.append(EventType.JOB_FAILED, {"reason": "test", "round": round_}, actor="other")
             _fill(second, 100 + round_ * 10, 3)
-            first.append(EventType.JOB_FAILED, {"round": round_}, actor="first")
+            first.append(EventType.JOB_FAILED, {"reason": "test", "round": round_}, actor="first")
         first.checkpoint()
         result = first.verify()
         assert result.ok and result.events_checked == 6 * 9 == result.signed_tree_size
@@ -197,10 +197,10 @@ def test_an_interrupted_waiter_passes_on_the_lead(tmp_path: Path) -> None:
     import time
 
     with Ledger.open(tmp_path / "l.db") as ledger:
-        first = ledger._prepare(EventType.JOB_FAILED, {"i": 1}, "a", None)
+        first = ledger._prepare(EventType.JOB_FAILED, {"reason": "test", "i": 1}, "a", None)
         ledger._leader = True  # someone else is writing
-        interrupted = ledger._prepare(EventType.JOB_FAILED, {"i": 2}, "a", None)
-        follower = ledger._prepare(EventType.JOB_FAILED, {"i": 3}, "a", None)
+        interrupted = ledger._prepare(EventType.JOB_FAILED, {"reason": "test", "i": 2}, "a", None)
+        follower = ledger._prepare(EventType.JOB_FAILED, {"reason": "test", "i": 3}, "a", None)
 
         class Interrupt(BaseException):
             pass

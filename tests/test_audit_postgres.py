@@ -130,7 +130,7 @@ def _pg_writer(url: str, key_dir: str, worker: int, count: int, start) -> None:
     with Ledger(url, key_dir=key_dir, checkpoint_every=20) as ledger:
         start.wait(timeout=60)
         for i in range(count):
-            ledger.append(EventType.JOB_FAILED, {"w": worker, "i": i}, actor=f"p{worker}")
+            ledger.append(EventType.JOB_FAILED, {"reason": "test", "w": worker, "i": i}, actor=f"p{worker}")
 
 
 def test_four_processes_one_chain(url: str, tmp_path: Path) -> None:

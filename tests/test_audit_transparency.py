@@ -50,7 +50,7 @@ def _verify(db: Path):
 def test_checkpoints_are_written_every_n_events_and_on_close(tmp_path: Path) -> None:
     with Ledger.open(tmp_path / "l.db", checkpoint_every=4) as ledger:
         for i in range(10):
-            ledger.append(EventType.JOB_FAILED, {"i": i}, actor="server")
+            ledger.append(EventType.JOB_FAILED, {"reason": "test", "i": i}, actor="server")
         assert [c.tree_size for c in ledger.checkpoints()] == [4, 8]
     with Ledger.open(tmp_path / "l.db") as ledger:
         assert [c.tree_size for c in ledger.checkpoints()] == [4, 8, 10]
@@ -65,12 +65,12 @@ def test_checkpoints_are_written_after_the_interval(tmp_path: Path, monkeypatch)
     clock = {"now": 1000.0}
     monkeypatch.setattr(ledger_module.time, "time", lambda: clock["now"])
     with Ledger.open(tmp_path / "l.db", checkpoint_every=1000, checkpoint_interval_s=30) as ledger:
-        ledger.append(EventType.JOB_FAILED, {}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
         clock["now"] += 10
-        ledger.append(EventType.JOB_FAILED, {}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
         assert ledger.checkpoints() == []
         clock["now"] += 25
-        ledger.append(EventType.JOB_FAILED, {}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
         assert [c.tree_size for c in ledger.checkpoints()] == [3]
 
 
@@ -137,8 +137,8 @@ def test_truncate_then_append_is_caught_too(db: Path) -> None:
     tamper(db, "DELETE FROM ledger_events WHERE seq > 28")
     with Ledger.open(db, checkpoint_every=10_000) as ledger:
         # the reopened writer refuses to build on a chain that contradicts its own signed tree
-        ledger.append(EventType.JOB_FAILED, {}, actor="server")
-        ledger.append(EventType.JOB_FAILED, {}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
         result = ledger.verify()
     assert not result.ok and result.first_bad_seq == 29
     assert "differ from those signed in the checkpoint at tree size 30" in result.reason
@@ -305,7 +305,7 @@ def test_copy_without_keys_still_verifies_and_appends_unsigned(tmp_path: Path) -
         src.backup(dst)
     with Ledger.open(copy) as ledger:
         assert ledger.verifier_key is None
-        ledger.append(EventType.JOB_FAILED, {}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
         result = ledger.verify()
         with pytest.raises(LedgerError, match="no signing key"):
             ledger.checkpoint()
@@ -351,7 +351,7 @@ def test_legacy_database_is_migrated_and_checkpointed(tmp_path: Path) -> None:
     connection.close()
     with Ledger.open(path) as ledger:
         assert ledger.count() == 2
-        ledger.append(EventType.JOB_FAILED, {}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
     with Ledger.open(path) as ledger:
         result = ledger.verify()
     assert result.ok and result.signed_tree_size == 3

@@ -37,7 +37,8 @@ def _setup(ledger: Ledger) -> ConsentRegistry:
     registry.enforce("job-1", "telco", PURPOSE, [RAW_ID, "5575-GNVDE", "0000-NONE"])
     ledger.append(EventType.JOB_FINISHED, {"metrics": {"auc": 0.8}, "epsilon": 1.0},
                   actor="coordinator", job_id="job-1")
-    ledger.append(EventType.MODEL_DELIVERED, {"model": "job-1/model.pt"}, actor="coordinator",
+    ledger.append(EventType.MODEL_DELIVERED, {"model": "job-1/model.pt", "recipient": "bank-a",
+                                                  "purpose": PURPOSE}, actor="coordinator",
                   job_id="job-1")
     registry.enforce("job-2", "telco", PURPOSE, ["5575-GNVDE"])  # a job without our subject
     return registry

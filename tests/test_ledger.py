@@ -18,7 +18,13 @@ from sqlalchemy import event as sa_event
 
 from fedpact.audit import ChainVerification, EventType, Ledger, LedgerError, LedgerEvent
 from fedpact.audit.chain import GENESIS_HASH, canonical_json, event_hash, verify_chain
-from fedpact.audit.events import FREE_TEXT_KEYS, RAW_PII_KEYS, REQUIRED_FIELDS, validate_payload
+from fedpact.audit.events import (
+    RAW_PII_KEYS,
+    REQUIRED_FIELDS,
+    is_personal_key,
+    looks_personal,
+    validate_payload,
+)
 
 JOB = "job-7"
 
@@ -99,9 +105,9 @@ def test_events_filters_count_and_head(ledger: Ledger) -> None:
     assert ledger.head() is None and ledger.count() == 0
     _fill(ledger, 3, job_id="job-a")
     ledger.append(
-        EventType.JOB_FAILED, {"error": "partner offline"}, actor="server", job_id="job-b"
+        EventType.JOB_FAILED, {"reason": "partner offline"}, actor="server", job_id="job-b"
     )
-    ledger.append(EventType.MODEL_DELIVERED, {}, actor="server")
+    ledger.append(EventType.MODEL_DELIVERED, {"model": "m@1", "recipient": "bank-a", "purpose": "churn"}, actor="server")
 
     assert [e.seq for e in ledger.events(job_id="job-a")] == [1, 2, 3]
     assert [e.seq for e in ledger.events(event_type=EventType.JOB_FAILED)] == [4]
@@ -136,7 +142,9 @@ def test_reopened_ledger_continues_the_chain(db_path: Path) -> None:
     with Ledger.open(db_path) as first:
         _fill(first, 2)
     with Ledger.open(db_path) as second:
-        third = second.append(EventType.MODEL_DELIVERED, {"to": "telco-b"}, actor="server")
+        third = second.append(EventType.MODEL_DELIVERED,
+                              {"model": "m@1", "recipient": "telco-b", "purpose": "churn"},
+                              actor="server")
         assert third.seq == 3
         result = second.verify()
     assert result.ok and result.events_checked == 3 and result.head_hash == third.hash
@@ -421,8 +429,10 @@ def test_required_fields_table() -> None:
     assert REQUIRED_FIELDS[EventType.JOB_CREATED] == {"task", "partners", "purpose"}
     assert REQUIRED_FIELDS[EventType.ROUND_AGGREGATED] == {"round", "nodes"}
     assert REQUIRED_FIELDS[EventType.JOB_FINISHED] == {"metrics", "epsilon"}
-    validate_payload(EventType.JOB_FAILED, {})
-    validate_payload("model.delivered", {})
+    assert REQUIRED_FIELDS[EventType.JOB_FAILED] == {"reason"}
+    assert REQUIRED_FIELDS[EventType.MODEL_DELIVERED] == {"model", "recipient", "purpose"}
+    validate_payload(EventType.JOB_FAILED, {"reason": "partner offline"})
+    validate_payload("model.delivered", {"model": "m@1", "recipient": "bank-a", "purpose": "churn"})
     with pytest.raises(LedgerError, match="must be a dict"):
         validate_payload(EventType.JOB_FAILED, ["not", "a", "dict"])  # type: ignore[arg-type]
 
@@ -443,18 +453,18 @@ def test_nan_and_infinity_are_refused(ledger: Ledger, bad: float) -> None:
 
 def test_non_serialisable_payload_names_the_key(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match=r"payload\['when'\] is a object"):
-        ledger.append(EventType.JOB_FAILED, {"when": object()}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test", "when": object()}, actor="server")
     with pytest.raises(LedgerError, match=r"payload\['nodes'\]\[1\] is a set"):
-        ledger.append(EventType.JOB_FAILED, {"nodes": ["a", {"b"}]}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test", "nodes": ["a", {"b"}]}, actor="server")
     with pytest.raises(LedgerError, match="int key 3"):
-        ledger.append(EventType.JOB_FAILED, {"by_round": {3: 0.1}}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test", "by_round": {3: 0.1}}, actor="server")
     with pytest.raises(LedgerError, match="not valid Unicode"):
-        ledger.append(EventType.JOB_FAILED, {"note": "\ud800"}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test", "note": "\ud800"}, actor="server")
 
 
 def test_actor_is_required(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="actor"):
-        ledger.append(EventType.JOB_FAILED, {}, actor="")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="")
 
 
 def test_open_in_unusable_location_explains(tmp_path: Path) -> None:
@@ -498,14 +508,14 @@ def test_lost_race_is_retried_instead_of_forking(
 
     monkeypatch.setattr(Ledger, "_chain_tip", staticmethod(tip_stale_once))
     ledger._invalidate_state()  # as if another process had committed: the head is re-read
-    recorded = ledger.append(EventType.JOB_FAILED, {}, actor="server")
+    recorded = ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
     assert calls["n"] == 2 and recorded.seq == 3
     assert ledger.verify().ok
 
     monkeypatch.setattr(Ledger, "_chain_tip", staticmethod(lambda connection: stale_tip))
     ledger._invalidate_state()
     with pytest.raises(LedgerError, match="after 5 attempts"):
-        ledger.append(EventType.JOB_FAILED, {}, actor="server")
+        ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
     assert ledger.count() == 3
 
 
@@ -518,7 +528,7 @@ def test_concurrent_threads_keep_one_chain(ledger: Ledger) -> None:
             start.wait()
             for i in range(50):
                 ledger.append(
-                    EventType.JOB_FAILED, {"worker": worker, "i": i}, actor=f"thread-{worker}"
+                    EventType.JOB_FAILED, {"reason": "test", "worker": worker, "i": i}, actor=f"thread-{worker}"
                 )
         except BaseException as exc:  # surfaced by the assertion below
             errors.append(exc)
@@ -542,7 +552,7 @@ def _append_from_process(db_path: str, worker: int, count: int, start: Any) -> N
         start.wait(timeout=60)
         for i in range(count):
             ledger.append(
-                EventType.JOB_FAILED, {"worker": worker, "i": i}, actor=f"process-{worker}"
+                EventType.JOB_FAILED, {"reason": "test", "worker": worker, "i": i}, actor=f"process-{worker}"
             )
             time.sleep(
                 0.001
@@ -572,25 +582,29 @@ def test_concurrent_processes_keep_one_chain(db_path: Path) -> None:
 
 # --- property -------------------------------------------------------------------------------
 
+# text the ledger refuses (e-mail addresses, phone numbers) and keys naming personal data
+_texts = st.text().filter(lambda text: not looks_personal(text))
+_keys = st.text().filter(lambda key: not is_personal_key(key) and key not in RAW_PII_KEYS)
 _json_scalars = (
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
+    | _texts
 )
 _json_values = st.recursive(
     _json_scalars,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+        st.lists(children, max_size=4) | st.dictionaries(_keys, children, max_size=4)
     ),
     max_leaves=15,
 )
-# top-level keys the ledger refuses or screens (raw identity keys, free text, the envelope)
-_payload_keys = st.text().filter(
-    lambda key: key not in RAW_PII_KEYS | FREE_TEXT_KEYS | {"personal"}
+_DELIVERED = {"model": "m@1", "recipient": "bank-a", "purpose": "churn"}
+# any extra fields beside the required ones (not the envelope, not a required field's name)
+_payload_keys = _keys.filter(lambda key: key not in {"personal", *_DELIVERED})
+_payloads = st.dictionaries(_payload_keys, _json_values, max_size=5).map(
+    lambda extra: {**extra, **_DELIVERED}
 )
-_payloads = st.dictionaries(_payload_keys, _json_values, max_size=5)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -103,8 +103,8 @@ FIELD_KINDS: dict[EventType, dict[str, str]] = {
     },
     EventType.ROUND_AGGREGATED: {"round": INT, "nodes": STR_LIST},
     EventType.JOB_FINISHED: {"metrics": DICT, "epsilon": ANY},
-    EventType.JOB_FAILED: {},
-    EventType.MODEL_DELIVERED: {},
+    EventType.JOB_FAILED: {"reason": STR},
+    EventType.MODEL_DELIVERED: {"model": STR, "recipient": STR, "purpose": STR},
     EventType.MATCH_COMPLETED: {
         "mode": STR, "parties": ANY, "datasets": ANY, "sizes": ANY, "overlap": ANY, "purpose": STR,
     },
@@ -155,6 +155,25 @@ FIELD_KINDS: dict[EventType, dict[str, str]] = {
     EventType.RETENTION_ENFORCED: {
         "keys_destroyed": COUNT, "by_class": DICT, "as_of": TIMESTAMP,
     },
+    # governed job workflow (service/api/governance.py): who asked for what, who decided
+    EventType.JOB_REQUESTED: {
+        "task": STR, "dataset": STR, "partners": STR_LIST, "purpose": STR, "features": STR_LIST,
+        "dp": BOOL, "target_epsilon": ANY, "target_delta": ANY, "requested_by": STR,
+    },
+    EventType.JOB_APPROVED: {"partner": STR, "dataset": STR, "decided_by": STR, "purpose": STR},
+    EventType.JOB_REJECTED: {
+        "partner": STR, "dataset": STR, "decided_by": STR, "purpose": STR, "reason": STR,
+    },
+    EventType.JOB_REVOKED: {
+        "partner": STR, "dataset": STR, "decided_by": STR, "purpose": STR, "reason": STR,
+    },
+    # accounts and sign-in (service/api/auth.py); principals are handles, never e-mail addresses
+    EventType.TOKEN_ISSUED: {
+        "principal": STR, "token_id": STR, "expires_at": NUMBER, "issued_by": STR,
+    },
+    EventType.TOKEN_REVOKED: {"principal": STR, "token_id": STR, "revoked_by": STR},
+    EventType.USER_CREATED: {"principal": STR, "kind": STR, "created_by": STR},
+    EventType.LOGIN: {"principal": STR, "outcome": STR, "method": STR, "detail": STR},
 }
 
 OPTIONAL_KINDS = {OPT_TIMESTAMP, OPT_STR}
@@ -168,13 +187,178 @@ RAW_PII_KEYS = frozenset(
     {"subject_id", "raw_id", "customer_id", "email", "phone", "name", "full_name", "address",
      "ip_address", "date_of_birth", "national_id"}
 )
-"""Payload keys that would hold a person's raw identity: refused; use the encrypted envelope."""
+"""Payload keys that would hold a person's raw identity: refused; use the encrypted envelope.
+
+Not only these exact keys: any key, at any depth, that `is_personal_key` matches (``email_address``,
+``contactPhone``, ``passport_no``, ``ssn``...) is refused too."""
 
 FREE_TEXT_KEYS = frozenset(
     {"reason", "note", "notes", "comment", "description", "justification", "error", "message"}
 )
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-_PHONE = re.compile(r"\+\d[\d \-]{7,16}\d")
+"""Free-text fields. Every string value at any depth, not only these, is screened for e-mail
+addresses and phone numbers."""
+
+_PII_KEY = re.compile(
+    r"e[-_ ]?mail|phone|passport|address|birth|national[-_ ]?id|subject[-_ ]?id|customer[-_ ]?id"
+    r"|raw[-_ ]?id|(?:full|first|last|given|family|sur|maiden)[-_ ]?name|(?<![a-z])ssn(?![a-z])"
+    r"|^(?:name|dob|mobile|ip)$"
+)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![A-Za-z0-9-])")
+"""An e-mail address anywhere in a string (the domain needs a dot: ``model@1`` is a version)."""
+_PHONE = re.compile(r"(?<![\w+/=])\+[1-9](?:[ .()-]{0,2}\d){6,14}(?![\w/])")
+"""An E.164-like phone number (+, country code, 7-15 digits; base64 and 1e+10 do not match)."""
+
+NAME_KEYED: dict[EventType, frozenset[str]] = {
+    EventType.JOB_CREATED: frozenset({"rows"}),
+    EventType.ROUND_AGGREGATED: frozenset({"missing"}),
+    EventType.MATCH_COMPLETED: frozenset(
+        {"sizes", "epsilon_spent", "normalization", "invalid_by_reason"}
+    ),
+}
+"""Object fields whose keys are dataset/partner names or fixed reason codes (e.g. the matcher's
+``too_long_for_a_phone_number``), not field names: their keys are not screened, their values are."""
+
+SEALED_KINDS = frozenset({SUBJECT})
+"""Field kinds that are pseudonymous by construction (checked against `PSEUDONYM`): not screened."""
+
+
+def is_personal_key(key: str) -> bool:
+    """True if a payload key names a personal-data field (case-insensitive, substring match)."""
+    verdict = _KEY_VERDICTS.get(key)
+    if verdict is None:
+        verdict = _PII_KEY.search(key.lower()) is not None
+        if len(_KEY_VERDICTS) < 65536:
+            _KEY_VERDICTS[key] = verdict
+    return verdict
+
+
+def looks_personal(text: str) -> bool:
+    """True if `text` holds something that looks like an e-mail address or a phone number."""
+    return ("@" in text and _EMAIL.search(text) is not None) or (
+        "+" in text and _PHONE.search(text) is not None)
+
+
+_KEY_VERDICTS: dict[str, bool] = {}
+
+
+_KEY, _TEXT = "key", "text"
+
+
+def _refused(what: str, path: str) -> LedgerError:
+    if what == _KEY:
+        return LedgerError(
+            f"{path} would record raw personal data in the permanent ledger; pass a subject "
+            "pseudonym and put personal fields in the encrypted 'personal' envelope"
+        )
+    return LedgerError(
+        f"{path} looks like it holds an e-mail address or phone number; text in the ledger must "
+        "not carry personal data (put it in the encrypted 'personal' envelope)"
+    )
+
+
+def _find(value: Any, name_keyed: frozenset[str], keys_are_names: bool = False
+          ) -> tuple[str, str] | None:
+    """(what, path below `value`) of the first personal-data key or text in a nested value."""
+    kind_of = type(value)
+    if kind_of is str:
+        if ("@" in value or "+" in value) and looks_personal(value):
+            return _TEXT, ""
+        return None
+    if kind_of is int or kind_of is float or kind_of is bool or value is None:
+        return None
+    if kind_of is list or kind_of is tuple:
+        try:  # the common case, a list of strings: one join, one scan
+            joined = "\x1f".join(value)
+        except TypeError:
+            pass
+        else:
+            if not (("@" in joined or "+" in joined) and looks_personal(joined)):
+                return None
+    if isinstance(value, Mapping):
+        verdicts = _KEY_VERDICTS
+        for key, item in value.items():
+            if type(key) is not str:
+                continue  # canonical JSON refuses it, naming the key
+            if not keys_are_names:
+                verdict = verdicts.get(key)
+                if verdict is None:
+                    verdict = is_personal_key(key)
+                if verdict:
+                    return _KEY, f".{key}"
+            if type(item) is str:
+                if ("@" in item or "+" in item) and looks_personal(item):
+                    return _TEXT, f".{key}"
+            elif not (type(item) in _SCALARS or item is None):
+                found = _find(item, name_keyed, key in name_keyed)
+                if found is not None:
+                    return found[0], f".{key}{found[1]}"
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _find(item, name_keyed)
+            if found is not None:
+                return found[0], f"[{index}]{found[1]}"
+        return None
+    if isinstance(value, str) and looks_personal(value):
+        return _TEXT, ""
+    return None
+
+
+_SCALARS = frozenset({int, float, bool})
+
+
+def _plan(kind: EventType, keys: tuple[Any, ...]) -> tuple[str, ...]:
+    """Top-level fields of this key set to screen; raise if a key names personal data."""
+    fields = FIELD_KINDS.get(kind, {})
+    screened = []
+    for key in keys:
+        if not isinstance(key, str):
+            continue  # canonical JSON refuses it, naming the key
+        check = fields.get(key)
+        if key == "personal" or check in SEALED_KINDS:
+            continue  # the encrypted envelope, or a pseudonym checked by its kind
+        if is_personal_key(key):
+            raise _refused(_KEY, f"{kind.value} payload.{key}")
+        if check in (INT, COUNT, NUMBER, BOOL, TIMESTAMP, OPT_TIMESTAMP):
+            continue  # type-checked: cannot carry text
+        screened.append(key)
+    return tuple(screened)
+
+
+_PLANS: dict[EventType, dict[tuple[Any, ...], tuple[str, ...]]] = {kind: {} for kind in EventType}
+"""Per event type: a payload key set already screened -> its fields whose values need screening."""
+_NO_NAMES: frozenset[str] = frozenset()
+
+
+def _screen(kind: EventType, payload: Mapping[str, Any]) -> None:
+    """Refuse personal-data keys at any depth, and e-mail addresses / phone numbers in any text."""
+    keys = tuple(payload)
+    plans = _PLANS[kind]
+    plan = plans.get(keys)
+    if plan is None:
+        plan = _plan(kind, keys)
+        if len(plans) < 4096:
+            plans[keys] = plan
+    for name in plan:
+        value = payload[name]
+        kind_of = type(value)
+        if kind_of is str:
+            if ("@" in value or "+" in value) and looks_personal(value):
+                raise _refused(_TEXT, f"{kind.value} payload.{name}")
+        elif kind_of is list:
+            try:
+                joined = "\x1f".join(value)
+            except TypeError:
+                joined = "@"
+            if ("@" in joined or "+" in joined) and (
+                    found := _find(value, NAME_KEYED.get(kind, _NO_NAMES))):
+                raise _refused(found[0], f"{kind.value} payload.{name}{found[1]}")
+        elif not (kind_of in _SCALARS or value is None):
+            name_keyed = NAME_KEYED.get(kind, _NO_NAMES)
+            found = _find(value, name_keyed, name in name_keyed)
+            if found is not None:
+                raise _refused(found[0], f"{kind.value} payload.{name}{found[1]}")
+
 
 ENVELOPE_FIELDS = {"v", "key", "nonce", "ct"}
 """The `personal` payload field: personal data AES-GCM-encrypted under a subject's key."""
@@ -229,23 +413,6 @@ def _check_kind(kind: str, value: Any, label: str) -> None:
         raise LedgerError(f"{label} must be {kind}, got {shown}")
 
 
-def _screen_free_text(payload: Mapping[str, Any], label: str) -> None:
-    """Refuse raw-identity keys and e-mail addresses / phone numbers in free-text fields."""
-    keys = payload.keys()
-    for key in sorted(keys & RAW_PII_KEYS):
-        raise LedgerError(
-            f"{label}[{key!r}] would record raw personal data in the permanent ledger; pass "
-            "a subject pseudonym and put personal fields in the encrypted 'personal' envelope"
-        )
-    for key in keys & FREE_TEXT_KEYS:
-        value = payload[key]
-        if isinstance(value, str) and (_EMAIL.search(value) or _PHONE.search(value)):
-            raise LedgerError(
-                f"{label}[{key!r}] looks like it holds an e-mail address or phone number; "
-                "free text in the ledger must not carry personal data"
-            )
-
-
 def _check_envelope(value: Any, label: str) -> None:
     if not isinstance(value, Mapping) or set(value) != ENVELOPE_FIELDS:
         raise LedgerError(
@@ -267,8 +434,10 @@ _REQUIRED: dict[EventType, frozenset[str]] = {
 def validate_payload(event_type: EventType | str, payload: Mapping[str, Any]) -> None:
     """Raise LedgerError unless `payload` holds every field `event_type` requires, each well-typed.
 
-    Also refuses raw personal data: known identity keys, and e-mail addresses or phone numbers in
-    free-text fields. Personal data goes only in the `personal` field, encrypted per subject.
+    Also refuses raw personal data at any depth: keys that name a personal-data field (see
+    `is_personal_key`), and text that holds an e-mail address or phone number; the error names
+    the path (``job.failed payload.error.email``). Only pseudonym fields and the `personal`
+    envelope (personal data encrypted per subject) are exempt.
     """
     kind = event_type if type(event_type) is EventType else EventType.parse(event_type)
     if not isinstance(payload, Mapping):
@@ -301,7 +470,6 @@ def validate_payload(event_type: EventType | str, payload: Mapping[str, Any]) ->
         elif check == DICT and kind_of is dict:
             continue
         _check_kind(check, value, f"{kind.value} payload field {name!r}")
-    if not (RAW_PII_KEYS.isdisjoint(payload) and FREE_TEXT_KEYS.isdisjoint(payload)):
-        _screen_free_text(payload, f"{kind.value} payload")
+    _screen(kind, payload)
     if "personal" in payload:
         _check_envelope(payload["personal"], f"{kind.value} payload field 'personal'")
