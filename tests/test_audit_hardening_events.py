@@ -169,3 +169,37 @@ def test_screening_stays_cheap() -> None:
             validate_payload(EventType.DATA_ACCESSED, p)
         best = min(best, time.perf_counter() - start)
     assert best / len(payloads) < 20e-6  # ~1.5 us on a quiet core; loose for shared CI machines
+
+
+# --- 5. consent CSV import: keys only for rows that pass ------------------------------------
+
+
+def test_consent_import_creates_keys_only_for_good_rows(ledger: Ledger, tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from fedpact.audit.consent import ConsentRegistry
+    from fedpact.audit.store import subject_keys
+
+    path = tmp_path / "export.csv"
+    path.write_text(
+        "subject_id,purpose,status,channel,timestamp,legal_basis,notice_version,source,email\n"
+        "GOOD-1,churn,granted,web,2026-01-15T10:00:00+00:00,consent,v3,cmp,good1@example.com\n"
+        "BAD-STATUS,churn,maybe,web,2026-01-15T10:00:00+00:00,consent,v3,cmp,\n"
+        "BAD-CELLS,churn,granted,web,2026-01-15T10:00:00+00:00,consent,v3,cmp,,surplus\n"
+        "BAD-SOURCE,churn,granted,web,2026-01-15T10:00:00+00:00,consent,v3,ask bob@example.com,\n"
+        "BAD-GRANT,churn,granted,web,2026-01-15T10:00:00+00:00,,v3,cmp,\n"
+        "GOOD-2,churn,withdrawn,app,2026-01-16T10:00:00+00:00,,,cmp,\n"
+    )
+    registry = ConsentRegistry(ledger)
+    report = registry.import_csv(path)
+    assert (report.granted, report.withdrawn, report.rows_read) == (1, 1, 6)
+    assert [(e.line, e.field) for e in report.errors] == [
+        (3, "status"), (4, "row"), (5, "row"), (6, "legal_basis")]
+    assert "payload.source looks like it holds an e-mail address" in report.errors[2].message
+    with ledger.store.read() as connection:
+        keyed = set(connection.execute(select(subject_keys.c.subject)).scalars())
+    good = {registry.pseudonym(s) for s in ("GOOD-1", "GOOD-2")}
+    bad = {registry.pseudonym(s) for s in ("BAD-STATUS", "BAD-CELLS", "BAD-SOURCE", "BAD-GRANT")}
+    assert keyed == good and not keyed & bad
+    assert [r.status for r in registry.current("GOOD-1")] == ["granted"]
+    assert ledger.count() == 2 and ledger.verify().ok

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from fedpact.audit.events import EventType, LedgerError, parse_timestamp
+from fedpact.audit.events import EventType, LedgerError, parse_timestamp, validate_payload
 from fedpact.audit.ledger import Ledger, LedgerEvent, utc_iso
 from fedpact.audit.store import consent_state, job_subjects
 from fedpact.audit.subjects import SubjectKeys
@@ -129,20 +129,20 @@ class ConsentRegistry:
         fields = {"subject_id": SubjectKeys.normalise(subject_id), **(extra or {})}
         return self.subjects.seal(subject, fields, retention_class=CONSENT_RETENTION_CLASS, at=at)
 
-    def _grant_payload(
+    def _grant_fields(
         self, subject_id: Any, purpose: str, *, channel: str, legal_basis: str,
         notice_version: str, source: str, expires_at: datetime | str | None,
-        at: datetime | str | None, personal: Mapping[str, Any] | None,
-    ) -> dict[str, Any]:
+        at: datetime | str | None,
+    ) -> tuple[dict[str, Any], datetime]:
+        """A grant's payload without its `personal` envelope, and its time (nothing sealed yet)."""
         when = _as_datetime(at, "timestamp") if at is not None else datetime.now(UTC)
         expiry = _as_datetime(expires_at, "expires_at") if expires_at is not None else None
         if expiry is not None and expiry <= when:
             raise LedgerError(
                 f"expires_at {expiry.isoformat()} is not after the grant time {when.isoformat()}"
             )
-        subject = self.pseudonym(subject_id)
         return {
-            "subject": subject,
+            "subject": self.pseudonym(subject_id),
             "purpose": _text(purpose, "purpose"),
             "channel": _text(channel, "channel"),
             "legal_basis": _text(legal_basis, "legal_basis"),
@@ -150,23 +150,42 @@ class ConsentRegistry:
             "source": _text(source, "source"),
             "timestamp": when.isoformat(),
             "expires_at": expiry.isoformat() if expiry else None,
-            "personal": self._personal(subject, subject_id, personal, when),
-        }
+        }, when
+
+    def _withdraw_fields(
+        self, subject_id: Any, purpose: str, *, channel: str, source: str,
+        at: datetime | str | None,
+    ) -> tuple[dict[str, Any], datetime]:
+        """A withdrawal's payload without its `personal` envelope, and its time."""
+        when = _as_datetime(at, "timestamp") if at is not None else datetime.now(UTC)
+        return {
+            "subject": self.pseudonym(subject_id),
+            "purpose": _text(purpose, "purpose"),
+            "channel": _text(channel, "channel"),
+            "source": _text(source, "source"),
+            "timestamp": when.isoformat(),
+        }, when
+
+    def _grant_payload(
+        self, subject_id: Any, purpose: str, *, channel: str, legal_basis: str,
+        notice_version: str, source: str, expires_at: datetime | str | None,
+        at: datetime | str | None, personal: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        payload, when = self._grant_fields(
+            subject_id, purpose, channel=channel, legal_basis=legal_basis,
+            notice_version=notice_version, source=source, expires_at=expires_at, at=at,
+        )
+        payload["personal"] = self._personal(payload["subject"], subject_id, personal, when)
+        return payload
 
     def _withdraw_payload(
         self, subject_id: Any, purpose: str, *, channel: str, source: str,
         at: datetime | str | None, personal: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        when = _as_datetime(at, "timestamp") if at is not None else datetime.now(UTC)
-        subject = self.pseudonym(subject_id)
-        return {
-            "subject": subject,
-            "purpose": _text(purpose, "purpose"),
-            "channel": _text(channel, "channel"),
-            "source": _text(source, "source"),
-            "timestamp": when.isoformat(),
-            "personal": self._personal(subject, subject_id, personal, when),
-        }
+        payload, when = self._withdraw_fields(subject_id, purpose, channel=channel, source=source,
+                                              at=at)
+        payload["personal"] = self._personal(payload["subject"], subject_id, personal, when)
+        return payload
 
     def grant(
         self,
@@ -321,35 +340,34 @@ class ConsentRegistry:
             handle = path.open(newline="", encoding="utf-8-sig")
         except OSError as exc:
             raise LedgerError(f"cannot read consent CSV {path}: {exc.strerror or exc}") from None
-        prepared: list[tuple[EventType, dict[str, Any], str, None]] = []
         with handle:
             reader = csv.DictReader(handle)
             columns = _resolve_columns(reader.fieldnames, path)
             rows = list(enumerate(reader, start=2))
-        # create every subject's data key in one transaction before sealing row by row
-        wanted = []
-        for _line, raw in rows:
-            row = {name: (raw.get(column) or "").strip() for name, column in columns.items()}
-            try:
-                when = _csv_time(row.get("timestamp", ""), "timestamp", assume_utc)
-                subject = self.pseudonym(row["subject_id"])
-            except (_RowProblem, LedgerError, KeyError):
-                continue
-            wanted.append((subject, SubjectKeys.key_id(CONSENT_RETENTION_CLASS, when)))
-        self.subjects.ensure_keys(wanted)
+        # 1. check every row completely (fields, times, the payload the ledger will validate)
+        #    before anything is written: a bad row must not leave a data key behind
+        checked: list[_CheckedRow] = []
         for line, raw in rows:
             report.rows_read += 1
             row = {name: (raw.get(column) or "").strip() for name, column in columns.items()}
             try:
-                kind, payload = self._prepare_row(row, raw, path, assume_utc=assume_utc)
+                checked.append(self._check_row(row, raw, path, assume_utc=assume_utc))
             except _RowProblem as problem:
                 report.errors.append(RowError(line, problem.field, problem.message))
-                continue
             except LedgerError as exc:
                 report.errors.append(RowError(line, "row", str(exc)))
-                continue
-            prepared.append((kind, payload, actor or self.actor, None))
-            if kind is EventType.CONSENT_GRANTED:
+        # 2. the data keys of the good rows only, in one transaction
+        self.subjects.ensure_keys(
+            (good.payload["subject"], SubjectKeys.key_id(CONSENT_RETENTION_CLASS, good.when))
+            for good in checked
+        )
+        # 3. seal each good row's personal fields and record them all in one transaction
+        prepared: list[tuple[EventType, dict[str, Any], str, None]] = []
+        for good in checked:
+            payload = {**good.payload, "personal": self._personal(
+                good.payload["subject"], good.subject_id, good.personal, good.when)}
+            prepared.append((good.kind, payload, actor or self.actor, None))
+            if good.kind is EventType.CONSENT_GRANTED:
                 report.granted += 1
             else:
                 report.withdrawn += 1
@@ -358,9 +376,10 @@ class ConsentRegistry:
             report.first_seq, report.last_seq = events[0].seq, events[-1].seq
         return report
 
-    def _prepare_row(
+    def _check_row(
         self, row: dict[str, str], raw: Mapping[str, Any], path: Path, *, assume_utc: bool,
-    ) -> tuple[EventType, dict[str, Any]]:
+    ) -> _CheckedRow:
+        """One CSV row, fully checked but nothing sealed or written; raise naming the problem."""
         if None in raw:  # more cells than header columns
             raise _RowProblem("row", "has more cells than the header has columns")
         for name in REQUIRED_CSV:
@@ -377,19 +396,40 @@ class ConsentRegistry:
             expiry = _csv_time(row["expires_at"], "expires_at", assume_utc) if row.get("expires_at") else None
             if expiry is not None and expiry <= when:
                 raise _RowProblem("expires_at", f"{row['expires_at']!r} is not after the timestamp")
-            payload = self._grant_payload(
+            kind = EventType.CONSENT_GRANTED
+            payload, when = self._grant_fields(
                 row["subject_id"], row["purpose"], channel=row["channel"],
                 legal_basis=row["legal_basis"], notice_version=row["notice_version"],
-                source=source, expires_at=expiry, at=when, personal=personal,
+                source=source, expires_at=expiry, at=when,
             )
-            return EventType.CONSENT_GRANTED, payload
-        if status in WITHDRAW_WORDS:
-            payload = self._withdraw_payload(
+        elif status in WITHDRAW_WORDS:
+            kind = EventType.CONSENT_WITHDRAWN
+            payload, when = self._withdraw_fields(
                 row["subject_id"], row["purpose"], channel=row["channel"], source=source, at=when,
-                personal=personal,
             )
-            return EventType.CONSENT_WITHDRAWN, payload
-        raise _RowProblem("status", f"{row['status']!r} is neither a grant nor a withdrawal")
+        else:
+            raise _RowProblem("status", f"{row['status']!r} is neither a grant nor a withdrawal")
+        if self.subjects.is_erased(payload["subject"]):
+            raise _RowProblem("subject_id", "belongs to an erased subject: nothing new can be "
+                              "recorded for them")
+        # what the ledger will check at append time (e.g. no e-mail address in `source`)
+        validate_payload(kind, {**payload, "personal": _SEALED_PLACEHOLDER})
+        return _CheckedRow(kind, payload, row["subject_id"], personal, when)
+
+
+@dataclass(frozen=True)
+class _CheckedRow:
+    """A consent CSV row that passed every check: its event, payload (unsealed) and personal fields."""
+
+    kind: EventType
+    payload: dict[str, Any]
+    subject_id: str
+    personal: dict[str, str]
+    when: datetime
+
+
+_SEALED_PLACEHOLDER = {"v": 1, "key": "consent:0000-00", "nonce": "", "ct": ""}
+"""Stands in for the envelope while a row is checked, before any data key exists."""
 
 
 class _RowProblem(Exception):
