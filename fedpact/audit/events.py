@@ -210,6 +210,7 @@ _PHONE = re.compile(r"(?<![\w+/=])\+[1-9](?:[ .()-]{0,2}\d){6,14}(?![\w/])")
 
 NAME_KEYED: dict[EventType, frozenset[str]] = {
     EventType.JOB_CREATED: frozenset({"rows"}),
+    EventType.JOB_FINISHED: frozenset({"per_partner_epsilon", "epsilon_crosscheck"}),
     EventType.ROUND_AGGREGATED: frozenset({"missing"}),
     EventType.MATCH_COMPLETED: frozenset(
         {"sizes", "epsilon_spent", "normalization", "invalid_by_reason"}
