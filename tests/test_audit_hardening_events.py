@@ -203,3 +203,123 @@ def test_consent_import_creates_keys_only_for_good_rows(ledger: Ledger, tmp_path
     assert keyed == good and not keyed & bad
     assert [r.status for r in registry.current("GOOD-1")] == ["granted"]
     assert ledger.count() == 2 and ledger.verify().ok
+
+
+# --- 1. erasure reaches models trained without consent enforcement --------------------------
+
+
+@pytest.fixture(scope="module")
+def telco_job(tmp_path_factory, shared_data):
+    """A small simulated federated job on telco (has subject ids), no DP, no consent enforcement."""
+    from fedpact.federation.job import JobConfig
+    from fedpact.federation.simulation import run_simulated_job
+
+    home = tmp_path_factory.mktemp("hardening-home")
+    job = JobConfig(dataset="telco", partitioning="segment", rounds=1, batch_size=512,
+                    learning_rate=0.3, dp=False, membership_audit=False, home=str(home),
+                    purpose="churn_model")
+    assert not job.require_consent
+    run_simulated_job(job)
+    return job
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_erasure_flags_models_trained_without_consent_enforcement(telco_job) -> None:
+    from fedpact.audit.dsar import SubjectRequests
+    from fedpact.federation.coordinator import partner_datasets
+    from fedpact.federation.job import JobConfig
+    from fedpact.federation.node_data import load_node_data
+    from fedpact.models.datasets import load_dataset
+
+    job = telco_job
+    # a job on bank marketing (no subject id column) in the same ledger: not traceable
+    bank = JobConfig(dataset="bank", home=job.home, dp=False, purpose="churn_model")
+    with Ledger.open(job.ledger_path) as ledger:
+        kinds = [e.event_type for e in ledger.events(job_id=job.job_id)]
+        assert kinds[0] == "job.created" and kinds[-1] == "job.finished"  # order kept
+        used = ledger.events(job_id=job.job_id, event_type=EventType.SUBJECTS_USED)
+        assert len(used) == 3 and sum(e.payload["subjects"] for e in used) == 7043
+        ledger.append(EventType.JOB_CREATED, {"task": "bank", "partners": partner_datasets(bank),
+                                              "purpose": bank.purpose, "config": bank.as_dict()},
+                      actor="coordinator", job_id=bank.job_id)
+    for index in range(bank.num_partitions):
+        load_node_data({"partition-id": index}, bank)
+    with Ledger.open(job.ledger_path) as ledger:
+        ledger.append(EventType.JOB_FINISHED, {"metrics": {}, "epsilon": 0.0},
+                      actor="coordinator", job_id=bank.job_id)
+        untraced = ledger.events(job_id=bank.job_id, event_type=EventType.SUBJECTS_USED)
+        assert [e.payload["traceable"] for e in untraced] == [False] * bank.num_partitions
+
+        subject = load_dataset("telco").ids.tolist()[0]
+        erased = SubjectRequests(ledger).erase(subject)
+        assert erased.models_flagged == [f"{job.job_id}/model"]
+        [flag] = ledger.events(event_type=EventType.MODEL_FLAGGED)
+        assert flag.job_id == job.job_id and flag.payload["subject"] == erased.subject
+        assert erased.untraceable_models == [f"{bank.job_id}/model"]
+        assert "no subject id column" in erased.note and "cannot be traced" in erased.note
+        assert erased.event.payload["untraceable_models"] == [f"{bank.job_id}/model"]
+        assert ledger.verify().ok
+
+
+# --- 2. the Art. 30 record and the PIPL assessment say what the job really did -------------
+
+
+def test_assessment_of_a_dp_job_with_consent_filtering(ledger: Ledger) -> None:
+    from fedpact.audit.consent import ConsentRegistry
+    from fedpact.audit.records import processing_record
+
+    purpose = "churn_model"
+    ledger.append(EventType.JOB_CREATED, {
+        "task": "churn", "partners": ["bank-a"], "purpose": purpose,
+        "config": {"dp": True, "target_epsilon": 1.0, "target_delta": 1e-5}},
+        actor="coordinator", job_id="job-dp")
+    registry = ConsentRegistry(ledger)
+    registry.grant("A1", purpose, channel="web", legal_basis="consent", notice_version="v1",
+                   source="cmp")
+    registry.enforce("job-dp", "bank-a", purpose, ["A1", "A2"], actor="node:bank-a")
+    ledger.append(EventType.DATA_ACCESSED, {"node": "bank-a", "dataset": "bank", "rows": 1,
+                                            "columns": ["age"], "purpose": purpose,
+                                            "phase": "train"}, actor="node:bank-a", job_id="job-dp")
+    ledger.append(EventType.JOB_FINISHED, {"metrics": {}, "epsilon": 0.93},
+                  actor="coordinator", job_id="job-dp")
+    record = processing_record(ledger, "job-dp")
+    pia = record.pipl_assessment().to_markdown()
+    assert ("model updates are differentially private (DP-SGD at ε ≤ 1.0, δ = 1e-05 per partner "
+            "dataset; ε spent 0.93)") in pia
+    assert "consent was checked per subject and per purpose" in pia
+    assert "1 rows excluded for lack of separate consent" in pia
+    assert "No consent check" not in pia and "not differentially private" not in pia
+    assert record.dp is True and record.consent_checked
+    md = record.to_markdown()
+    assert "bank-a: 1 of 2 rows excluded" in md and "differential privacy (DP-SGD) at ε ≤ 1.0" in md
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_assessment_of_a_job_without_dp_or_consent_says_so(telco_job) -> None:
+    from fedpact.audit.records import processing_record
+
+    with Ledger.open(telco_job.ledger_path) as ledger:
+        record = processing_record(ledger, telco_job.job_id)
+    pia = record.pipl_assessment().to_markdown()
+    md = record.to_markdown()
+    for text in (pia, md):
+        assert "Updates were not differentially private" in text
+        assert "No consent check was applied" in text
+        assert "DP-SGD at" not in text and "differential privacy (DP-SGD)" not in text
+        assert "consent was checked" not in text and "consent checked per subject" not in text
+    assert "membership inference is not bounded by differential privacy" in pia
+    assert "bounded by the ε spent" not in pia
+    assert record.dp is False and not record.consent_checked
+
+
+def test_assessment_without_any_dp_record_does_not_claim_dp(ledger: Ledger) -> None:
+    from fedpact.audit.records import processing_record
+
+    ledger.append(EventType.JOB_CREATED, {"task": "churn", "partners": ["a"], "purpose": "p"},
+                  actor="coordinator", job_id="job-old")
+    record = processing_record(ledger, "job-old")
+    pia = record.pipl_assessment().to_markdown()
+    assert "No ledger event records whether updates were differentially" in pia
+    assert "model updates are differentially private" not in pia and record.dp is None

@@ -311,6 +311,19 @@ class ConsentRegistry:
             actor=actor, job_id=job_id,
         )
 
+    def record_untraceable(
+        self, job_id: str, dataset: str, purpose: str, reason: str, *, actor: str = "data-loader",
+    ) -> LedgerEvent:
+        """Record that `job_id` used `dataset` but which subjects it used cannot be known (e.g. no
+        subject id column): erasure then reports the job's models as untraceable."""
+        return self.ledger.append(
+            EventType.SUBJECTS_USED,
+            {"dataset": dataset, "purpose": purpose, "subjects": 0,
+             "manifest_sha256": hashlib.sha256(b"").hexdigest(), "traceable": False,
+             "reason": reason},
+            actor=actor, job_id=job_id,
+        )
+
     def enforce(
         self, job_id: str, dataset: str, purpose: str, subject_ids: Sequence[Any],
         *, at: datetime | None = None, actor: str = "data-loader",

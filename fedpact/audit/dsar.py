@@ -79,6 +79,12 @@ class ErasureReport:
     consents_withdrawn: list[str]
     models_flagged: list[str]
     event: LedgerEvent
+    untraceable_models: list[str] = field(default_factory=list)
+    """Models of jobs that used a dataset whose subjects were not recorded (no subject id column,
+    a streamed CSV, or a job from before subjects were recorded): they may include the subject's
+    rows but cannot be traced, so they are listed here instead of flagged."""
+    note: str = ""
+    """Says so in words when `untraceable_models` is not empty."""
 
 
 class SubjectRequests:
@@ -225,15 +231,27 @@ class SubjectRequests:
             for job_id, model in models
         )
         flagged = [model for _job, model in models]
-        event = self.ledger.append(
-            EventType.SUBJECT_ERASED,
-            {"subject": subject, "request_id": request_id, "keys_destroyed": destroyed,
-             "models_flagged": flagged},
-            actor=self.actor,
-        )
-        self._fulfilled(request_id, "erasure", subject,
-                        f"{destroyed} keys destroyed, {len(flagged)} models flagged")
-        return ErasureReport(subject, request_id, destroyed, withdrawn, flagged, event)
+        untraceable = _untraceable_jobs(self.ledger, exclude=set(jobs))
+        unknown = [model for _job, model in _models_of_jobs(self.ledger, sorted(untraceable))
+                   if not model.endswith("(job not finished)")]
+        note = ""
+        if unknown:
+            reasons = sorted({why for whys in untraceable.values() for why in whys})
+            note = (f"{len(unknown)} model(s) were trained on datasets whose subjects were not "
+                    f"recorded ({'; '.join(reasons)}): models trained on datasets without subject "
+                    "ids cannot be traced to this subject, so they were not flagged; review them")
+        payload: dict[str, Any] = {"subject": subject, "request_id": request_id,
+                                   "keys_destroyed": destroyed, "models_flagged": flagged}
+        if unknown:
+            payload["untraceable_models"] = unknown
+            payload["note"] = note
+        event = self.ledger.append(EventType.SUBJECT_ERASED, payload, actor=self.actor)
+        outcome = f"{destroyed} keys destroyed, {len(flagged)} models flagged"
+        if unknown:
+            outcome += f", {len(unknown)} models untraceable (trained without subject ids)"
+        self._fulfilled(request_id, "erasure", subject, outcome)
+        return ErasureReport(subject, request_id, destroyed, withdrawn, flagged, event,
+                             unknown, note)
 
 
 def _models_of_jobs(ledger: Ledger, jobs: list[str]) -> list[tuple[str, str]]:
@@ -248,6 +266,35 @@ def _models_of_jobs(ledger: Ledger, jobs: list[str]) -> list[tuple[str, str]]:
         if not names:
             names = [f"{job_id}/model (job not finished)"]
         result.extend((job_id, name) for name in names)
+    return result
+
+
+def _untraceable_jobs(ledger: Ledger, *, exclude: set[str]) -> dict[str, list[str]]:
+    """job_id -> why, for each job (not in `exclude`) that used a dataset whose subjects are unknown:
+    recorded as untraceable by its data loader, or a partner of `job.created` with no record."""
+    recorded: dict[str, dict[str, str | None]] = {}
+    for event in ledger.events(event_type=EventType.SUBJECTS_USED):
+        if event.job_id is None:
+            continue
+        why = None if event.payload.get("traceable", True) else str(
+            event.payload.get("reason") or "subjects not recorded")
+        datasets, name = recorded.setdefault(event.job_id, {}), event.payload.get("dataset")
+        if name not in datasets or why is None:  # traced once is traced
+            datasets[name] = why
+    result: dict[str, list[str]] = {}
+    for job_id, datasets in recorded.items():
+        whys = [f"{name}: {why}" for name, why in sorted(datasets.items()) if why]
+        if whys and job_id not in exclude:
+            result[job_id] = whys
+    for event in ledger.events(event_type=EventType.JOB_CREATED):
+        job_id = event.job_id
+        if job_id is None or job_id in exclude:
+            continue
+        known = recorded.get(job_id, {})
+        missing = [str(p) for p in event.payload.get("partners", []) if p not in known]
+        if missing:
+            result.setdefault(job_id, []).extend(
+                f"{name}: no record of the subjects used" for name in sorted(missing))
     return result
 
 

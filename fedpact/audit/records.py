@@ -35,6 +35,35 @@ class ProcessingRecord:
     last_event: str = ""
     evidence: list[int] = field(default_factory=list)
     outcome: str = ""
+    dp: bool | None = None
+    """Whether the job's model updates were differentially private (None: no event says)."""
+    dp_epsilon: Any = None
+    dp_delta: Any = None
+    epsilon_spent: Any = None
+    consent_unchecked: list[str] = field(default_factory=list)
+    """Nodes that read rows with no consent-filtering record (`data.excluded`) for this job."""
+
+    @property
+    def consent_checked(self) -> bool:
+        """True if the job's events show consent filtering for every node that read rows."""
+        return bool(self.excluded_without_consent) and not self.consent_unchecked
+
+    def dp_statement(self) -> str:
+        """What the job's events say about differential privacy, plainly, either way."""
+        return dp_statement(self.dp, self.dp_epsilon, self.dp_delta, self.epsilon_spent)
+
+    def consent_statements(self) -> list[str]:
+        """What the job's events say about consent checking, plainly, either way."""
+        if not self.excluded_without_consent:
+            return ["No consent check was applied: rows were used without checking each "
+                    "subject's consent for this purpose (the job ran without consent enforcement)"]
+        lines = [
+            f"{name}: {ex} of {total} rows excluded for lack of consent for this purpose"
+            for name, (ex, total) in sorted(self.excluded_without_consent.items())
+        ]
+        lines += [f"{node}: no consent check was applied to its rows"
+                  for node in self.consent_unchecked]
+        return lines
 
     def sections(self) -> list[tuple[str, list[str]]]:
         datasets = [
@@ -42,17 +71,13 @@ class ProcessingRecord:
             f"{', '.join(sorted(info['columns']))}"
             for name, info in sorted(self.datasets.items())
         ]
-        excluded = [
-            f"{name}: {ex} of {total} rows excluded for lack of consent for this purpose"
-            for name, (ex, total) in sorted(self.excluded_without_consent.items())
-        ]
         return [
             ("Controller", [self.controller]),
             ("Purposes of the processing", self.purposes),
             ("Categories of data subjects", self.subject_categories),
             ("Categories of personal data", self.data_categories),
             ("Datasets processed", datasets or ["none recorded"]),
-            ("Consent enforcement", excluded or ["no exclusion count recorded"]),
+            ("Consent enforcement", self.consent_statements()),
             ("Recipients", self.recipients or ["none: the model stayed with the coordinator"]),
             ("Transfers to third countries", self.transfers or ["none recorded"]),
             ("Retention", self.retention),
@@ -85,24 +110,37 @@ class ImpactAssessment:
         r = self.record
         rows = sum(int(info["rows"]) for info in r.datasets.values())
         excluded = sum(ex for ex, _ in r.excluded_without_consent.values())
+        if not r.excluded_without_consent:
+            consent_count = ("no consent check was applied, so separate consent (PIPL Art. 14/23) "
+                             "was not verified for any row")
+            consent = [r.consent_statements()[0]]
+        else:
+            consent_count = (f"{excluded} rows excluded for lack of separate consent "
+                             "(PIPL Art. 14/23)")
+            consent = ["consent was checked per subject and per purpose in the data loader of "
+                       f"{'every' if r.consent_checked else 'some'} partner; rows without it "
+                       "never reached feature computation"]
+            consent += [line for line in r.consent_statements() if "no consent check" in line]
+        if r.dp:
+            residual = ("residual risk: membership inference bounded by the ε spent; linkage "
+                        "through pseudonyms requires the deployment secret")
+        else:
+            residual = ("residual risk: membership inference is not bounded by differential "
+                        "privacy; linkage through pseudonyms requires the deployment secret")
         return [
             ("Processing assessed", [
                 f"job {r.job_id}: {', '.join(r.purposes)}",
-                f"{len(r.datasets)} datasets, {rows} row reads, {excluded} rows excluded for "
-                "lack of separate consent (PIPL Art. 14/23)",
+                f"{len(r.datasets)} datasets, {rows} row reads, {consent_count}",
             ]),
             ("Art. 56(1) Lawfulness, legitimacy and necessity of purpose and method", [
                 f"purpose(s) declared before any data was read: {', '.join(r.purposes)}",
-                "consent is checked per subject and per purpose in each partner's data loader; "
-                "rows without it never reach feature computation",
+                *consent,
                 f"only these data categories were read: {', '.join(r.data_categories)}",
             ]),
             ("Art. 56(2) Impact on individuals' rights and security risks", [
                 "raw rows never leave a partner: only model weights, counts and score histograms",
-                "model updates are differentially private, bounding what any individual's data "
-                "can reveal through the model",
-                "residual risk: membership inference bounded by the ε spent; linkage through "
-                "pseudonyms requires the deployment secret",
+                r.dp_statement(),
+                residual,
             ]),
             ("Art. 56(3) Protective measures: legal, effective, proportionate", r.safeguards),
             ("Retention of this assessment", [
@@ -119,6 +157,20 @@ class ImpactAssessment:
 
     def to_html(self) -> str:
         return _html(f"PIPL Art. 55 impact assessment — job {self.record.job_id}", self.sections())
+
+
+def dp_statement(dp: bool | None, epsilon: Any, delta: Any, spent: Any) -> str:
+    """One plain sentence on whether a job's updates were differentially private, and how."""
+    if dp is None:
+        return ("No ledger event records whether updates were differentially private: treat "
+                "them as not differentially private")
+    if not dp:
+        return ("Updates were not differentially private (DP-SGD was off for this job): nothing "
+                "beyond aggregation bounds what an individual's rows can reveal through the model")
+    bound = f"ε ≤ {epsilon}, δ = {delta}" if epsilon is not None else f"δ = {delta}"
+    used = f"; ε spent {spent}" if spent is not None else ""
+    return (f"model updates are differentially private (DP-SGD at {bound} per partner "
+            f"dataset{used}), bounding what any individual's rows can reveal through the model")
 
 
 def _html(title: str, sections: list[tuple[str, list[str]]]) -> str:
@@ -157,6 +209,10 @@ def processing_record(
     ]
     outcome = ""
     classes: set[str] = set()
+    config: dict[str, Any] = {}
+    requested: dict[str, Any] = {}
+    spent_events = 0
+    epsilon_spent = None
     for event in events:
         p = event.payload
         classes.add(retention_class_of(event.event_type))
@@ -164,12 +220,11 @@ def processing_record(
             purposes.append(p["purpose"])
         if event.event_type == EventType.JOB_CREATED.value:
             partners.update(p.get("partners", []))
-            config = p.get("config") or {}
-            if config.get("dp", True) and "target_epsilon" in config:
-                safeguards.append(
-                    f"differential privacy (DP-SGD) at ε ≤ {config['target_epsilon']}, "
-                    f"δ = {config.get('target_delta')} per partner dataset"
-                )
+            config = dict(p.get("config") or {})
+        elif event.event_type == EventType.JOB_REQUESTED.value:
+            requested = dict(p)
+        elif event.event_type == EventType.PRIVACY_SPENT.value:
+            spent_events += 1
         elif event.event_type == EventType.DATA_ACCESSED.value:
             info = datasets.setdefault(p["dataset"], {"rows": 0, "columns": set(), "nodes": set()})
             info["rows"] += int(p["rows"])
@@ -182,8 +237,45 @@ def processing_record(
             recipients.add(str(p.get("recipient") or p.get("to") or p.get("model") or "partners"))
         elif event.event_type == EventType.JOB_FINISHED.value:
             outcome = f"finished; ε spent {p.get('epsilon')}"
+            epsilon_spent = p.get("epsilon")
         elif event.event_type in (EventType.JOB_FAILED.value, EventType.JOB_REFUSED.value):
             outcome = f"{event.event_type}: {p.get('reason', '')}".strip()
+    # differential privacy: the job's own settings (job.created, else the governed request),
+    # else the budget charges it made; never assumed
+    dp: bool | None = None
+    settings = config if "dp" in config else requested if "dp" in requested else {}
+    if "dp" in settings:
+        dp = bool(settings["dp"])
+    elif spent_events:
+        dp = True
+    dp_epsilon = settings.get("target_epsilon") if dp else None
+    if dp and float(settings.get("noise_multiplier") or 0) > 0:
+        dp_epsilon = None  # an explicit noise multiplier: the bound is the ε spent, not a target
+    dp_delta = settings.get("target_delta") if dp else None
+    if dp:
+        bound = f"ε ≤ {dp_epsilon}, " if dp_epsilon is not None else ""
+        safeguards.append(f"differential privacy (DP-SGD) at {bound}δ = {dp_delta} per partner "
+                          "dataset")
+    else:
+        safeguards.append(dp_statement(dp, None, None, None))
+    if float(config.get("central_dp_noise") or 0) > 0:
+        safeguards.append(f"central differential privacy on the aggregate (noise multiplier "
+                          f"{config['central_dp_noise']}, clip {config.get('central_dp_clip')})")
+    if config.get("secure_aggregation"):
+        safeguards.append("secure aggregation (SecAgg+): the coordinator sees only the sum of "
+                          "the partners' updates")
+    # consent: only what the job's events show (data.excluded written by consent filtering)
+    nodes = sorted({n for info in datasets.values() for n in info["nodes"]})
+    unchecked = [n for n in nodes
+                 if n not in excluded and not any(n in info["nodes"] and name in excluded
+                                                  for name, info in datasets.items())]
+    if excluded:
+        safeguards.append("consent checked per subject and per purpose before feature "
+                          "computation; rows without a valid consent were excluded"
+                          + (f" (not for {', '.join(unchecked)})" if unchecked else ""))
+    else:
+        safeguards.append("No consent check was applied: rows were used without checking each "
+                          "subject's consent for this purpose")
     columns = sorted({c for info in datasets.values() for c in info["columns"]})
     retention = [
         f"{name}: {RETENTION_DAYS[name]} days, then personal fields are crypto-shredded"
@@ -204,4 +296,9 @@ def processing_record(
         last_event=events[-1].timestamp,
         evidence=[e.seq for e in events],
         outcome=outcome,
+        dp=dp,
+        dp_epsilon=dp_epsilon,
+        dp_delta=dp_delta,
+        epsilon_spent=epsilon_spent if dp else None,
+        consent_unchecked=unchecked if excluded else [],
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -12,6 +13,8 @@ from fedpact.models.streaming import StreamedRows, build_stream, count_data_rows
 
 from .job import JobConfig
 from .partition import partition
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,7 +72,8 @@ def load_node_data(node_config, job: JobConfig) -> NodeData:
     """Rows for this node: `data-csv` + `mapping` from the node's own config, else its partition.
 
     With `job.require_consent`, rows whose subject has no valid consent for the job's purpose are
-    removed here — before any feature statistic is computed — and the count is recorded.
+    removed here — before any feature statistic is computed — and the count is recorded. Either
+    way the subjects the job uses are recorded (`data.subjects_used`), so erasure finds its models.
 
     A CSV with more data rows than node-config `stream-rows` (else $FEDPACT_STREAM_ROWS, else
     `streaming.DEFAULT_STREAM_ROWS`; 0 = never) is not loaded: its rows are encoded once to
@@ -93,7 +97,55 @@ def load_node_data(node_config, job: JobConfig) -> NodeData:
     if job.require_consent:
         ledger_path = str(node_config.get("consent-ledger") or job.ledger_path)
         return _consented(node, job.job_id, job.purpose, ledger_path)
+    _record_subjects_used(node, job, node_config)
     return node
+
+
+_RECORDED: set[tuple[str, str]] = set()
+
+
+def _record_subjects_used(node: NodeData, job: JobConfig, node_config: dict) -> None:
+    """Without consent enforcement too, remember which subjects' rows this job trains on, so that
+    erasing a subject flags every model trained on their rows (`data.subjects_used`, once per job
+    and partner). A dataset without a subject id column is recorded as untraceable instead.
+
+    Recorded in the node-config `consent-ledger` (the partner's own registry), else in the job's
+    ledger if this node can reach it, there once the coordinator has created the job (so the job's
+    events still start with `job.created`; the handshake before it trains on no row). A node that
+    can reach neither logs a warning, and erasure reports such jobs as untraceable."""
+    key = (job.job_id, node.partner)
+    if key in _RECORDED:
+        return
+    from fedpact.audit import EventType, Ledger
+    from fedpact.audit.consent import ConsentRegistry
+
+    configured = node_config.get("consent-ledger")
+    ledger_path = Path(str(configured)) if configured else Path(job.ledger_path)
+    if not configured and not ledger_path.is_file():
+        _RECORDED.add(key)
+        logger.warning("%s: job ledger %s not reachable and no consent-ledger configured: the "
+                       "subjects job %s uses are not recorded (erasure cannot trace them)",
+                       node.partner, ledger_path, job.job_id)
+        return
+    with Ledger.open(ledger_path) as ledger:
+        if not configured and not ledger.events(job_id=job.job_id,
+                                                event_type=EventType.JOB_CREATED.value):
+            return  # the handshake: recorded when training starts
+        if any(e.payload.get("dataset") == node.partner for e in ledger.events(
+                job_id=job.job_id, event_type=EventType.SUBJECTS_USED.value)):
+            _RECORDED.add(key)
+            return
+        registry = ConsentRegistry(ledger)
+        actor = f"node:{node.partner}"
+        if node.train.ids is None or node.test.ids is None:
+            why = ("a streamed CSV keeps no subject ids" if isinstance(node.train, StreamedRows)
+                   else "the dataset has no subject id column (set `id` in the mapping)")
+            registry.record_untraceable(job.job_id, node.partner, job.purpose, why, actor=actor)
+        else:
+            registry.record_subjects_used(job.job_id, node.partner, job.purpose,
+                                          node.train.ids.tolist() + node.test.ids.tolist(),
+                                          actor=actor)
+    _RECORDED.add(key)
 
 
 _CONSENTED: dict[tuple[str, str, str], NodeData] = {}
