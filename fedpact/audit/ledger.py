@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import json
 import logging
 import os
 import random
@@ -67,10 +68,15 @@ from fedpact.audit.merkle import (
     fold_right,
     inclusion_proof,
     leaf_hash,
+    verify_consistency,
 )
 from fedpact.audit.store import (
     LedgerStore,
+    check_schema,
+    consent_state,
+    event_index,
     is_lock_contention,
+    job_subjects,
     ledger_checkpoints,
     ledger_events,
     ledger_keys,
@@ -323,6 +329,10 @@ class Ledger:
     takes sqlite:/// or postgresql:// URLs. Keys live in `key_dir` (default: beside a SQLite file):
     `<name>.signing-key` (private, signs checkpoints), `<name>.pub` (verifier keys to publish) and
     `<name>.secret` (the deployment secret for pseudonyms and per-subject keys).
+
+    `read_only=True` opens an existing ledger for reading and verification only: nothing is
+    created (no database, no key files), no checkpoint is signed (not even on `close()`), and
+    every connection refuses writes at the database level.
     """
 
     def __init__(
@@ -333,19 +343,35 @@ class Ledger:
         key_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = CHECKPOINT_EVERY,
         checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+        read_only: bool = False,
     ) -> None:
         try:
             self._url = make_url(url)
         except ArgumentError as exc:
             raise LedgerError(f"invalid ledger database URL {url!r}: {exc}") from None
         self._closed = False
-        self._store: LedgerStore = open_store(self._url, busy_timeout_s=busy_timeout_s)
+        self._read_only = read_only
+        self._wrote = False
+        self._timer: tuple[threading.Thread, threading.Event] | None = None
+        self.close_error: LedgerError | None = None
+        """Why `close()` could not sign this instance's newest events (None if it did or had none)."""
+        if read_only:
+            check_readable(self._url)
+        self._store: LedgerStore = open_store(
+            self._url, busy_timeout_s=busy_timeout_s, read_only=read_only
+        )
         self._is_sqlite = self._store.dialect == "sqlite"
         try:
-            migrate(self._store)
+            if read_only:
+                check_schema(self._store)
+                upgraded_from = None
+            else:
+                upgraded_from = migrate(self._store)
             self._ledger_id = self._identity()
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, LedgerError) as exc:
             self._store.close()
+            if isinstance(exc, LedgerError):
+                raise
             raise LedgerError(
                 f"cannot open ledger database {self._display_url}: {getattr(exc, 'orig', exc)}"
             ) from exc
@@ -370,13 +396,21 @@ class Ledger:
         self._signer = self._load_signer()
         self._last_checkpoint_size = self._latest_checkpoint_size()
         self._last_checkpoint_wall = time.time()
+        if upgraded_from is not None:
+            # revisions before 0002 had no query index or consent state: derive them from the chain
+            self.rebuild_indexes()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], **options: Any) -> Ledger:
-        """Open (or create) a SQLite ledger file at `path`, creating missing parent directories."""
+        """Open (or create) a SQLite ledger file at `path`, creating missing parent directories.
+
+        With `read_only=True` the file must exist; nothing is created.
+        """
         db_path = Path(path).expanduser().absolute()
         if db_path.is_dir():
             raise LedgerError(f"cannot open ledger {db_path}: it is a directory, not a file")
+        if options.get("read_only"):
+            return cls(URL.create("sqlite", database=str(db_path)), **options)
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -404,6 +438,11 @@ class Ledger:
         """The log's name in its checkpoints, `fedpact-audit/<ledger id>`; also the key name."""
         return f"fedpact-audit/{self._ledger_id}"
 
+    @property
+    def read_only(self) -> bool:
+        """True when opened with `read_only=True`: nothing is written or signed."""
+        return self._read_only
+
     def _identity(self) -> str:
         with self._store.read() as connection:
             known = connection.execute(
@@ -411,6 +450,8 @@ class Ledger:
             ).scalar()
         if known:
             return str(known)
+        if self._read_only:
+            raise LedgerError(f"ledger {self._display_url} has no ledger id (ledger_meta is empty)")
         with self._store.write() as connection:
             self._store.insert_ignore(
                 connection, ledger_meta, [{"key": "ledger_id", "value": uuid.uuid4().hex}]
@@ -437,6 +478,8 @@ class Ledger:
                 f"ledger {self._display_url} needs key_dir= (or FEDPACT_AUDIT_KEY_DIR) naming "
                 "the folder for its checkpoint signing key and deployment secret"
             )
+        if self._read_only:
+            return folder, base  # read-only: create nothing
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -457,6 +500,11 @@ class Ledger:
                 self._ephemeral_secret = os.urandom(32)
             return self._ephemeral_secret
         if not path.exists():
+            if self._read_only:
+                raise LedgerError(
+                    f"no deployment secret at {path}: subject ids cannot be pseudonymised "
+                    "(pass a pseudonym, or point at the folder holding the ledger's keys)"
+                )
             _create_file_once(path, base64.b64encode(os.urandom(32)) + b"\n")
         try:
             secret = base64.b64decode(path.read_bytes().strip(), validate=True)
@@ -467,6 +515,8 @@ class Ledger:
         return secret
 
     def _load_signer(self) -> CheckpointSigner | None:
+        if self._read_only:
+            return None  # never signs, never creates or registers a key
         path = self.key_path("signing-key")
         if path is None:
             signer = CheckpointSigner.generate(self.origin.replace("/", "-"))
@@ -552,13 +602,21 @@ class Ledger:
         return f"Ledger({self._display_url!r}, {state})"
 
     def close(self) -> None:
-        """Sign a checkpoint over any unsigned events, then release the database connections."""
+        """Sign a checkpoint over unsigned events, then release the database connections.
+
+        Signs only when this instance holds the signing key and appended events itself; a
+        read-only ledger (or one that only read) never signs, so opening a ledger to look at it
+        cannot vouch for a log someone else has altered. If signing fails (e.g. a tampered
+        database) the close still completes: the error is logged and kept in `close_error`.
+        """
         if self._closed:
             return
+        self.stop_checkpoint_timer()
         try:
-            if self._signer is not None:
+            if self._signer is not None and self._wrote and not self._read_only:
                 self.checkpoint()
         except LedgerError as exc:  # never lose the close; the next writer signs these events
+            self.close_error = exc
             log.warning("ledger %s: closing without a final checkpoint: %s", self._display_url, exc)
         finally:
             self._closed = True
@@ -579,6 +637,60 @@ class Ledger:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+    def start_checkpoint_timer(self, interval_s: float | None = None) -> None:
+        """Sign unsigned events every `interval_s` seconds (default `checkpoint_interval_s`) from a
+        daemon thread, even while no one appends: for long-running writers such as the API
+        service (`CoordinatorService.start()` should call this; `close()` stops it).
+
+        Appends sign a due checkpoint only when they happen, so without this an idle writer
+        leaves its newest events protected by the chain alone.
+        """
+        if self._read_only or self._signer is None:
+            raise LedgerError(
+                f"ledger {self._display_url} cannot sign checkpoints "
+                f"({'read-only' if self._read_only else 'no signing key'}): no timer to start"
+            )
+        period = self.checkpoint_interval_s if interval_s is None else interval_s
+        if not period > 0:
+            raise LedgerError(f"checkpoint timer interval must be > 0 seconds, got {period}")
+        if self._timer is not None:
+            return
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(period):
+                try:
+                    self._sign_if_pending()
+                except Exception as exc:  # noqa: BLE001 - keep ticking; the next tick retries
+                    log.warning("ledger %s: timed checkpoint failed: %s", self._display_url, exc)
+
+        thread = threading.Thread(target=run, name="fedpact-ledger-checkpoint", daemon=True)
+        self._timer = (thread, stop)
+        thread.start()
+
+    def stop_checkpoint_timer(self) -> None:
+        """Stop the thread started by `start_checkpoint_timer` (no-op without one)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            thread, stop = timer
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join(timeout=30)
+
+    def _sign_if_pending(self) -> SignedCheckpointInfo | None:
+        """Sign a checkpoint if the database holds events no checkpoint covers yet."""
+        if self._closed:
+            return None
+        with self._connect() as connection:
+            head = connection.exec_driver_sql(
+                "SELECT coalesce(max(seq), 0) FROM ledger_events"
+            ).scalar()
+            size = connection.execute(select(func.max(ledger_checkpoints.c.tree_size))).scalar()
+        if int(head or 0) <= int(size or 0):
+            return None
+        with self._checkpoint_lock:
+            return self.checkpoint()
 
     @contextlib.contextmanager
     def _connect(self, *, write: bool = False) -> Iterator[Connection]:
@@ -731,6 +843,7 @@ class Ledger:
         for attempt in range(1, APPEND_ATTEMPTS + 1):
             try:
                 self._write_once(batch)
+                self._wrote = True
                 return
             except (IntegrityError, sqlite3.IntegrityError) as exc:  # another appender won the seq
                 last_error = exc
@@ -777,6 +890,10 @@ class Ledger:
         if self._closed:
             raise LedgerError("the ledger is closed")
         if self._raw_writer is None:
+            if self._read_only:
+                raise LedgerError(
+                    f"ledger {self._display_url} is open read-only: this command may not change it"
+                )
             self._raw_writer, self._close_raw_writer = self._store.open_writer()
         return self._raw_writer
 
@@ -883,6 +1000,10 @@ class Ledger:
         new events' chain is re-checked from the last signed event: the ledger never signs a
         broken chain.
         """
+        if self._read_only:
+            raise LedgerError(
+                f"ledger {self._display_url} is open read-only: it signs no checkpoint"
+            )
         if self._signer is None:
             raise LedgerError(
                 f"cannot sign a checkpoint: no signing key at {self.key_path('signing-key')}"
@@ -890,10 +1011,19 @@ class Ledger:
         for attempt in range(1, APPEND_ATTEMPTS + 1):
             try:
                 return self._checkpoint_once()
-            except OperationalError as exc:
+            except (OperationalError, sqlite3.OperationalError) as exc:
                 if not is_lock_contention(exc) or attempt == APPEND_ATTEMPTS:
-                    raise LedgerError(f"could not write a checkpoint: {exc.orig}") from exc
+                    raise LedgerError(
+                        f"could not write a checkpoint: {getattr(exc, 'orig', exc)}"
+                    ) from exc
                 time.sleep(random.uniform(0.0, 0.05 * attempt))
+            except (sqlite3.Error, SQLAlchemyError) as exc:
+                # e.g. a Merkle node or checkpoint row that should not exist yet: rows were
+                # inserted or deleted outside fedpact
+                raise LedgerError(
+                    f"could not write a checkpoint: {getattr(exc, 'orig', exc)}; the database "
+                    "may have been altered outside fedpact: run `fedpact audit verify`"
+                ) from exc
         return None  # pragma: no cover
 
     def _checkpoint_once(self) -> SignedCheckpointInfo | None:
@@ -1104,44 +1234,7 @@ class Ledger:
         return None if row is None else _checkpoint_info(row)
 
     def _node_source(self, connection: Connection | sqlite3.Connection):
-        if isinstance(connection, sqlite3.Connection) or self._is_sqlite:
-            # SQLite: one indexed point lookup per node on the raw connection (an OR of pairs is
-            # not served by the WITHOUT ROWID primary key and degrades to a scan)
-            raw = (
-                connection
-                if isinstance(connection, sqlite3.Connection)
-                else connection.connection.driver_connection
-            )
-
-            def fetch_sqlite(keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-                found: dict[tuple[int, int], bytes] = {}
-                for key in keys:
-                    row = raw.execute(
-                        "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", key
-                    ).fetchone()
-                    if row is not None:
-                        found[(int(key[0]), int(key[1]))] = bytes(row[0])
-                return found
-
-            return fetch_sqlite
-
-        def fetch(keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-            found: dict[tuple[int, int], bytes] = {}
-            keys = list(keys)
-            for start in range(0, len(keys), 200):
-                chunk = keys[start:start + 200]
-                condition = " OR ".join(f"(level = :l{n} AND idx = :i{n})" for n in range(len(chunk)))
-                params: dict[str, Any] = {}
-                for n, (level, index) in enumerate(chunk):
-                    params[f"l{n}"], params[f"i{n}"] = level, index
-                sql = self._store.paramstyle_named(
-                    f"SELECT level, idx, hash FROM merkle_nodes WHERE {condition}"
-                )
-                for level, index, digest in connection.exec_driver_sql(sql, params):
-                    found[(int(level), int(index))] = bytes(digest)
-            return found
-
-        return fetch
+        return node_source(self._store, connection)
 
     # --- proofs ---------------------------------------------------------------------------------
 
@@ -1149,8 +1242,8 @@ class Ledger:
         """An inclusion proof bundle: the event, its audit path and the signed checkpoint it is in.
 
         `event` is an event_id or a seq. If the event is newer than the last checkpoint and this
-        ledger holds the signing key, a checkpoint is signed first. `verifier.verify_inclusion_bundle`
-        checks the bundle with only the public key.
+        ledger holds the signing key (and is not read-only), a checkpoint is signed first.
+        `verifier.verify_inclusion_bundle` checks the bundle with only the public key.
         """
         for attempt in (1, 2):
             # one read transaction: the event, the checkpoint and the audit path from one snapshot
@@ -1189,12 +1282,13 @@ class Ledger:
                     except ProofError as exc:
                         raise LedgerError(f"cannot prove event {found.seq}: {exc}") from None
                     break
-            if attempt == 1 and self._signer is not None:
+            if attempt == 1 and self._signer is not None and not self._read_only:
                 self.checkpoint()  # the event is newer than the last checkpoint: sign one
                 continue
             raise LedgerError(
                 f"event {found.seq} is not yet covered by a signed checkpoint "
-                f"(latest covers {chosen.tree_size if chosen else 0} events)"
+                f"(latest covers {chosen.tree_size if chosen else 0} events): sign one with "
+                "`fedpact audit checkpoint` first"
             )
         record = dict(found.__dict__)  # a private copy: no need for asdict's deep copy
         return {
@@ -1321,6 +1415,89 @@ class Ledger:
                 keys,
                 origin=self.origin,
             )
+
+    def verify_against_checkpoint(
+        self,
+        kept_note: str,
+        public_keys: Sequence[VerifierKey] | None = None,
+        *,
+        verdict: ChainVerification | None = None,
+    ) -> ChainVerification:
+        """`verify()`, then check the log against a signed checkpoint a third party kept earlier.
+
+        A log truncated together with its checkpoint rows, or rewritten and re-signed, passes
+        `verify()` (nothing left in it contradicts itself); the kept note catches it: same log
+        and key, the log holds at least the kept tree size, and a consistency proof from the
+        kept size to the newest signed one (or, without one, the recomputed root) matches.
+        `verdict`: the result of a `verify()` already run with the same keys.
+        """
+        keys = list(public_keys) if public_keys is not None else self.trusted_keys()
+        if verdict is None:
+            verdict = self.verify(keys)
+        if not verdict.ok:
+            return verdict
+        with self._connect() as connection:
+            return check_kept_checkpoint(
+                self._store, connection, kept_note, keys, verdict, origin=self.origin
+            )
+
+    def check_indexes(self) -> IndexCheck:
+        """Compare the derived tables with a recomputation from the chain (read-only).
+
+        `event_index` and `consent_state` are recomputed from the events; `job_subjects` (not in
+        the chain: only each `data.subjects_used` event's manifest hash is) is checked against
+        those manifest hashes, and cannot be rebuilt.
+        """
+        with self._connect() as connection:
+            return _check_indexes(self._store, connection)
+
+    def rebuild_indexes(self) -> IndexCheck:
+        """Recompute `event_index` and `consent_state` from the chain, in one write transaction.
+
+        The chain is re-checked link by link while it is read: indexes are never derived from a
+        broken chain (LedgerError naming the first bad event). Returns what differed before.
+        `job_subjects` cannot be rebuilt (only its manifest hashes are in the chain); its
+        differences are reported, not repaired.
+        """
+        with self._connect(write=True) as connection:
+            expected_index, expected_consent = _recompute_indexes(self._store, connection)
+            report = _compare_indexes(self._store, connection, expected_index, expected_consent)
+            connection.execute(event_index.delete())
+            connection.execute(consent_state.delete())
+            self._store.bulk_insert(
+                connection, "event_index", ("kind", "value", "seq"), sorted(expected_index)
+            )
+            if expected_consent:
+                connection.execute(consent_state.insert(), list(expected_consent.values()))
+        return dataclasses.replace(report, rebuilt=True)
+
+
+@dataclass(frozen=True)
+class IndexCheck:
+    """Differences between the derived tables and what the chain says they should hold."""
+
+    events: int
+    index_rows: int
+    consent_rows: int
+    problems: tuple[str, ...]
+    rebuilt: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self, limit: int = 20) -> str:
+        head = (
+            f"{self.events} events: {self.index_rows} event_index rows, "
+            f"{self.consent_rows} consent_state rows expected"
+        )
+        if self.ok:
+            return f"{head}; derived tables match the chain"
+        lines = [f"{head}; {len(self.problems)} differences:"]
+        lines += [f"  - {p}" for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"  … and {len(self.problems) - limit} more")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -1742,3 +1919,304 @@ def _first_changed_leaf(store: LedgerStore, connection: Connection, start: int, 
             return int(seq)
     return None
 
+
+def node_source(store: LedgerStore, connection: Connection | sqlite3.Connection) -> Any:
+    """Stored Merkle subtree hashes, looked up on `connection` (a NodeSource for proofs)."""
+    if isinstance(connection, sqlite3.Connection) or store.dialect == "sqlite":
+        # SQLite: one indexed point lookup per node on the raw connection (an OR of pairs is
+        # not served by the WITHOUT ROWID primary key and degrades to a scan)
+        raw = (
+            connection
+            if isinstance(connection, sqlite3.Connection)
+            else connection.connection.driver_connection
+        )
+
+        def fetch_sqlite(keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+            found: dict[tuple[int, int], bytes] = {}
+            for key in keys:
+                row = raw.execute(
+                    "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", key
+                ).fetchone()
+                if row is not None:
+                    found[(int(key[0]), int(key[1]))] = bytes(row[0])
+            return found
+
+        return fetch_sqlite
+
+    def fetch(keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        found: dict[tuple[int, int], bytes] = {}
+        keys = list(keys)
+        for start in range(0, len(keys), 200):
+            chunk = keys[start:start + 200]
+            condition = " OR ".join(f"(level = :l{n} AND idx = :i{n})" for n in range(len(chunk)))
+            params: dict[str, Any] = {}
+            for n, (level, index) in enumerate(chunk):
+                params[f"l{n}"], params[f"i{n}"] = level, index
+            sql = store.paramstyle_named(
+                f"SELECT level, idx, hash FROM merkle_nodes WHERE {condition}"
+            )
+            for level, index, digest in connection.exec_driver_sql(sql, params):
+                found[(int(level), int(index))] = bytes(digest)
+        return found
+
+    return fetch
+
+
+def check_readable(url: URL) -> None:
+    """Refuse to open read-only a SQLite ledger file that does not exist (opening would create it)."""
+    if url.get_backend_name() != "sqlite":
+        return
+    database = url.database
+    if database in (None, "", ":memory:"):
+        raise LedgerError("an in-memory ledger cannot be opened read-only: it would be empty")
+    if database.startswith("file:"):
+        return
+    path = Path(database).expanduser().absolute()
+    if path.is_dir():
+        raise LedgerError(f"cannot open ledger {path}: it is a directory, not a file")
+    if not path.is_file():
+        raise LedgerError(f"no ledger database at {path}")
+
+
+# --- a checkpoint kept elsewhere -------------------------------------------------------------
+
+
+def check_kept_checkpoint(
+    store: LedgerStore,
+    connection: Connection,
+    kept_note: str,
+    keys: Sequence[VerifierKey],
+    verdict: ChainVerification,
+    *,
+    origin: str | None,
+) -> ChainVerification:
+    """Check a verified log (`verdict` from `verify_log`) against a signed note kept elsewhere."""
+
+    def failed(first_bad: int | None, reason: str) -> ChainVerification:
+        return ChainVerification(
+            False, verdict.events_checked, first_bad, reason, verdict.head_hash,
+            verdict.checkpoints_checked, verdict.signed_tree_size,
+        )
+
+    try:
+        kept = _open_with_any(kept_note, keys)
+    except CheckpointError as exc:
+        return failed(None, f"the kept checkpoint does not verify with the given key(s): {exc}")
+    if origin is not None and kept.origin != origin:
+        return failed(
+            None,
+            f"the kept checkpoint is for log {kept.origin} but this ledger is {origin}: "
+            "a different or re-created ledger",
+        )
+    size, kept_size = verdict.events_checked, kept.tree_size
+    when = f" (signed {kept.timestamp})" if kept.timestamp else ""
+    if kept_size > size:
+        return failed(
+            size + 1,
+            f"truncated: the kept checkpoint{when} covers {kept_size} events but the ledger "
+            f"holds only {size}; events {size + 1}..{kept_size} were removed, with the "
+            "checkpoints that covered them",
+        )
+    latest = connection.execute(
+        select(ledger_checkpoints.c.tree_size, ledger_checkpoints.c.note)
+        .order_by(ledger_checkpoints.c.tree_size.desc())
+        .limit(1)
+    ).first()
+    how = None
+    try:
+        if kept_size == 0:
+            how = "the empty tree"
+        elif latest is not None and int(latest.tree_size) >= kept_size:
+            newest = int(latest.tree_size)
+            try:
+                proof = consistency_proof(kept_size, newest, node_source(store, connection))
+            except ProofError:
+                proof = None  # the stored tree lacks a node: recompute below instead
+            if proof is not None:
+                newest_root = _open_with_any(latest.note, keys).root_hash  # verified above
+                verify_consistency(kept_size, newest, kept.root_hash, newest_root, proof)
+                how = f"consistency proof to the ledger's signed tree size {newest}"
+        if how is None:
+            if _root_at(store, connection, kept_size) != kept.root_hash:
+                raise ProofError(f"the Merkle root of the first {kept_size} events differs")
+            how = f"Merkle root of its first {kept_size} events recomputed"
+    except (ProofError, CheckpointError) as exc:
+        return failed(
+            None,
+            f"rewritten: the ledger's first {kept_size} events are not those signed in the kept "
+            f"checkpoint{when}: {exc}",
+        )
+    return dataclasses.replace(
+        verdict,
+        reason=f"{verdict.reason}; consistent with the kept checkpoint at tree size {kept_size}"
+        f"{when} ({how})",
+    )
+
+
+def _root_at(store: LedgerStore, connection: Connection, size: int) -> bytes:
+    """The Merkle root over the first `size` event hashes, recomputed from the events."""
+    frontier = MerkleFrontier()
+    cursor = store.raw_cursor(connection)
+    try:
+        cursor.execute(
+            f"SELECT hash FROM ledger_events WHERE seq <= {store.placeholder} ORDER BY seq",
+            (size,),
+        )
+        sha256 = hashlib.sha256
+        while rows := cursor.fetchmany(_VERIFY_BATCH_ROWS):
+            frontier.extend_level_by_level(
+                [sha256(b"\x00" + bytes.fromhex(row[0])).digest() for row in rows]
+            )
+    finally:
+        cursor.close()
+    if frontier.size != size:
+        raise ProofError(f"the ledger holds {frontier.size} of the first {size} events")
+    return frontier.root()
+
+
+# --- derived tables ----------------------------------------------------------------------------
+
+_INDEX_READ_SQL = (
+    "SELECT seq, timestamp, event_type, actor, job_id, payload, prev_hash, hash "
+    "FROM ledger_events ORDER BY seq"
+)
+_CHAIN_COLUMNS = ("seq", "timestamp", "event_type", "actor", "job_id", "payload", "prev_hash", "hash")
+
+
+def _recompute_indexes(
+    store: LedgerStore, connection: Connection
+) -> tuple[set[tuple[str, str, int]], dict[tuple[str, str], dict[str, Any]]]:
+    """event_index rows and consent_state rows as the chain defines them; the chain is re-checked."""
+    index_rows: set[tuple[str, str, int]] = set()
+    consents: dict[tuple[str, str], dict[str, Any]] = {}
+    last_seq, last_hash = 0, GENESIS_HASH
+    cursor = store.raw_cursor(connection)
+    try:
+        cursor.execute(_INDEX_READ_SQL)
+        while rows := cursor.fetchmany(_VERIFY_BATCH_ROWS):
+            for row in rows:
+                seq, timestamp, kind, actor, job_id, text, prev_hash, digest = row
+                if not (
+                    seq == last_seq + 1
+                    and prev_hash == last_hash
+                    and isinstance(text, str)
+                    and event_hash_from_text(
+                        last_hash, seq, timestamp, kind, actor, job_id, text
+                    ) == digest
+                ):
+                    problem = check_row(dict(zip(_CHAIN_COLUMNS, row, strict=True)),
+                                        last_seq, last_hash) or (seq, f"event {seq} is altered")
+                    raise LedgerError(
+                        f"cannot derive the indexes from a broken chain: {problem[1]}; "
+                        "run `fedpact audit verify`"
+                    )
+                last_seq, last_hash = seq, digest
+                payload = json.loads(text)
+                if not isinstance(payload, dict):
+                    continue
+                for key, value in index_keys(kind, payload, actor):
+                    index_rows.add((key, value, seq))
+                status = CONSENT_STATUS.get(kind)
+                if status is None:
+                    continue
+                try:
+                    row_value = _consent_row(status, payload, seq)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise LedgerError(
+                        f"event {seq} ({kind}) lacks a valid consent field: {exc}"
+                    ) from None
+                key = (row_value["subject"], row_value["purpose"])
+                held = consents.get(key)
+                if held is None or row_value["effective_at"] >= held["effective_at"]:
+                    consents[key] = row_value
+    finally:
+        cursor.close()
+    return index_rows, consents
+
+
+def _compare_indexes(
+    store: LedgerStore,
+    connection: Connection,
+    expected_index: set[tuple[str, str, int]],
+    expected_consent: dict[tuple[str, str], dict[str, Any]],
+) -> IndexCheck:
+    problems: list[str] = []
+    stored_index = {
+        (str(k), str(v), int(q))
+        for k, v, q in connection.execute(
+            select(event_index.c.kind, event_index.c.value, event_index.c.seq)
+        )
+    }
+    for kind, value, seq in sorted(expected_index - stored_index, key=lambda r: (r[2], r[0], r[1])):
+        problems.append(f"event_index: missing {kind}={value} for event {seq}")
+    for kind, value, seq in sorted(stored_index - expected_index, key=lambda r: (r[2], r[0], r[1])):
+        problems.append(f"event_index: extra {kind}={value} pointing at event {seq} "
+                        "(the event does not carry it)")
+    stored_consent = {
+        (row.subject, row.purpose): dict(row._mapping)
+        for row in connection.execute(select(consent_state))
+    }
+    for key in sorted(expected_consent.keys() | stored_consent.keys()):
+        subject, purpose = key
+        want, have = expected_consent.get(key), stored_consent.get(key)
+        if have is None:
+            problems.append(f"consent_state: {subject} / {purpose} is missing (the chain gives "
+                            f"{want['status']}, event {want['seq']})")  # type: ignore[index]
+        elif want is None:
+            problems.append(f"consent_state: {subject} / {purpose} is not in the chain "
+                            f"(stored {have['status']}, event {have['seq']})")
+        else:
+            differ = [c for c in _CONSENT_COLUMNS if have.get(c) != want.get(c)]
+            if differ:
+                shown = ", ".join(f"{c} {have.get(c)!r} (chain: {want.get(c)!r})" for c in differ)
+                problems.append(f"consent_state: {subject} / {purpose}: stored {shown}")
+    problems.extend(_check_job_subjects(connection))
+    last = connection.exec_driver_sql("SELECT coalesce(max(seq), 0) FROM ledger_events").scalar()
+    return IndexCheck(int(last or 0), len(expected_index), len(expected_consent), tuple(problems))
+
+
+def _check_job_subjects(connection: Connection) -> list[str]:
+    """job_subjects against the manifest hashes of the data.subjects_used events."""
+    stored: dict[tuple[str, str], list[str]] = {}
+    for subject, job_id, dataset in connection.execute(
+        select(job_subjects.c.subject, job_subjects.c.job_id, job_subjects.c.dataset)
+    ):
+        stored.setdefault((job_id, dataset), []).append(subject)
+    claims: dict[tuple[str, str], list[tuple[int, str, int]]] = {}
+    for seq, job_id, text in connection.execute(
+        select(ledger_events.c.seq, ledger_events.c.job_id, ledger_events.c.payload).where(
+            ledger_events.c.event_type == EventType.SUBJECTS_USED.value
+        )
+    ):
+        try:
+            payload = json.loads(text)
+            claims.setdefault((job_id, payload["dataset"]), []).append(
+                (int(seq), str(payload["manifest_sha256"]), int(payload["subjects"]))
+            )
+        except (ValueError, KeyError, TypeError):
+            continue  # verify() reports an altered event
+    problems = []
+    for key in sorted(stored.keys() | claims.keys(), key=lambda k: (str(k[0]), str(k[1]))):
+        job_id, dataset = key
+        subjects = sorted(stored.get(key, ()))
+        events = claims.get(key)
+        if not events:
+            problems.append(f"job_subjects: job {job_id} dataset {dataset} has {len(subjects)} "
+                            "rows but no data.subjects_used event commits to them")
+            continue
+        manifest = hashlib.sha256("\n".join(subjects).encode()).hexdigest()
+        if any(m == manifest for _, m, _ in events):
+            continue
+        counts = [n for _, _, n in events]
+        if len(events) > 1 and max(counts) <= len(subjects) <= sum(counts):
+            continue  # several manifests: the stored union cannot be checked exactly
+        seq, _, count = events[-1]
+        problems.append(f"job_subjects: job {job_id} dataset {dataset} holds {len(subjects)} "
+                        f"subjects that do not match the manifest of event {seq} ({count} "
+                        "subjects); job_subjects cannot be rebuilt from the chain")
+    return problems
+
+
+def _check_indexes(store: LedgerStore, connection: Connection) -> IndexCheck:
+    expected_index, expected_consent = _recompute_indexes(store, connection)
+    return _compare_indexes(store, connection, expected_index, expected_consent)

@@ -176,13 +176,13 @@ class LedgerStore:
 
     placeholder = "%s"  # the DBAPI paramstyle marker of bulk_insert
 
-
     dialect = "generic"
 
-    def __init__(self, url: URL, engine: Engine) -> None:
+    def __init__(self, url: URL, engine: Engine, *, read_only: bool = False) -> None:
         self.url = url
         self.engine = engine
         self.closed = False
+        self.read_only = read_only
         self._guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
     @property
@@ -212,6 +212,10 @@ class LedgerStore:
         """A connection in a write transaction holding the log's write lock from its first statement."""
         if self.closed:
             raise LedgerError("the ledger is closed")
+        if self.read_only:
+            raise LedgerError(
+                f"ledger {self.display_url} is open read-only: this command may not change it"
+            )
         with self._guard, self.engine.connect() as connection:
             self._prepare_write(connection)
             with connection.begin():
@@ -268,7 +272,7 @@ class SQLiteStore(LedgerStore):
 
     dialect = "sqlite"
 
-    def __init__(self, url: URL, *, busy_timeout_s: float) -> None:
+    def __init__(self, url: URL, *, busy_timeout_s: float, read_only: bool = False) -> None:
         in_memory = url.database in (None, "", ":memory:")
         connect_args: dict[str, Any] = {"timeout": busy_timeout_s}
         options: dict[str, Any] = {}
@@ -279,10 +283,14 @@ class SQLiteStore(LedgerStore):
             engine = create_engine(url, connect_args=connect_args, **options)
         except (ArgumentError, ImportError) as exc:
             raise LedgerError(f"cannot use ledger database {url}: {exc}") from None
-        super().__init__(url, engine)
+        super().__init__(url, engine, read_only=read_only)
         self.in_memory = in_memory
         self.busy_timeout_s = busy_timeout_s
-        _install_sqlite_transaction_control(engine, wal=not in_memory)
+        # read-only: no journal-mode change (a write) and PRAGMA query_only, so that nothing that
+        # reaches the file through this store, even by a path that skips the checks, can write
+        _install_sqlite_transaction_control(
+            engine, wal=not in_memory and not read_only, query_only=read_only
+        )
         # A single shared in-memory connection cannot hold two transactions: serialise its users.
         if in_memory:
             self._guard = threading.RLock()
@@ -352,7 +360,9 @@ class SQLiteStore(LedgerStore):
             connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def _install_sqlite_transaction_control(engine: Engine, *, wal: bool) -> None:
+def _install_sqlite_transaction_control(
+    engine: Engine, *, wal: bool, query_only: bool = False
+) -> None:
     """Make SQLAlchemy, not pysqlite, emit BEGIN, so appends can start with BEGIN IMMEDIATE."""
 
     @event.listens_for(engine, "connect")
@@ -365,6 +375,8 @@ def _install_sqlite_transaction_control(engine: Engine, *, wal: bool) -> None:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA secure_delete=ON")
             cursor.execute("PRAGMA foreign_keys=ON")
+            if query_only:
+                cursor.execute("PRAGMA query_only=ON")
         finally:
             cursor.close()
 
@@ -379,17 +391,18 @@ class PostgresStore(LedgerStore):
 
     dialect = "postgresql"
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, *, read_only: bool = False) -> None:
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
+        connect_args = {"options": "-c default_transaction_read_only=on"} if read_only else {}
         try:
-            engine = create_engine(url, pool_pre_ping=True)
+            engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         except (ArgumentError, ImportError) as exc:
             raise LedgerError(
                 f"cannot use ledger database {url.render_as_string(hide_password=True)}: {exc} "
                 "(PostgreSQL needs the psycopg package: pip install 'psycopg[binary]')"
             ) from None
-        super().__init__(url, engine)
+        super().__init__(url, engine, read_only=read_only)
 
     def _lock_for_write(self, connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_WRITE_LOCK})
@@ -450,23 +463,31 @@ class PostgresStore(LedgerStore):
         return re.sub(r":(\w+)", r"%(\1)s", sql)
 
 
-def open_store(url: URL, *, busy_timeout_s: float = 30.0) -> LedgerStore:
-    """Pick the driver for `url`: sqlite:///path (default) or postgresql://user@host/db."""
+def open_store(url: URL, *, busy_timeout_s: float = 30.0, read_only: bool = False) -> LedgerStore:
+    """Pick the driver for `url`: sqlite:///path (default) or postgresql://user@host/db.
+
+    `read_only`: every connection refuses writes (SQLite `PRAGMA query_only`, PostgreSQL
+    `default_transaction_read_only`) and `write()` raises LedgerError.
+    """
     backend = url.get_backend_name()
     if backend == "sqlite":
-        return SQLiteStore(url, busy_timeout_s=busy_timeout_s)
+        return SQLiteStore(url, busy_timeout_s=busy_timeout_s, read_only=read_only)
     if backend in ("postgresql", "postgres"):
-        return PostgresStore(url)
+        return PostgresStore(url, read_only=read_only)
     raise LedgerError(
         f"unsupported ledger database {url.render_as_string(hide_password=True)}: "
         "use sqlite:///path/to/ledger.db or postgresql://user@host/dbname"
     )
 
 
-def migrate(store: LedgerStore) -> None:
-    """Bring the schema to SCHEMA_HEAD with alembic, under the write lock (safe with many openers)."""
+def migrate(store: LedgerStore) -> str | None:
+    """Bring the schema to SCHEMA_HEAD with alembic, under the write lock (safe with many openers).
+
+    Returns the revision the database was at before an upgrade ("" for a pre-alembic ledger,
+    None when nothing was upgraded: already at head, or just created).
+    """
     if _schema_version(store) == SCHEMA_HEAD:
-        return
+        return None
     with store.write() as connection:
         if not inspect(connection).has_table("ledger_events"):
             # A new database: create the head schema directly and stamp it (alembic's documented
@@ -483,8 +504,28 @@ def migrate(store: LedgerStore) -> None:
             connection.execute(
                 ledger_meta.insert().values(key="ledger_id", value=uuid.uuid4().hex)
             )
-            return
+            return None
+        before = _schema_version_in(connection)
+        if before == SCHEMA_HEAD:  # another opener upgraded it meanwhile
+            return None
         upgrade_with_alembic(store, connection)
+        return before or ""
+
+
+def check_schema(store: LedgerStore) -> None:
+    """Raise LedgerError unless the database is a ledger at SCHEMA_HEAD (read-only opening)."""
+    version = _schema_version(store)
+    if version == SCHEMA_HEAD:
+        return
+    with store.read() as connection:
+        has_events = inspect(connection).has_table("ledger_events")
+    if not has_events:
+        raise LedgerError(f"{store.display_url} is not a fedpact audit ledger (no ledger_events table)")
+    raise LedgerError(
+        f"ledger {store.display_url} has schema revision {version or 'older than 0001'}; this "
+        f"fedpact reads {SCHEMA_HEAD}: open it once read-write (e.g. `fedpact audit checkpoint`) "
+        "to upgrade it"
+    )
 
 
 def upgrade_with_alembic(store: LedgerStore, connection: Connection) -> None:
@@ -505,3 +546,9 @@ def _schema_version(store: LedgerStore) -> str | None:
             return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     except SQLAlchemyError:
         return None
+
+
+def _schema_version_in(connection: Connection) -> str | None:
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()

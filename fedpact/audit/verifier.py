@@ -5,9 +5,13 @@ Three checks, none trusting the machine that produced the ledger:
 - `verify_inclusion_bundle`: the JSON from `fedpact audit prove EVENT` — the event's hash
   recomputes from its fields, and its audit path leads to the root of a checkpoint the key signed;
 - `verify_consistency_bundle`: a newer signed checkpoint extends an older one (nothing rewritten);
-- `verify_database`: a copy of the whole ledger database — chain, Merkle roots and signatures.
+- `verify_database`: a copy of the whole ledger database — chain, Merkle roots and signatures,
+  and, given a signed checkpoint kept from earlier (`kept=`), that the log still extends it (a log
+  truncated together with its checkpoint rows, or rewritten, passes every other check).
 
-Command line: `python -m fedpact.audit.verifier --public-key ledger.db.pub BUNDLE.json|DB-URL`.
+Command line: `python -m fedpact.audit.verifier --public-key ledger.db.pub BUNDLE.json|DB-URL
+[--checkpoint KEPT]`. KEPT is a signed note (`fedpact audit checkpoint --out`) or a bundle that
+holds one (`fedpact audit prove` output, a consistency bundle).
 """
 
 from __future__ import annotations
@@ -118,16 +122,49 @@ def verify_consistency_bundle(
     return old.tree_size, new.tree_size
 
 
-def verify_database(url: str, keys: Sequence[VerifierKey]) -> ChainVerification:
-    """Verify a ledger database (a copy is fine) with the given public keys; writes nothing."""
-    from fedpact.audit.ledger import verify_log
-    from fedpact.audit.store import ledger_checkpoints, ledger_meta, open_store
+def kept_checkpoint_note(text: str) -> str:
+    """The signed note in `text`: a note itself, or an inclusion / consistency bundle (JSON)."""
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        try:
+            bundle = json.loads(stripped)
+        except ValueError as exc:
+            raise CheckpointError(f"kept checkpoint file is not valid JSON: {exc}") from None
+        note = None
+        if isinstance(bundle, dict):
+            note = bundle.get("checkpoint") or bundle.get("new_checkpoint")
+        if not isinstance(note, str):
+            raise CheckpointError(
+                "kept checkpoint file is JSON without a 'checkpoint' or 'new_checkpoint' note"
+            )
+        return note
+    if "\n\n" not in text:
+        raise CheckpointError(
+            "kept checkpoint file is neither a signed note nor a proof bundle holding one"
+        )
+    return text
+
+
+def verify_database(
+    url: str, keys: Sequence[VerifierKey], *, kept: str | None = None
+) -> ChainVerification:
+    """Verify a ledger database (a copy is fine) with the given public keys; writes nothing.
+
+    `kept`: a signed checkpoint note kept from earlier; the log must still extend it.
+    """
+    from fedpact.audit.ledger import check_kept_checkpoint, check_readable, verify_log
+    from fedpact.audit.store import check_schema, ledger_checkpoints, ledger_meta, open_store
 
     try:
-        store = open_store(make_url(url))
+        parsed = make_url(url)
+        check_readable(parsed)
+        store = open_store(parsed, read_only=True)
+    except LedgerError:
+        raise
     except Exception as exc:  # noqa: BLE001 - reported as the verdict's reason
         raise LedgerError(f"cannot open {url}: {exc}") from None
     try:
+        check_schema(store)
         with store.read() as connection:
             origin = connection.execute(
                 select(ledger_meta.c.value).where(ledger_meta.c.key == "ledger_id")
@@ -137,9 +174,14 @@ def verify_database(url: str, keys: Sequence[VerifierKey]) -> ChainVerification:
                     ledger_checkpoints.c.tree_size
                 )
             ).all()
-            return verify_log(
-                store, connection, [(int(s), n) for s, n in rows], keys,
-                origin=f"fedpact-audit/{origin}" if origin else None,
+            log_origin = f"fedpact-audit/{origin}" if origin else None
+            verdict = verify_log(
+                store, connection, [(int(s), n) for s, n in rows], keys, origin=log_origin,
+            )
+            if kept is None or not verdict.ok:
+                return verdict
+            return check_kept_checkpoint(
+                store, connection, kept, keys, verdict, origin=log_origin
             )
     except SQLAlchemyError as exc:
         raise LedgerError(f"cannot read ledger database {url}: {getattr(exc, 'orig', exc)}") from None
@@ -154,9 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("target", help="inclusion/consistency bundle (.json) or database URL/path")
     parser.add_argument("--public-key", required=True, help="file with verifier key line(s)")
+    parser.add_argument(
+        "--checkpoint", help="a signed checkpoint kept from earlier (note or proof bundle): the "
+        "database must still extend it (catches truncation and rewriting)"
+    )
     args = parser.parse_args(argv)
     try:
         keys = load_keys(Path(args.public_key).read_text())
+        kept = kept_checkpoint_note(Path(args.checkpoint).read_text()) if args.checkpoint else None
         target = Path(args.target)
         if target.suffix == ".json" and target.exists():
             bundle = json.loads(target.read_text())
@@ -169,8 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"OK: the signed log of {new} events extends the one of {old} events")
             return 0
         url = args.target if "://" in args.target else f"sqlite:///{target.absolute()}"
-        result = verify_database(url, keys)
-        print(("OK: " if result.ok else f"BROKEN at event {result.first_bad_seq}: ") + result.reason)
+        result = verify_database(url, keys, kept=kept)
+        where = f" at event {result.first_bad_seq}" if result.first_bad_seq else ""
+        print(("OK: " if result.ok else f"BROKEN{where}: ") + result.reason)
         return 0 if result.ok else 1
     except (LedgerError, OSError, ValueError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
@@ -179,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "InclusionVerdict",
+    "kept_checkpoint_note",
     "load_keys",
     "main",
     "verify_consistency_bundle",
