@@ -126,6 +126,7 @@ def test_four_eyes_export_commands(home: Path) -> None:
         for subject in ("A", "B"):
             registry.grant(subject, "churn", channel="web", legal_basis="consent",
                            notice_version="v1", source="x")
+        ExportApprovals(ledger).grant_role("admin", "admin", granted_by="admin", bootstrap=True)
         ExportApprovals(ledger).grant_role("carol", "dpo", granted_by="admin")
     made = _run("export", "request", "--requested-by", "bob", "--purpose", "audit", "--type",
                 "consent.granted", "--home", str(home))

@@ -114,8 +114,8 @@ def test_record_of_processing_and_pipl_assessment(ledger: Ledger) -> None:
 def test_bulk_export_needs_a_second_person_with_the_dpo_role(ledger: Ledger) -> None:
     _job(ledger)
     approvals = ExportApprovals(ledger)
+    approvals.grant_role("admin", "admin", granted_by="admin", bootstrap=True)
     approvals.grant_role("carol", "dpo", granted_by="admin")
-    approvals.grant_role("dave", "analyst", granted_by="admin")
     request = approvals.request(EventFilter(event_types=["consent.granted"]),
                                 requested_by="bob", purpose="regulator inquiry 42")
     assert request.status == "pending" and request.subjects == 3

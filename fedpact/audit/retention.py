@@ -9,10 +9,15 @@ access logs, 3 years for consent and data-subject-request records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select
 
 from fedpact.audit.events import EventType, LedgerError
 from fedpact.audit.ledger import Ledger, LedgerEvent
+from fedpact.audit.store import subject_keys
 from fedpact.audit.subjects import SubjectKeys
 
 RETENTION_DAYS: dict[str, int] = {
@@ -58,23 +63,65 @@ def check_policy(policy: dict[str, int]) -> None:
             raise LedgerError(f"retention for {name} is {days} days; it must be at least {floor}")
 
 
+@dataclass(frozen=True)
+class RetentionStep:
+    """One retention class: keys of months before `cutoff` (YYYY-MM) are due for destruction."""
+
+    retention_class: str
+    days: int
+    cutoff: str
+    keys_due: int
+
+
+def plan_retention(
+    ledger: Ledger, *, now: datetime | None = None, policy: dict[str, int] | None = None
+) -> list[RetentionStep]:
+    """What `enforce_retention` would destroy now, per class; reads only (a dry run)."""
+    policy = {**RETENTION_DAYS, **(policy or {})}
+    check_policy(policy)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    steps = []
+    with ledger.store.read() as connection:
+        for name, days in sorted(policy.items()):
+            cutoff = _cutoff(now, days)
+            due = connection.execute(
+                select(func.count()).select_from(subject_keys).where(
+                    subject_keys.c.retention_class == name,
+                    subject_keys.c.period < cutoff,
+                    subject_keys.c.wrapped.is_not(None),
+                )
+            ).scalar_one()
+            steps.append(RetentionStep(name, days, cutoff, int(due)))
+    return steps
+
+
+def _cutoff(now: datetime, days: int) -> str:
+    """A month's keys go once the whole month is older than the retention period."""
+    return (now - timedelta(days=days)).strftime("%Y-%m")
+
+
 def enforce_retention(
     ledger: Ledger,
     *,
     now: datetime | None = None,
     policy: dict[str, int] | None = None,
     actor: str = "retention",
+    progress: Callable[[RetentionStep, int], None] | None = None,
 ) -> LedgerEvent:
-    """Destroy every subject key whose month is past its class's retention; log what was shredded."""
+    """Destroy every subject key whose month is past its class's retention; log what was shredded.
+
+    `progress(step, destroyed)` is called after each class (for a progress display).
+    """
     policy = {**RETENTION_DAYS, **(policy or {})}
     check_policy(policy)
     now = (now or datetime.now(UTC)).astimezone(UTC)
     keys = SubjectKeys.of(ledger)
     by_class: dict[str, int] = {}
     for name, days in sorted(policy.items()):
-        # a month's keys go once the whole month is older than the retention period
-        cutoff = (now - timedelta(days=days)).strftime("%Y-%m")
+        cutoff = _cutoff(now, days)
         by_class[name] = keys.destroy_expired(name, cutoff, why=f"retention {name} {days} days")
+        if progress is not None:
+            progress(RetentionStep(name, days, cutoff, by_class[name]), by_class[name])
     return ledger.append(
         EventType.RETENTION_ENFORCED,
         {"keys_destroyed": sum(by_class.values()), "by_class": by_class,
