@@ -240,3 +240,6 @@ def test_verify_indexes_reports_tampering_and_reindex_repairs_it(home: Path) -> 
     assert repaired.exit_code == 0 and "2 differences repaired" in repaired.output
     assert _run("verify", "--indexes", *h).exit_code == 0
     assert "withdrawn" in _run("consent", "show", "S-1", *h).output
+    with Ledger.open(home / "ledger.db", read_only=True) as ledger:  # the repair is on the record
+        rebuilt = ledger.events(event_type=EventType.INDEXES_REBUILT)
+    assert [e.payload["differences_repaired"] for e in rebuilt] == [2]

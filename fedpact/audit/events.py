@@ -67,6 +67,7 @@ class EventType(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) for
     BUDGET_CHANGED = "admin.budget_changed"
     ROLE_GRANTED = "admin.role_granted"
     ROLE_REVOKED = "admin.role_revoked"
+    INDEXES_REBUILT = "admin.indexes_rebuilt"
     RETENTION_ENFORCED = "retention.enforced"
 
     def __str__(self) -> str:
@@ -152,6 +153,8 @@ FIELD_KINDS: dict[EventType, dict[str, str]] = {
     EventType.BUDGET_CHANGED: {"dataset": STR, "old": ANY, "new": ANY, "reason": STR},
     EventType.ROLE_GRANTED: {"principal": STR, "role": STR, "granted_by": STR},
     EventType.ROLE_REVOKED: {"principal": STR, "role": STR, "revoked_by": STR},
+    EventType.INDEXES_REBUILT: {"events": COUNT, "index_rows": COUNT, "consent_rows": COUNT,
+                                "differences_repaired": COUNT, "differences_left": COUNT},
     EventType.RETENTION_ENFORCED: {
         "keys_destroyed": COUNT, "by_class": DICT, "as_of": TIMESTAMP,
     },

@@ -1451,14 +1451,26 @@ class Ledger:
         with self._connect() as connection:
             return _check_indexes(self._store, connection)
 
-    def rebuild_indexes(self) -> IndexCheck:
+    def rebuild_indexes(self, *, actor: str | None = None) -> IndexCheck:
         """Recompute `event_index` and `consent_state` from the chain, in one write transaction.
 
         The chain is re-checked link by link while it is read: indexes are never derived from a
         broken chain (LedgerError naming the first bad event). Returns what differed before.
         `job_subjects` cannot be rebuilt (only its manifest hashes are in the chain); its
-        differences are reported, not repaired.
+        differences are reported, not repaired. With `actor`, the rebuild is recorded as an
+        `admin.indexes_rebuilt` event (counts only) once it is committed.
         """
+        report = self._rebuild_indexes()
+        if actor is not None:
+            left = sum(1 for p in report.problems if p.startswith("job_subjects"))
+            self.append(EventType.INDEXES_REBUILT, {
+                "events": report.events, "index_rows": report.index_rows,
+                "consent_rows": report.consent_rows,
+                "differences_repaired": len(report.problems) - left, "differences_left": left,
+            }, actor=actor)
+        return report
+
+    def _rebuild_indexes(self) -> IndexCheck:
         with self._connect(write=True) as connection:
             expected_index, expected_consent = _recompute_indexes(self._store, connection)
             report = _compare_indexes(self._store, connection, expected_index, expected_consent)

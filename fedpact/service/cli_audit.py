@@ -361,7 +361,7 @@ def reindex(home: HomeOption = ".fedpact", db: DbOption = None) -> None:
     the chain (only its manifest hashes are): it is checked and reported, never rebuilt.
     """
     with _ledger(home, db) as ledger, console.status("rebuilding the indexes from the chain…"):
-        report = ledger.rebuild_indexes()
+        report = ledger.rebuild_indexes(actor="cli")
     left = [p for p in report.problems if p.startswith("job_subjects")]
     fixed = len(report.problems) - len(left)
     console.print(f"reindexed {report.events} events: {report.index_rows} event_index rows, "
@@ -599,6 +599,9 @@ def dsar_erase(
     console.print(f"erased {report.subject}: {report.keys_destroyed} keys destroyed, consents "
                   f"withdrawn for {', '.join(report.consents_withdrawn) or 'none'}, models flagged: "
                   f"{', '.join(report.models_flagged) or 'none'}")
+    if report.untraceable_models:
+        console.print(f"[yellow]untraceable models:[/yellow] {', '.join(report.untraceable_models)}"
+                      f" — {report.note}")
 
 
 # --- four-eyes exports -------------------------------------------------------------------------

@@ -58,13 +58,18 @@ class CoordinatorService:
                                       requested_by=view.submitted_by, partners=view.partners)
 
     def start(self) -> None:
+        """Start of a server run: the job worker, and the ledger's checkpoint timer, so events
+        written while no one else appends are signed within `checkpoint_interval_s`."""
         if self.start_worker:
             self.runner.start()
+        self.ledger.start_checkpoint_timer()
 
     def stop(self) -> None:
-        """End of a server run (lifespan shutdown): stop taking jobs, sign a checkpoint over the
-        newest ledger events, release pooled connections. The service stays usable."""
+        """End of a server run (lifespan shutdown): stop taking jobs and the checkpoint timer,
+        sign a checkpoint over the newest ledger events, release pooled connections. The service
+        stays usable."""
         self.runner.stop()
+        self.ledger.stop_checkpoint_timer()
         self.ledger.checkpoint()
         self.store.engine.dispose()
 
