@@ -101,10 +101,10 @@ def test_mutual_tls_channel(tmp_path):
     server = listen("localhost:0", tls=tls, timeout=30)
     out: dict = {}
     t = threading.Thread(target=_serve, args=(server, MatchParty("b", "crm_b", a),
-                                              MatchConfig("psi"), out))
+                                              MatchConfig("psi", min_segment_size=1), out))
     t.start()
     with connect(f"localhost:{server.port}", tls=tls, timeout=30) as client:
-        ra = run_match(MatchParty("a", "crm_a", a), client, MatchConfig("psi"))
+        ra = run_match(MatchParty("a", "crm_a", a), client, MatchConfig("psi", min_segment_size=1))
     t.join(30)
     assert ra.overlap == out["b"].overlap == 2
 

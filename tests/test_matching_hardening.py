@@ -415,3 +415,19 @@ def test_short_connect_timeout_against_a_closed_port(tmp_path):
         "--ids", str(ours), "--column", "email", "--no-require-consent",
         "--home", str(tmp_path / "h")])
     assert isinstance(r.exception, ConfigurationError) and "--connect-timeout" in str(r.exception)
+
+
+def test_a_partner_set_smaller_than_k_is_refused_like_a_small_segment():
+    """One unsegmented identifier is a segment of one: its overlap (0 or 1) would say whether
+    that person is among our customers."""
+    outcome, tb = _honest_side_against(_dishonest_hello(1, [1]))
+    assert isinstance(outcome, ConfigurationError)
+    assert "the partner offers 1 distinct identifiers" in str(outcome) and "k=10" in str(outcome)
+    assert _kinds(tb) == ["hello", "abort"]
+
+
+def test_own_set_smaller_than_k_is_refused_before_sending():
+    few = normalize_ids([f"user{i}@example.com" for i in range(3)], "email")
+    with pytest.raises(ConfigurationError, match="this node offers 3 distinct identifiers"):
+        check_segments(MatchParty("alpha", "crm_a", few), MatchConfig("psi-cardinality"))
+    check_segments(MatchParty("alpha", "crm_a", few), MatchConfig("hash"))  # hash mode: no k

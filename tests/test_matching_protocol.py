@@ -217,14 +217,14 @@ def test_cardinality_mode_refuses_to_reveal_rows():
 
 
 def test_mismatched_settings_stop_both_sides_with_a_named_parameter():
-    a = normalize_ids(["a@x.com"], "email")
+    a = normalize_ids([f"user{i}@x.com" for i in range(12)], "email")  # k = 10 in PSI
     ra, rb, _, _ = run_pair(a, a, "psi", config_b=MatchConfig("hash"))
     assert isinstance(ra, ConfigurationError) and "--mode" in str(ra)
     assert isinstance(rb, ConfigurationError) and "--mode" in str(rb)
     ra, rb, _, _ = run_pair(a, a, "psi", config_b=MatchConfig("psi", group="ristretto255"))
     assert isinstance(ra, ConfigurationError) and "--group" in str(ra)
-    ra, rb, _, _ = run_pair(normalize_ids(["a@x.com", "b@x.com"], "email"), a, "hash",
-                            config_b=MatchConfig("hash", max_peer_ids=1))
+    ra, rb, _, _ = run_pair(normalize_ids([f"u{i}@y.com" for i in range(13)], "email"), a, "hash",
+                            config_b=MatchConfig("hash", max_peer_ids=12))
     assert isinstance(rb, ConfigurationError) and "max_peer_ids" in str(rb)
     assert isinstance(ra, MatchProtocolError) and "max_peer_ids" in str(ra)
 
@@ -266,7 +266,7 @@ def test_group_is_commutative_and_rejects_degenerate_points(group):
 
 
 def test_partner_failure_reaches_the_other_side():
-    a = normalize_ids(["a@x.com"], "email")
+    a = normalize_ids([f"user{i}@x.com" for i in range(12)], "email")
     ta, tb = LocalTransport.pair(timeout=30)
     errors = []
 

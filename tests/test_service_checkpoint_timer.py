@@ -12,8 +12,9 @@ from fedpact.service.api.app import CoordinatorService
 def test_running_service_signs_idle_events(tmp_path: Path) -> None:
     service = CoordinatorService(tmp_path, start_worker=False)
     try:
-        service.ledger.checkpoint_interval_s = 0.05
+        service.ledger.checkpoint_interval_s = 3600  # appends alone would not sign for an hour
         service.ledger.checkpoint_every = 10_000
+        service.checkpoint_timer_s = 0.05
         service.start()
         event = service.ledger.append(
             EventType.JOB_FAILED, {"reason": "node unreachable"}, actor="coordinator")

@@ -286,6 +286,8 @@ def _find(value: Any, name_keyed: frozenset[str], keys_are_names: bool = False
         for key, item in value.items():
             if type(key) is not str:
                 continue  # canonical JSON refuses it, naming the key
+            if ("@" in key or "+" in key) and looks_personal(key):
+                return _TEXT, f"[{key[:1]}…]"  # an address used as a key (not echoed back)
             if not keys_are_names:
                 verdict = verdicts.get(key)
                 if verdict is None:
@@ -322,6 +324,8 @@ def _plan(kind: EventType, keys: tuple[Any, ...]) -> tuple[str, ...]:
         if not isinstance(key, str):
             continue  # canonical JSON refuses it, naming the key
         check = fields.get(key)
+        if ("@" in key or "+" in key) and looks_personal(key):
+            raise _refused(_TEXT, f"{kind.value} payload key [{key[:1]}…]")
         if key == "personal" or check in SEALED_KINDS:
             continue  # the encrypted envelope, or a pseudonym checked by its kind
         if is_personal_key(key):

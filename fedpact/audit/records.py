@@ -42,6 +42,11 @@ class ProcessingRecord:
     epsilon_spent: Any = None
     consent_unchecked: list[str] = field(default_factory=list)
     """Nodes that read rows with no consent-filtering record (`data.excluded`) for this job."""
+    match_job: bool = False
+    """An audience-matching job (no model trained): `dp` is None; `match_noise` says what its
+    overlap report released."""
+    match_noise: dict[str, float] = field(default_factory=dict)
+    """ε of the Laplace noise on the overlap report, per dataset charged (empty: exact report)."""
 
     @property
     def consent_checked(self) -> bool:
@@ -50,6 +55,13 @@ class ProcessingRecord:
 
     def dp_statement(self) -> str:
         """What the job's events say about differential privacy, plainly, either way."""
+        if self.match_job:
+            if not self.match_noise:
+                return ("Audience-matching job, no model trained: the overlap counts were "
+                        "released exactly (no noise); small counts are suppressed")
+            charged = ", ".join(f"{name}: ε {eps:g}" for name, eps in sorted(self.match_noise.items()))
+            return ("Audience-matching job, no model trained: the overlap report was released "
+                    f"with Laplace noise ({charged}, charged to each dataset's budget)")
         return dp_statement(self.dp, self.dp_epsilon, self.dp_delta, self.epsilon_spent)
 
     def consent_statements(self) -> list[str]:
@@ -121,7 +133,11 @@ class ImpactAssessment:
                        f"{'every' if r.consent_checked else 'some'} partner; rows without it "
                        "never reached feature computation"]
             consent += [line for line in r.consent_statements() if "no consent check" in line]
-        if r.dp:
+        if r.match_job:
+            residual = ("residual risk: each partner learns how many of its identifiers the "
+                        "other holds (and per-segment counts of at least k); no identifier is "
+                        "revealed unless both partners asked for matched rows")
+        elif r.dp:
             residual = ("residual risk: membership inference bounded by the ε spent; linkage "
                         "through pseudonyms requires the deployment secret")
         else:
@@ -213,6 +229,8 @@ def processing_record(
     requested: dict[str, Any] = {}
     spent_events = 0
     epsilon_spent = None
+    match_job = False
+    match_noise: dict[str, float] = {}
     for event in events:
         p = event.payload
         classes.add(retention_class_of(event.event_type))
@@ -223,8 +241,12 @@ def processing_record(
             config = dict(p.get("config") or {})
         elif event.event_type == EventType.JOB_REQUESTED.value:
             requested = dict(p)
+        elif event.event_type in (EventType.MATCH_STARTED.value, EventType.MATCH_COMPLETED.value):
+            match_job = True
         elif event.event_type == EventType.PRIVACY_SPENT.value:
             spent_events += 1
+            if p.get("query") == "audience overlap report":  # a noisy report, not DP-SGD
+                match_noise[p["dataset"]] = match_noise.get(p["dataset"], 0.0) + float(p["epsilon"])
         elif event.event_type == EventType.DATA_ACCESSED.value:
             info = datasets.setdefault(p["dataset"], {"rows": 0, "columns": set(), "nodes": set()})
             info["rows"] += int(p["rows"])
@@ -246,13 +268,18 @@ def processing_record(
     settings = config if "dp" in config else requested if "dp" in requested else {}
     if "dp" in settings:
         dp = bool(settings["dp"])
-    elif spent_events:
+    elif spent_events and not match_job:
         dp = True
     dp_epsilon = settings.get("target_epsilon") if dp else None
     if dp and float(settings.get("noise_multiplier") or 0) > 0:
         dp_epsilon = None  # an explicit noise multiplier: the bound is the ε spent, not a target
     dp_delta = settings.get("target_delta") if dp else None
-    if dp:
+    if match_job:
+        safeguards[0] = ("audience matching by keyed hashes or private set intersection: no "
+                         "identifier leaves a partner in clear")
+        safeguards.append(ProcessingRecord(job_id, "", [], [], [], [], [], [], match_job=True,
+                                           match_noise=match_noise).dp_statement())
+    elif dp:
         bound = f"ε ≤ {dp_epsilon}, " if dp_epsilon is not None else ""
         safeguards.append(f"differential privacy (DP-SGD) at {bound}δ = {dp_delta} per partner "
                           "dataset")
@@ -301,4 +328,6 @@ def processing_record(
         dp_delta=dp_delta,
         epsilon_spent=epsilon_spent if dp else None,
         consent_unchecked=unchecked if excluded else [],
+        match_job=match_job,
+        match_noise=match_noise,
     )

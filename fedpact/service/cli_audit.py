@@ -15,7 +15,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, NoReturn
@@ -516,6 +516,10 @@ def consent_expire(
             _fail(FedpactError(f"--at {at!r} is not an ISO-8601 time (e.g. 2026-01-31T00:00:00+00:00)"))
         if when.tzinfo is None:
             _fail(FedpactError(f"--at {at!r} has no UTC offset (add +00:00 or Z)"))
+        if when > datetime.now(UTC):
+            _fail(FedpactError(
+                f"--at {at!r} is in the future: an expiry is recorded only once it has happened "
+                "(a future one would also hide consents renewed before it)"))
     with _ledger(home, db) as ledger:
         with console.status("finding grants past their expiry and recording them…"):
             expired = ConsentRegistry(ledger, actor=actor).expire_due(when, actor=actor)

@@ -345,17 +345,30 @@ def _check_own_segments(group_sizes: Sequence[int], k: int, most: int, *, agreed
 
 
 def check_segments(party: MatchParty, config: MatchConfig) -> None:
-    """Refuse now what `run_match` would refuse before sending: in PSI, more segments than
-    `config.max_segments` or one with fewer than `config.min_segment_size` distinct identifiers.
+    """Refuse now what `run_match` would refuse before sending: in PSI, a set or a segment of
+    fewer than `config.min_segment_size` distinct identifiers, or more segments than
+    `config.max_segments`.
     (The partner's stricter policy, known only after the hello, is checked there.)"""
     mode = MatchMode.parse(config.mode)
-    if mode is MatchMode.HASH or party.segments is None:
+    if mode is MatchMode.HASH:
         return
     prep = _Prepared(party)
+    _check_set_size(len(prep.unique), config.min_segment_size, "this node")
+    if party.segments is None:
+        return
     if prep.labels is None or len(prep.unique) == 0:
         return
     sizes = np.bincount(prep.labels).tolist()
     _check_own_segments(sizes, config.min_segment_size, config.max_segments, agreed=False)
+
+
+def _check_set_size(n: int, k: int, whose: str) -> None:
+    """In PSI a set of fewer than k identifiers is a segment of its own: its overlap count
+    would tell the other side whether those few people are among its customers."""
+    if 0 < n < k:
+        raise ConfigurationError(
+            f"{whose} offers {n} distinct identifiers, fewer than k={k} (--min-count); refused: "
+            "the overlap of so small a set would show which of those identifiers match")
 
 
 def _check_peer_segments(peer_groups: Sequence[int], k: int, most: int) -> None:
@@ -433,7 +446,9 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig,
     segmented_groups = mode is not MatchMode.HASH and prep.labels is not None
     order, group_sizes = _group_permutation(prep.labels if segmented_groups else None,
                                             len(prep.unique), rng)
-    if segmented_groups:  # before anything is sent
+    if mode is not MatchMode.HASH:  # before anything is sent
+        _check_set_size(len(prep.unique), config.min_segment_size, "this node")
+    if segmented_groups:
         _check_own_segments(group_sizes, config.min_segment_size, config.max_segments,
                             agreed=False)
     agreement = KeyAgreement() if mode is MatchMode.HASH else None
@@ -461,6 +476,8 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig,
     peer_k, peer_most = _peer_policy(peer)
     k, most = max(config.min_segment_size, peer_k), min(config.max_segments, peer_most)
     if mode is not MatchMode.HASH:
+        _check_set_size(peer_n, k, "the partner")
+        _check_set_size(len(prep.unique), k, "this node")
         _check_peer_segments(peer_groups, k, most)
         if segmented_groups:
             _check_own_segments(group_sizes, k, most, agreed=True)

@@ -52,6 +52,8 @@ class CoordinatorService:
         self.runner = JobRunner(self.board, self._register, run)
         self.start_worker = start_worker
         self.audit_slots = anyio.Semaphore(AUDIT_QUERY_SLOTS)
+        self.checkpoint_timer_s: float | None = None
+        """Seconds between timed checkpoints while serving (None: the ledger's interval)."""
 
     def _register(self, job, result, view: JobView) -> int:
         return self.registry.register(job, result, name=view.model_name,
@@ -62,7 +64,8 @@ class CoordinatorService:
         written while no one else appends are signed within `checkpoint_interval_s`."""
         if self.start_worker:
             self.runner.start()
-        self.ledger.start_checkpoint_timer()
+        if self.ledger.verifier_key is not None:  # a ledger without its signing key cannot sign
+            self.ledger.start_checkpoint_timer(self.checkpoint_timer_s)
 
     def stop(self) -> None:
         """End of a server run (lifespan shutdown): stop taking jobs and the checkpoint timer,
