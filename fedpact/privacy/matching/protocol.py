@@ -362,6 +362,16 @@ def check_segments(party: MatchParty, config: MatchConfig) -> None:
     _check_own_segments(sizes, config.min_segment_size, config.max_segments, agreed=False)
 
 
+def _reason_for_partner(exc: BaseException) -> str:
+    """Why this node stopped, as told to the partner: budget figures stay on this node."""
+    from fedpact.privacy.budget import BudgetError
+
+    if isinstance(exc, BudgetError):
+        return ("BudgetError: the partner's privacy budget for its dataset cannot pay for the "
+                "overlap reports of this job (lower --epsilon on either side)")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _check_set_size(n: int, k: int, whose: str) -> None:
     """In PSI a set of fewer than k identifiers is a segment of its own: its overlap count
     would tell the other side whether those few people are among its customers."""
@@ -426,8 +436,7 @@ def run_match(party: MatchParty, transport: Transport, config: MatchConfig, *,
     except BaseException as exc:
         # Tell the partner why, so it does not wait for a message that never comes.
         with contextlib.suppress(Exception):  # the channel itself may be gone
-            transport.send("abort", type(exc).__name__.encode() + b": "
-                           + str(exc).encode("utf-8", "replace")[:500])
+            transport.send("abort", _reason_for_partner(exc).encode("utf-8", "replace")[:500])
         raise
 
 
