@@ -9,10 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from ledger_tamper import tamper
+from ledger_tamper import pg_tamper, tamper, write_legacy_ledger
 
 from fedpact.audit import EventType, Ledger, LedgerError
-from fedpact.audit.chain import canonical_json, event_hash
 from fedpact.audit.consent import ConsentRegistry
 from fedpact.audit.exports import ExportApprovals
 from fedpact.audit.query import EventFilter, query_events
@@ -235,27 +234,15 @@ def test_rebuild_refuses_a_broken_chain(tmp_path: Path) -> None:
 
 def test_upgrading_a_pre_0002_ledger_derives_its_indexes(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    connection = sqlite3.connect(path)
-    connection.execute(
-        "CREATE TABLE ledger_events (seq INTEGER NOT NULL PRIMARY KEY, event_id TEXT NOT NULL "
-        "UNIQUE, timestamp TEXT NOT NULL, event_type TEXT NOT NULL, actor TEXT NOT NULL, job_id "
-        "TEXT, payload TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"
-    )
-    prev = "0" * 64
-    for seq in (1, 2):
-        payload = {**ACCESS, "rows": seq}
-        ts = f"2024-01-0{seq}T00:00:00.000000+00:00"
-        digest = event_hash(prev, seq, ts, "data.accessed", "node:bank-a", "job-1", payload)
-        connection.execute("INSERT INTO ledger_events VALUES (?,?,?,?,?,?,?,?,?)",
-                           (seq, f"e{seq}", ts, "data.accessed", "node:bank-a", "job-1",
-                            canonical_json(payload).decode(), prev, digest))
-        prev = digest
-    connection.commit()
-    connection.close()
+    write_legacy_ledger(path, [("data.accessed", "node:bank-a", "job-1", {**ACCESS, "rows": seq})
+                               for seq in (1, 2)])
     with Ledger.open(path) as ledger:
         found = query_events(ledger, EventFilter(dataset="customers", partner="bank-a")).events
         assert [e.seq for e in found] == [1, 2]
         assert ledger.check_indexes().ok
+    with sqlite3.connect(path) as connection:  # derived: the upgrade's mark is gone
+        assert connection.execute(
+            "SELECT count(*) FROM ledger_meta WHERE key = 'indexes_pending'").fetchone() == (0,)
 
 
 def test_read_only_refuses_a_ledger_that_needs_an_upgrade(tmp_path: Path) -> None:
@@ -344,59 +331,17 @@ def test_retention_plan_is_a_dry_run_and_enforcement_reports_progress(tmp_path: 
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    """A throwaway server from scripts/pg-test-server.sh; skips (with the reason) without one."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver needs psycopg")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pg-test-server.sh"
-    folder = tempfile.mkdtemp(prefix="fedpact-pg-")
-    try:
-        started = subprocess.run([str(script), "start", folder], capture_output=True, text=True,
-                                 timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"could not run {script.name}: {exc}")
-    if started.returncode != 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        reason = f"PostgreSQL test server unavailable: {started.stderr.strip()[-500:]}"
-        if os.environ.get("FEDPACT_REQUIRE_POSTGRES") == "1":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield started.stdout.strip()
-    finally:
-        subprocess.run([str(script), "stop", folder], capture_output=True, timeout=120)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def test_postgres_read_only_kept_checkpoint_and_reindex(pg_server: str, tmp_path: Path) -> None:
-    import uuid
-
-    import psycopg
-
+def test_postgres_read_only_kept_checkpoint_and_reindex(pg_url: str, tmp_path: Path) -> None:
     from fedpact.audit.verifier import verify_database
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {name}")
-    url = pg_server.rsplit("/", 1)[0] + f"/{name}"
-
-    def pg_tamper(sql: str, params: tuple = ()) -> None:
-        with psycopg.connect(url, autocommit=True) as connection:
-            connection.execute("SET session_replication_role = replica")
-            connection.execute(sql, params)
+    url = pg_url
 
     with Ledger(url, key_dir=tmp_path, checkpoint_every=10) as ledger:
         for _ in range(3):
             _fill(ledger, 10)
         kept = ledger.latest_checkpoint().note
         keys = ledger.trusted_keys()
-    pg_tamper("DELETE FROM event_index WHERE kind = 'dataset' AND seq = 4")
+    pg_tamper(url, "DELETE FROM event_index WHERE kind = 'dataset' AND seq = 4")
     with Ledger(url, key_dir=tmp_path / "nowhere", read_only=True) as reader:
         with pytest.raises(LedgerError, match="read-only"):
             reader.append(EventType.JOB_FAILED, {"reason": "x"}, actor="server")
@@ -405,8 +350,8 @@ def test_postgres_read_only_kept_checkpoint_and_reindex(pg_server: str, tmp_path
     assert not (tmp_path / "nowhere").exists()
     with Ledger(url, key_dir=tmp_path) as ledger:
         assert len(ledger.rebuild_indexes().problems) == 1 and ledger.check_indexes().ok
-    pg_tamper("DELETE FROM ledger_events WHERE seq > 25")
-    pg_tamper("DELETE FROM ledger_checkpoints WHERE tree_size > 25")
+    pg_tamper(url, "DELETE FROM ledger_events WHERE seq > 25")
+    pg_tamper(url, "DELETE FROM ledger_checkpoints WHERE tree_size > 25")
     with Ledger(url, key_dir=tmp_path, read_only=True) as reader:
         assert reader.verify(keys).ok
         truncated = reader.verify_against_checkpoint(kept, keys)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
-import subprocess
-import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
+from ledger_tamper import pg_tamper
 
 from fedpact.audit import EventType, Ledger
 from fedpact.audit.consent import ConsentRegistry
@@ -25,47 +22,16 @@ if os.environ.get("FEDPACT_REQUIRE_POSTGRES") == "1":
     import psycopg
 else:
     psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver needs psycopg")
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pg-test-server.sh"
 ACCESS = {"node": "bank-a", "dataset": "customers", "rows": 1, "columns": ["age"], "purpose": "churn"}
 
 
-@pytest.fixture(scope="module")
-def server():
-    folder = tempfile.mkdtemp(prefix="fedpact-pg-")
-    try:
-        started = subprocess.run([str(SCRIPT), "start", folder], capture_output=True, text=True,
-                                 timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        started = None
-        reason = f"could not run {SCRIPT.name}: {exc}"
-    if started is not None and started.returncode != 0:
-        reason = f"PostgreSQL test server unavailable: {started.stderr.strip()[-500:]}"
-    if started is None or started.returncode != 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        if os.environ.get("FEDPACT_REQUIRE_POSTGRES") == "1":
-            pytest.fail(reason + " (FEDPACT_REQUIRE_POSTGRES=1 requires it)", pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield started.stdout.strip()
-    finally:
-        subprocess.run([str(SCRIPT), "stop", folder], capture_output=True, timeout=120)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture
-def url(server: str) -> str:
-    """A fresh database on the test server for each test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server, autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {name}")
-    return server.rsplit("/", 1)[0] + f"/{name}"
+def url(pg_url: str) -> str:
+    """A fresh database on the session's test server (conftest.py) for each test."""
+    return pg_url
 
 
-def _tamper(url: str, sql: str, params=()) -> None:
-    """As a superuser with the append-only triggers switched off."""
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("SET session_replication_role = replica")
-        connection.execute(sql, params)
+_tamper = pg_tamper
 
 
 def _fill(ledger: Ledger, n: int) -> None:

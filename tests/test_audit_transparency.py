@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from ledger_tamper import tamper
+from ledger_tamper import tamper, write_legacy_ledger
 
 from fedpact.audit import EventType, Ledger, LedgerError
 from fedpact.audit.chain import canonical_json, event_hash
@@ -332,23 +332,8 @@ def test_key_rotation_keeps_old_checkpoints_verifiable(tmp_path: Path) -> None:
 def test_legacy_database_is_migrated_and_checkpointed(tmp_path: Path) -> None:
     """A ledger written before checkpoints existed (one table, no alembic) opens and gets signed."""
     path = tmp_path / "old.db"
-    connection = sqlite3.connect(path)
-    connection.execute(
-        "CREATE TABLE ledger_events (seq INTEGER NOT NULL PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, "
-        "timestamp TEXT NOT NULL, event_type TEXT NOT NULL, actor TEXT NOT NULL, job_id TEXT, "
-        "payload TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"
-    )
-    prev = "0" * 64
-    for seq in (1, 2):
-        payload = {"i": seq}
-        ts = f"2024-01-0{seq}T00:00:00.000000+00:00"
-        digest = event_hash(prev, seq, ts, "job.failed", "server", None, payload)
-        connection.execute("INSERT INTO ledger_events VALUES (?,?,?,?,?,?,?,?,?)",
-                           (seq, f"e{seq}", ts, "job.failed", "server", None,
-                            canonical_json(payload).decode(), prev, digest))
-        prev = digest
-    connection.commit()
-    connection.close()
+    write_legacy_ledger(path, [("job.failed", "server", None, {"reason": f"old {seq}"})
+                               for seq in (1, 2)])
     with Ledger.open(path) as ledger:
         assert ledger.count() == 2
         ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")

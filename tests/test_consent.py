@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from files import write_csv
 
 from fedpact.audit import EventType, Ledger, LedgerError
 from fedpact.audit.consent import ConsentRegistry
@@ -118,11 +119,7 @@ CSV_HEADER = ["customer_id", "purpose", "consent_status", "channel", "lawful_bas
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_HEADER)
-        writer.writerows(rows)
-    return path
+    return write_csv(path, CSV_HEADER, rows)
 
 
 def test_csv_import_keeps_good_rows_and_names_each_bad_one(registry: ConsentRegistry,

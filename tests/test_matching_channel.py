@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from files import write_csv
 from typer.testing import CliRunner
 
 from fedpact.audit import EventType, Ledger
@@ -109,12 +110,6 @@ def test_mutual_tls_channel(tmp_path):
     assert ra.overlap == out["b"].overlap == 2
 
 
-def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def _grant(home: Path, subjects, purpose="audience_matching") -> None:
@@ -147,7 +142,7 @@ def _cli_match_against(theirs, args, *, reveal=True):
 
 
 def test_cli_match_with_consent_segments_and_matched_rows(tmp_path):
-    ours = _write_csv(tmp_path / "ours.csv", ["customer", "email", "band"],
+    ours = write_csv(tmp_path / "ours.csv", ["customer", "email", "band"],
                       [(f"c{i}", f"Person.{i}@GMAIL.com", "young" if i % 2 else "old")
                        for i in range(200)] + [("c-bad", "no email here", "old")])
     home = tmp_path / "home"
@@ -184,7 +179,7 @@ def test_cli_match_with_consent_segments_and_matched_rows(tmp_path):
 
 def test_withdrawn_subjects_no_longer_match(tmp_path):
     """Match, withdraw consent for some subjects in the registry, match again: they are gone."""
-    ours = _write_csv(tmp_path / "ours.csv", ["customer_id", "email"],
+    ours = write_csv(tmp_path / "ours.csv", ["customer_id", "email"],
                       [(f"cust-{i:03d}", f"shopper{i}@example.org") for i in range(120)])
     theirs = normalize_ids([f"SHOPPER{i}@example.org" for i in range(60, 200)], "email")
     home = tmp_path / "home"
@@ -215,7 +210,7 @@ def test_withdrawn_subjects_no_longer_match(tmp_path):
 
 
 def test_cli_without_consent_names_the_registry(tmp_path):
-    ours = _write_csv(tmp_path / "ours.csv", ["email"], [("a@x.com",), ("b@x.com",)])
+    ours = write_csv(tmp_path / "ours.csv", ["email"], [("a@x.com",), ("b@x.com",)])
     r = CliRunner().invoke(match_app, ["--mode", "psi", "--connect", "127.0.0.1:1", "--ids",
                                        str(ours), "--column", "email", "--home",
                                        str(tmp_path / "h")])
@@ -228,7 +223,7 @@ def test_cli_without_consent_names_the_registry(tmp_path):
 
 
 def test_cli_errors_name_the_file_column_or_parameter(tmp_path):
-    ours = _write_csv(tmp_path / "ours.csv", ["email"], [("a@x.com",)])
+    ours = write_csv(tmp_path / "ours.csv", ["email"], [("a@x.com",)])
     runner = CliRunner()
     r = runner.invoke(match_app, ["--mode", "psi", "--listen", "127.0.0.1:0", "--connect",
                                   "127.0.0.1:1", "--ids", str(ours), "--column", "email"])
@@ -250,8 +245,8 @@ def test_cli_errors_name_the_file_column_or_parameter(tmp_path):
 
 def test_cli_between_two_processes(tmp_path):
     """`fedpact match --listen` and `--connect` as two separate processes over loopback."""
-    a = _write_csv(tmp_path / "a.csv", ["phone"], [(f"020 7946 {i:04d}",) for i in range(300)])
-    b = _write_csv(tmp_path / "b.csv", ["tel"], [(f"+44 20 7946 {i:04d}",) for i in range(200, 500)])
+    a = write_csv(tmp_path / "a.csv", ["phone"], [(f"020 7946 {i:04d}",) for i in range(300)])
+    b = write_csv(tmp_path / "b.csv", ["tel"], [(f"+44 20 7946 {i:04d}",) for i in range(200, 500)])
     import socket
 
     with socket.socket() as s:

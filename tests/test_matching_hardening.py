@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import secrets
 import socket
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from files import write_csv
 from test_matching_protocol import run_pair, synthetic_sets
 from typer.testing import CliRunner
 
@@ -35,14 +34,6 @@ from fedpact.privacy.matching.protocol import PROTOCOL, check_segments
 from fedpact.privacy.matching.report import budget_check, report_sensitivity
 from fedpact.service import cli_match
 from fedpact.service.cli_match import match_app
-
-
-def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def _free_port() -> int:
@@ -137,7 +128,7 @@ def test_stricter_segment_policy_of_the_two_binds_both():
 
 
 def test_cli_refuses_a_segment_per_customer_before_connecting(tmp_path):
-    ours = _write_csv(tmp_path / "ours.csv", ["customer_id", "email"],
+    ours = write_csv(tmp_path / "ours.csv", ["customer_id", "email"],
                       [(f"c{i}", f"p{i}@example.org") for i in range(40)])
     start = time.monotonic()
     r = CliRunner().invoke(match_app, [
@@ -221,7 +212,7 @@ def test_sensitivity_bounds_neighbouring_match_jobs():
 
 
 def test_epsilon_over_budget_is_refused_and_nothing_is_charged(tmp_path):
-    ours = _write_csv(tmp_path / "ours.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
+    ours = write_csv(tmp_path / "ours.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
     home = tmp_path / "h"
     with Ledger.open(home / "ledger.db") as ledger:
         PrivacyBudgets(ledger).set("ours.csv", 0.5, 1e-6, actor="owner")
@@ -291,7 +282,7 @@ def test_partner_announced_epsilon_is_checked_after_the_handshake(tmp_path):
 
 
 def test_epsilon_without_a_budget_is_refused(tmp_path):
-    ours = _write_csv(tmp_path / "ours.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
+    ours = write_csv(tmp_path / "ours.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
     r = CliRunner().invoke(match_app, [
         "--mode", "psi", "--connect", "127.0.0.1:1", "--ids", str(ours), "--column", "email",
         "--no-require-consent", "--epsilon", "0.1", "--home", str(tmp_path / "h")])
@@ -303,7 +294,7 @@ def test_epsilon_without_a_budget_is_refused(tmp_path):
 
 @pytest.mark.parametrize("option", ["--report-out", "--matched-out"])
 def test_unwritable_output_paths_are_refused_before_connecting(tmp_path, option):
-    ours = _write_csv(tmp_path / "ours.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
+    ours = write_csv(tmp_path / "ours.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
     (tmp_path / "a-file").write_text("x")
     for bad, why in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "out.csv", "cannot be written")):
         start = time.monotonic()
@@ -321,8 +312,8 @@ def test_unwritable_output_paths_are_refused_before_connecting(tmp_path, option)
 
 
 def test_mode_mismatch_leaves_started_and_failed_records_on_both_sides(tmp_path):
-    ours = _write_csv(tmp_path / "a.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
-    theirs = _write_csv(tmp_path / "b.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
+    ours = write_csv(tmp_path / "a.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
+    theirs = write_csv(tmp_path / "b.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
     port = _free_port()
     out: dict = {}
 
@@ -361,7 +352,7 @@ def test_mode_mismatch_leaves_started_and_failed_records_on_both_sides(tmp_path)
 
 
 def test_completed_job_links_back_to_its_start(tmp_path):
-    ours = _write_csv(tmp_path / "a.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
+    ours = write_csv(tmp_path / "a.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
     theirs = normalize_ids([f"p{i}@example.org" for i in range(10, 40)], "email")
     port = _free_port()
     out: dict = {}
@@ -397,7 +388,7 @@ def test_completed_job_links_back_to_its_start(tmp_path):
 
 
 def test_short_connect_timeout_against_a_closed_port(tmp_path):
-    ours = _write_csv(tmp_path / "ours.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
+    ours = write_csv(tmp_path / "ours.csv", ["email"], [(f"p{i}@example.org",) for i in range(30)])
     port = _free_port()  # nothing listens there
     start = time.monotonic()
     r = CliRunner().invoke(match_app, [

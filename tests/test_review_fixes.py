@@ -6,51 +6,21 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from ledger_tamper import write_legacy_ledger
 
 from fedpact.audit import EventType, Ledger
-from fedpact.audit.chain import canonical_json, event_hash
 from fedpact.audit.events import LedgerError, validate_payload
 
 
 def _legacy_ledger(path: Path, *, break_chain: bool = False) -> None:
-    """A ledger file from before migration 0001 (one table), holding a consent grant."""
-    connection = sqlite3.connect(path)
-    connection.execute(
-        "CREATE TABLE ledger_events (seq INTEGER NOT NULL PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, "
-        "timestamp TEXT NOT NULL, event_type TEXT NOT NULL, actor TEXT NOT NULL, job_id TEXT, "
-        "payload TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"
-    )
-    prev = "0" * 64
-    for seq in (1, 2):
-        payload = {"reason": f"old {seq}", "dataset": "customers"}
-        ts = f"2024-01-0{seq}T00:00:00.000000+00:00"
-        digest = event_hash(prev, seq, ts, "job.failed", "server", None, payload)
-        if break_chain and seq == 2:
-            payload = {"reason": "rewritten", "dataset": "customers"}
-        connection.execute("INSERT INTO ledger_events VALUES (?,?,?,?,?,?,?,?,?)",
-                           (seq, f"e{seq}", ts, "job.failed", "server", None,
-                            canonical_json(payload).decode(), prev, digest))
-        prev = digest
-    connection.commit()
-    connection.close()
+    write_legacy_ledger(path, [("job.failed", "server", None,
+                                {"reason": f"old {seq}", "dataset": "customers"})
+                               for seq in (1, 2)], rewrite_payload_of=2 if break_chain else None)
 
 
 def _meta(path: Path) -> dict[str, str]:
     with sqlite3.connect(path) as connection:
         return dict(connection.execute("SELECT key, value FROM ledger_meta").fetchall())
-
-
-def test_upgrade_derives_indexes_and_clears_its_mark(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    _legacy_ledger(path)
-    with Ledger.open(path) as ledger:
-        with sqlite3.connect(path) as connection:
-            rows = connection.execute(
-                "SELECT seq FROM event_index WHERE kind = 'dataset' AND value = 'customers'"
-            ).fetchall()
-        assert sorted(rows) == [(1,), (2,)]
-        assert ledger.count() == 2
-    assert "indexes_pending" not in _meta(path)
 
 
 def test_failed_index_derivation_after_upgrade_is_retried_on_every_open(tmp_path: Path) -> None:

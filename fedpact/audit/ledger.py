@@ -1150,32 +1150,19 @@ class Ledger:
                 "SELECT hash FROM ledger_events WHERE seq = ?", (after,)
             ).fetchone()
             last_hash = row[0] if row is not None else GENESIS_HASH
-        columns = ("seq", "timestamp", "event_type", "actor", "job_id", "payload", "prev_hash",
-                   "hash")
         cursor = connection.execute(
-            f"SELECT {', '.join(columns)} FROM ledger_events WHERE seq > ? AND seq <= ? "
+            f"SELECT {', '.join(_CHAIN_COLUMNS)} FROM ledger_events WHERE seq > ? AND seq <= ? "
             "ORDER BY seq",
             (after, upto),
         )
         hashes: list[str] = []
         last_seq = after
         for row in cursor:
-            seq, timestamp, event_type, actor, job_id, payload, prev_hash, digest = row
-            if not (
-                seq == last_seq + 1
-                and prev_hash == last_hash
-                and isinstance(payload, str)
-                and event_hash_from_text(
-                    last_hash, seq, timestamp, event_type, actor, job_id, payload
-                ) == digest
-            ):
-                problem = check_row(dict(zip(columns, row, strict=True)), last_seq, last_hash)
-                raise LedgerError(
-                    "refusing to sign a checkpoint over a broken chain: "
-                    f"{(problem or (seq, 'unexpected row'))[1]}"
-                )
-            last_seq, last_hash = seq, digest
-            hashes.append(digest)
+            problem = _chain_problem(row, last_seq, last_hash)
+            if problem is not None:
+                raise LedgerError(f"refusing to sign a checkpoint over a broken chain: {problem}")
+            last_seq, last_hash = row[0], row[7]
+            hashes.append(last_hash)
         if last_seq != upto:
             raise LedgerError(
                 f"refusing to sign a checkpoint over a broken chain: event {last_seq + 1} is missing"
@@ -2125,6 +2112,21 @@ _INDEX_READ_SQL = (
 _CHAIN_COLUMNS = ("seq", "timestamp", "event_type", "actor", "job_id", "payload", "prev_hash", "hash")
 
 
+def _chain_problem(row: Sequence[Any], last_seq: int, last_hash: str) -> str | None:
+    """None if `row` (the `_CHAIN_COLUMNS`) is the event after (last_seq, last_hash) and hashes
+    to its stored hash; else what is wrong with it, naming the event."""
+    seq, timestamp, kind, actor, job_id, text, prev_hash, digest = row
+    if (
+        seq == last_seq + 1
+        and prev_hash == last_hash
+        and isinstance(text, str)
+        and event_hash_from_text(last_hash, seq, timestamp, kind, actor, job_id, text) == digest
+    ):
+        return None
+    problem = check_row(dict(zip(_CHAIN_COLUMNS, row, strict=True)), last_seq, last_hash)
+    return problem[1] if problem is not None else f"event {seq} is altered"
+
+
 def _recompute_indexes(
     store: LedgerStore, connection: Connection
 ) -> tuple[set[tuple[str, str, int]], dict[tuple[str, str], dict[str, Any]]]:
@@ -2137,19 +2139,11 @@ def _recompute_indexes(
         cursor.execute(_INDEX_READ_SQL)
         while rows := cursor.fetchmany(_VERIFY_BATCH_ROWS):
             for row in rows:
-                seq, timestamp, kind, actor, job_id, text, prev_hash, digest = row
-                if not (
-                    seq == last_seq + 1
-                    and prev_hash == last_hash
-                    and isinstance(text, str)
-                    and event_hash_from_text(
-                        last_hash, seq, timestamp, kind, actor, job_id, text
-                    ) == digest
-                ):
-                    problem = check_row(dict(zip(_CHAIN_COLUMNS, row, strict=True)),
-                                        last_seq, last_hash) or (seq, f"event {seq} is altered")
+                seq, _timestamp, kind, actor, _job_id, text, _prev_hash, digest = row
+                problem = _chain_problem(row, last_seq, last_hash)
+                if problem is not None:
                     raise LedgerError(
-                        f"cannot derive the indexes from a broken chain: {problem[1]}; "
+                        f"cannot derive the indexes from a broken chain: {problem}; "
                         "run `fedpact audit verify`"
                     )
                 last_seq, last_hash = seq, digest
