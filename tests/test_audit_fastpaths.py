@@ -237,3 +237,23 @@ def test_an_interrupted_waiter_passes_on_the_lead(tmp_path: Path) -> None:
         thread.join(timeout=10)
         assert first.done and follower.done and not thread.is_alive()
         assert sorted(e.payload["i"] for e in ledger.events()) == [1, 3]
+
+
+@pytest.mark.parametrize(("sql", "seq"), [
+    ("UPDATE ledger_events SET actor = 'node:\"bank-a' WHERE seq = 4321", 4321),  # a quote
+    ("UPDATE ledger_events SET actor = 'node:bank\\a' WHERE seq = 4321", 4321),  # a backslash
+    ("UPDATE ledger_events SET job_id = NULL WHERE seq = 4321", 4321),
+    ("UPDATE ledger_events SET payload = X'7b7d' WHERE seq = 4321", 4321),  # a BLOB
+    ("UPDATE ledger_events SET timestamp = 7 WHERE seq = 4321", 4321),
+    ("UPDATE ledger_events SET prev_hash = '\"' || substr(prev_hash, 2) WHERE seq = 4321", 4321),
+    ("UPDATE ledger_events SET prev_hash = '\"' || substr(prev_hash, 2) WHERE seq = 4097", 4097),
+])
+def test_records_rendered_for_verification_catch_odd_columns(big: Path, sql: str, seq: int) -> None:
+    """The fast path hashes each record as SQL renders it from its columns (4097 starts a
+    parallel range); quotes, backslashes, NULLs and non-text values must be caught at their
+    event, in parallel and sequentially."""
+    tamper(big, sql)
+    fresh = _verify_in_fresh_process(big)
+    assert fresh["parallel"] and not fresh["ok"] and fresh["first_bad_seq"] == seq
+    result = _verify_sequential(big)
+    assert not result.ok and result.first_bad_seq == seq
