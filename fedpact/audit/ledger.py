@@ -71,6 +71,7 @@ from fedpact.audit.merkle import (
     verify_consistency,
 )
 from fedpact.audit.store import (
+    INDEXES_PENDING,
     LedgerStore,
     check_schema,
     consent_state,
@@ -274,8 +275,6 @@ _UPSERT_CONSENT = (
     + ", ".join(f"{c} = excluded.{c}" for c in _CONSENT_COLUMNS if c not in ("subject", "purpose"))
     + " WHERE excluded.effective_at >= consent_state.effective_at"
 )
-_INDEXES_PENDING = "indexes_pending"
-"""ledger_meta key present while an upgrade's index derivation has not yet succeeded."""
 _LATEST_CHECKPOINT = (
     "SELECT tree_size, root_hash, timestamp, note FROM ledger_checkpoints "
     "ORDER BY tree_size DESC LIMIT 1"
@@ -366,9 +365,8 @@ class Ledger:
         try:
             if read_only:
                 check_schema(self._store)
-                upgraded_from = None
             else:
-                upgraded_from = migrate(self._store)
+                migrate(self._store)
             self._ledger_id = self._identity()
         except (SQLAlchemyError, LedgerError) as exc:
             self._store.close()
@@ -398,33 +396,36 @@ class Ledger:
         self._signer = self._load_signer()
         self._last_checkpoint_size = self._latest_checkpoint_size()
         self._last_checkpoint_wall = time.time()
-        if upgraded_from is not None:
-            # revisions before 0002 had no query index or consent state: derive them from the
-            # chain. Marked pending first, so a rebuild that fails here is retried on every open.
-            with self._store.write() as connection:
-                self._store.insert_ignore(
-                    connection, ledger_meta, [{"key": _INDEXES_PENDING, "value": upgraded_from}]
-                )
-        if not read_only:
-            self._rebuild_pending_indexes()
+        # revisions before 0002 had no query index or consent state: `migrate` marks them
+        # pending in the upgrade's transaction, and they are derived from the chain here
+        self._rebuild_pending_indexes()
 
     def _rebuild_pending_indexes(self) -> None:
-        """Derive the indexes an upgrade left empty (see `_INDEXES_PENDING`); on failure close the
-        ledger and say how to repair it, keeping the mark so the next open tries again."""
+        """Derive the indexes an upgrade left empty (see `INDEXES_PENDING`); on failure close the
+        ledger and say how to repair it, keeping the mark so the next open tries again. A
+        read-only opening cannot derive them, and refuses rather than answer from empty ones."""
         with self._store.read() as connection:
             pending = connection.execute(
-                select(ledger_meta.c.value).where(ledger_meta.c.key == _INDEXES_PENDING)
+                select(ledger_meta.c.value).where(ledger_meta.c.key == INDEXES_PENDING)
             ).scalar()
         if pending is None:
             return
+        schema = f"schema {pending}" if pending else "a schema older than 0001"
+        if self._read_only:
+            self.close()
+            raise LedgerError(
+                f"ledger {self._display_url} was upgraded from {schema} and its query indexes "
+                "are not derived yet: queries would miss events. Open it once read-write (e.g. "
+                "`fedpact audit reindex`) to derive them"
+            )
         try:
             self.rebuild_indexes()
             with self._store.write() as connection:
-                connection.execute(ledger_meta.delete().where(ledger_meta.c.key == _INDEXES_PENDING))
+                connection.execute(ledger_meta.delete().where(ledger_meta.c.key == INDEXES_PENDING))
         except (SQLAlchemyError, LedgerError) as exc:
             self.close()
             raise LedgerError(
-                f"ledger {self._display_url} was upgraded from schema {pending}, but its query "
+                f"ledger {self._display_url} was upgraded from {schema}, but its query "
                 f"indexes could not be derived from the chain ({getattr(exc, 'orig', exc)}); "
                 "queries, DSAR reports and erasure would miss events until they are: run "
                 "`fedpact audit verify`, then `fedpact audit reindex` (this is retried on every open)"

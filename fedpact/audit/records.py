@@ -47,6 +47,8 @@ class ProcessingRecord:
     overlap report released."""
     match_noise: dict[str, float] = field(default_factory=dict)
     """ε of the Laplace noise on the overlap report, per dataset charged (empty: exact report)."""
+    match_mode: str | None = None
+    """hash, psi or psi-cardinality, as the match job's events record it."""
 
     @property
     def consent_checked(self) -> bool:
@@ -133,10 +135,16 @@ class ImpactAssessment:
                        f"{'every' if r.consent_checked else 'some'} partner; rows without it "
                        "never reached feature computation"]
             consent += [line for line in r.consent_statements() if "no consent check" in line]
-        if r.match_job:
-            residual = ("residual risk: each partner learns how many of its identifiers the "
-                        "other holds (and per-segment counts of at least k); no identifier is "
-                        "revealed unless both partners asked for matched rows")
+        if r.match_job and r.match_mode == "hash":
+            residual = ("residual risk: keyed-hash matching — the responding partner learns "
+                        "which of its own rows match and, holding the job key, could test "
+                        "guessed identifiers against the initiator's hashes (low-entropy IDs "
+                        "such as phone numbers are enumerable; use PSI for them)")
+        elif r.match_job:
+            residual = ("residual risk: private set intersection — each partner learns how many "
+                        "of its identifiers the other holds (and per-segment counts over at "
+                        "least k identifiers); no identifier is revealed unless both partners "
+                        "asked for matched rows")
         elif r.dp:
             residual = ("residual risk: membership inference bounded by the ε spent; linkage "
                         "through pseudonyms requires the deployment secret")
@@ -230,6 +238,7 @@ def processing_record(
     spent_events = 0
     epsilon_spent = None
     match_job = False
+    match_mode: str | None = None
     match_noise: dict[str, float] = {}
     for event in events:
         p = event.payload
@@ -243,6 +252,7 @@ def processing_record(
             requested = dict(p)
         elif event.event_type in (EventType.MATCH_STARTED.value, EventType.MATCH_COMPLETED.value):
             match_job = True
+            match_mode = str(p.get("mode") or match_mode or "") or None
         elif event.event_type == EventType.PRIVACY_SPENT.value:
             spent_events += 1
             if p.get("query") == "audience overlap report":  # a noisy report, not DP-SGD
@@ -330,4 +340,5 @@ def processing_record(
         consent_unchecked=unchecked if excluded else [],
         match_job=match_job,
         match_noise=match_noise,
+        match_mode=match_mode,
     )

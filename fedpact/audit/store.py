@@ -480,6 +480,10 @@ def open_store(url: URL, *, busy_timeout_s: float = 30.0, read_only: bool = Fals
     )
 
 
+INDEXES_PENDING = "indexes_pending"
+"""ledger_meta key present from an upgrade until the Ledger has derived the query indexes."""
+
+
 def migrate(store: LedgerStore) -> str | None:
     """Bring the schema to SCHEMA_HEAD with alembic, under the write lock (safe with many openers).
 
@@ -509,6 +513,10 @@ def migrate(store: LedgerStore) -> str | None:
         if before == SCHEMA_HEAD:  # another opener upgraded it meanwhile
             return None
         upgrade_with_alembic(store, connection)
+        # In the upgrade's own transaction: the indexes that revisions before 0002 lacked are
+        # derived from the chain by the Ledger, retried on every open until it succeeds.
+        store.insert_ignore(connection, ledger_meta,
+                            [{"key": INDEXES_PENDING, "value": before or ""}])
         return before or ""
 
 
