@@ -95,6 +95,10 @@ def test_consent_dsar_query_and_record_commands(home: Path, tmp_path: Path) -> N
     assert access.exit_code == 0 and json.loads(access.stdout)["personal_data"]["email"] == "c1@example.org"
     as_csv = _run("dsar", "access", "C-1", "--home", str(home), "--format", "csv")
     assert as_csv.stdout.startswith("seq,timestamp,event_type")
+    report = home / "c1-access.json"  # a subject's personal data: readable by its owner only
+    assert _run("dsar", "access", "C-1", "--home", str(home), "--out", str(report)).exit_code == 0
+    assert json.loads(report.read_text())["personal_data"]["email"] == "c1@example.org"
+    assert report.stat().st_mode & 0o777 == 0o600
     refused = _run("dsar", "erase", "C-1", "--home", str(home))
     assert refused.exit_code == 2 and "--yes" in refused.output
     erased = _run("dsar", "erase", "C-1", "--yes", "--home", str(home))

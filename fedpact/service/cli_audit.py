@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -166,8 +167,9 @@ class _Output:
         if not out.parent.is_dir():
             _fail(FedpactError(f"cannot write {out}: directory {out.parent} does not exist"))
         self.created = not out.exists()
-        try:
-            self.handle = open(out, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        try:  # a new file is readable by its owner only: it may hold a subject's personal data
+            descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self.handle = os.fdopen(descriptor, "a", encoding="utf-8")
         except OSError as exc:
             _fail(FedpactError(f"cannot write {out}: {exc.strerror or exc}"))
         return self
