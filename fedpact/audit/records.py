@@ -58,12 +58,7 @@ class ProcessingRecord:
     def dp_statement(self) -> str:
         """What the job's events say about differential privacy, plainly, either way."""
         if self.match_job:
-            if not self.match_noise:
-                return ("Audience-matching job, no model trained: the overlap counts were "
-                        "released exactly (no noise); small counts are suppressed")
-            charged = ", ".join(f"{name}: ε {eps:g}" for name, eps in sorted(self.match_noise.items()))
-            return ("Audience-matching job, no model trained: the overlap report was released "
-                    f"with Laplace noise ({charged}, charged to each dataset's budget)")
+            return match_report_statement(self.match_noise)
         return dp_statement(self.dp, self.dp_epsilon, self.dp_delta, self.epsilon_spent)
 
     def consent_statements(self) -> list[str]:
@@ -183,6 +178,16 @@ class ImpactAssessment:
         return _html(f"PIPL Art. 55 impact assessment — job {self.record.job_id}", self.sections())
 
 
+def match_report_statement(noise: dict[str, float]) -> str:
+    """One plain sentence on what a match job's overlap report released (ε per dataset charged)."""
+    if not noise:
+        return ("Audience-matching job, no model trained: the overlap counts were released "
+                "exactly (no noise); small counts are suppressed")
+    charged = ", ".join(f"{name}: ε {eps:g}" for name, eps in sorted(noise.items()))
+    return ("Audience-matching job, no model trained: the overlap report was released with "
+            f"Laplace noise ({charged}, charged to each dataset's budget)")
+
+
 def dp_statement(dp: bool | None, epsilon: Any, delta: Any, spent: Any) -> str:
     """One plain sentence on whether a job's updates were differentially private, and how."""
     if dp is None:
@@ -287,8 +292,7 @@ def processing_record(
     if match_job:
         safeguards[0] = ("audience matching by keyed hashes or private set intersection: no "
                          "identifier leaves a partner in clear")
-        safeguards.append(ProcessingRecord(job_id, "", [], [], [], [], [], [], match_job=True,
-                                           match_noise=match_noise).dp_statement())
+        safeguards.append(match_report_statement(match_noise))
     elif dp:
         bound = f"ε ≤ {dp_epsilon}, " if dp_epsilon is not None else ""
         safeguards.append(f"differential privacy (DP-SGD) at {bound}δ = {dp_delta} per partner "
