@@ -6,7 +6,6 @@ model that scores alike, and the same accountant history (hence the same ε) for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,13 @@ from fedpact.federation.partition import (
     partition,
     partition_names,
 )
-from fedpact.models.datasets import BANK_MARKETING, DatasetSpec, load_csv, load_dataset
+from fedpact.models.datasets import (
+    BANK_MARKETING,
+    DatasetSpec,
+    load_csv,
+    load_dataset,
+    render_mapping,
+)
 from fedpact.models.features import FeaturePipeline
 from fedpact.models.networks import build_model
 from fedpact.models.streaming import (
@@ -46,17 +51,7 @@ ROWS = 8_000
 
 def mapping_file(spec: DatasetSpec, path: Path) -> Path:
     """A TOML mapping file describing `spec` (what a partner admin would write)."""
-    def lst(values) -> str:
-        return json.dumps(list(values))
-
-    lines = [f'name = "{spec.name}"', f'task = "{spec.task}"', f'label = "{spec.label}"',
-             f"positive = {lst(spec.positive)}", f"negative = {lst(spec.negative)}",
-             f"categorical = {lst(spec.categorical)}", f"numeric = {lst(spec.numeric)}",
-             f"drop = {lst(spec.drop)}", f"separator = {json.dumps(spec.separator)}"]
-    if spec.categories:
-        lines.append("[categories]")
-        lines += [f"{k} = {lst(v)}" for k, v in spec.categories.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(render_mapping(spec))
     return path
 
 
@@ -82,16 +77,13 @@ def split_like_stream(data, seed: int, test_fraction: float):
 
 @pytest.mark.shared_data
 def test_streamed_features_equal_in_memory_features(bank_csv, tmp_path):
-    """Chunked pass (odd chunk size) -> same pipeline statistics and the same float32 vectors."""
+    """Chunked pass (odd chunk size) -> the mapping's public pipeline and the same float32 vectors."""
     csv, _ = bank_csv
     table = build_stream(csv, BANK_MARKETING, tmp_path, seed=3, test_fraction=0.25, chunk_rows=777)
     train, test = split_like_stream(load_csv(csv, BANK_MARKETING), 3, 0.25)
     assert (len(table.train), len(table.test)) == (len(train), len(test))
-    pipe = FeaturePipeline.fit(train)
-    assert table.pipeline.categorical == pipe.categorical
-    for col in pipe.numeric:
-        assert table.pipeline.means[col] == pytest.approx(pipe.means[col], rel=1e-12, abs=1e-12)
-        assert table.pipeline.scales[col] == pytest.approx(pipe.scales[col], rel=1e-12)
+    pipe = FeaturePipeline.public(BANK_MARKETING)  # declared bounds: no statistic of the rows
+    assert table.pipeline == pipe
     for rows, ref in ((table.train, train), (table.test, test)):
         X, y = rows.encode(slice(0, len(rows)))
         np.testing.assert_allclose(X, pipe.transform(ref), rtol=0, atol=1e-6)

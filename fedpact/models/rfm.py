@@ -67,6 +67,16 @@ RFM_FEATURES = (
     "trend_frequency",        # (last - prev) / (last + prev), 0 when both are 0
     "trend_spend",            # the same for spend
 )
+# Public ranges of the RFM features (days inside a 273-day observation window before the cut-off;
+# counts and US-dollar amounts clipped where a long tail carries little signal; scores 1..5).
+RFM_BOUNDS = {
+    "recency_days": (0, 273), "frequency": (0, 30), "monetary_total": (0, 1000),
+    "monetary_mean": (0, 200), "tenure_days": (0, 273), "ipt_mean_days": (0, 273),
+    "ipt_std_days": (0, 150), "ipt_max_days": (0, 273), "overdue_ratio": (0, 20),
+    "r_score": (1, 5), "f_score": (1, 5), "m_score": (1, 5), "rfm_score": (3, 15),
+    "decayed_frequency": (0, 10), "decayed_spend": (0, 300), "frequency_last_period": (0, 10),
+    "frequency_prev_period": (0, 10), "trend_frequency": (-1, 1), "trend_spend": (-1, 1),
+}
 CATEGORY_FEATURES = ("category_frequency", "category_spend")
 LABELS = ("churn", "propensity", "ltv")
 

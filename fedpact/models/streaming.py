@@ -43,14 +43,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fedpact.errors import ConfigurationError, DataValidationError
 from fedpact.models.datasets import DatasetSpec, validate_frame
-from fedpact.models.features import CLIP_SD, FeaturePipeline
+from fedpact.models.features import CLIP_SD, FeaturePipeline, undeclared_settings
 
 # Partner CSVs with more data rows than this train from disk (node-config `stream-rows` or the
 # environment variable FEDPACT_STREAM_ROWS override it; 0 turns streaming off). At 1M bank rows
 # the streamed path was already faster and smaller than the in-memory one (docs/benchmarks.md).
 DEFAULT_STREAM_ROWS = 1_000_000
 DEFAULT_CHUNK_ROWS = 250_000
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: public pipelines (declared bounds) are stored with their bounds
 _PARTS = ("train", "test")
 
 
@@ -116,6 +116,9 @@ class StreamedRows:
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)[:-1]
         self._mu = np.array([self.pipeline.means[c] for c in self.pipeline.numeric], dtype=np.float64)
         self._sd = np.array([self.pipeline.scales[c] for c in self.pipeline.numeric], dtype=np.float64)
+        bounds = self.pipeline.bounds
+        self._lo = np.array([bounds[c][0] if c in bounds else -np.inf for c in self.pipeline.numeric])
+        self._hi = np.array([bounds[c][1] if c in bounds else np.inf for c in self.pipeline.numeric])
 
     def __len__(self) -> int:
         return self.rows
@@ -163,6 +166,7 @@ class StreamedRows:
             X[hit, self._offsets[j] + final[hit]] = 1.0
         if len(self._mu):
             # The arithmetic of FeaturePipeline.transform, column for column.
+            num = np.clip(num, self._lo, self._hi)  # declared bounds (public pipelines)
             X[:, self.pipeline.n_features - len(self._mu):] = np.clip((num - self._mu) / self._sd, -CLIP_SD, CLIP_SD)
         return X, y.astype(np.float32)
 
@@ -431,6 +435,8 @@ def build_stream(csv_path: str | Path, spec: DatasetSpec, cache_dir: str | Path,
         sd = math.sqrt(max(moments.m2[i], 0.0) / moments.n)
         scales[col] = sd if sd > 1e-12 else 1.0
     pipeline = FeaturePipeline(categorical=categorical, numeric=tuple(spec.numeric), means=means, scales=scales)
+    if not undeclared_settings(spec):  # the mapping fixes the encoding: no statistic of the rows
+        pipeline = FeaturePipeline.public(spec)
     meta = {"format": FORMAT_VERSION, "source": str(csv), "rows": counts, "pipeline": pipeline.to_dict(),
             "lookups": [lk.tolist() for lk in lookups], "notes": notes,
             "seconds": time.perf_counter() - started}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from opacus import PrivacyEngine
 from torch import nn
 from torch.optim import Optimizer
@@ -23,6 +26,16 @@ for _notice in ("Secure RNG turned off", "Full backward hook is firing",
 
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "ew", "functorch")
+
+
+def private_generator(seed: int | None = None) -> torch.Generator:
+    """A generator for randomness a DP guarantee rests on (which rows a batch holds, the noise).
+
+    Seeded with 63 bits from the OS CSPRNG (`secrets`), fresh at every call, so nobody who knows
+    the job's settings can rebuild it. `seed` (reproducible mode, a node's own explicit setting
+    for tests) fixes it — and then the run is not private: callers must report it so.
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else int(seed))
 
 
 @dataclass
@@ -64,10 +77,20 @@ class PrivateTraining:
         self.engine.accountant.history = [tuple(h) for h in (history or [])]
 
     def wrap(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader,
-             criterion: nn.Module | None = None) -> PrivateSetup:
-        """Make training private; the loader samples batches by Poisson sampling."""
+             criterion: nn.Module | None = None, *, sampling_seed: int | None = None,
+             noise_seed: int | None = None) -> PrivateSetup:
+        """Make training private; the loader samples batches by Poisson sampling.
+
+        Whatever generator `loader` carries is ignored: Opacus draws the Poisson batches from the
+        loader's generator, so the batches come from a fresh `private_generator` and the noise
+        from a second one (`sampling_seed` / `noise_seed` only in reproducible mode).
+        """
         model.train()
         criterion = criterion or nn.BCEWithLogitsLoss()
+        # Opacus' DPDataLoader.from_data_loader samples from `loader.generator`: a shallow copy
+        # of the loader (same length, so the same rate 1/len) carrying a fresh private generator.
+        loader = copy.copy(loader)
+        loader.generator = private_generator(sampling_seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = self.engine.make_private(
@@ -79,6 +102,7 @@ class PrivateTraining:
                 max_grad_norm=self.max_grad_norm,
                 poisson_sampling=True,
                 grad_sample_mode=self.grad_sample_mode,
+                noise_generator=private_generator(noise_seed),
             )
         if self.grad_sample_mode == "ghost":
             private_model, private_opt, loss_fn, private_loader = out

@@ -85,25 +85,12 @@ def seed_consortium(service: CoordinatorService, partners: list[str], *, passwor
 def write_mapping(spec, path, *, name: str = "acme-telco", categories: dict | None = None):
     """A TOML mapping file (docs/data.md) describing `spec`'s columns, declared categories included;
     `categories` replaces some columns' declared values (to make a layout that differs)."""
-    import json
     from pathlib import Path
 
-    def toml_list(values) -> str:
-        return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+    from fedpact.models.datasets import render_mapping
 
-    declared = {**spec.categories, **(categories or {})}
-    lines = [f"name = {json.dumps(name)}", f"task = {json.dumps(spec.task)}"]
-    if spec.id_column:
-        lines.append(f"id = {json.dumps(spec.id_column)}")
-    lines += [f"label = {json.dumps(spec.label)}", f"positive = {toml_list(spec.positive)}",
-              f"negative = {toml_list(spec.negative)}", f"categorical = {toml_list(spec.categorical)}",
-              f"numeric = {toml_list(spec.numeric)}", f"separator = {json.dumps(spec.separator)}", "",
-              "[categories]"]
-    lines += [f"{json.dumps(col)} = {toml_list(values)}" for col, values in declared.items()]
-    if spec.missing:
-        lines += ["", "[missing]"] + [f"{json.dumps(c)} = {json.dumps(p)}" for c, p in spec.missing.items()]
     path = Path(path)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(render_mapping(spec, name=name, categories=categories))
     return path
 
 
