@@ -12,10 +12,18 @@ the other end of the transport. Modes:
 - ``psi-cardinality``: the same, but the returned values are shuffled again, so neither side
   learns which rows match, only how many (and, with segments, how many per own segment).
 
-With segments, PSI values travel grouped by segment and are shuffled only within each group, so
-a side learns the exact overlap of each of its groups. Both sides therefore refuse groups (their
-own, before sending; the partner's, after the hello) smaller than k (`min_segment_size`) or more
-of them than `max_segments`; the stricter values of the two hellos apply.
+What each side gets back is shuffled with a permutation drawn from the OS CSPRNG, so that
+nothing it receives can be grouped by the partner's segments. With segments (and no matched
+rows), a side that counts per own segment sends its values twice, under two independent
+scalars: once in one uniformly random order (``encrypted``: the partner joins against these, so
+they carry no grouping) and once grouped by its own segments (``encrypted-grouped``: returned
+under the partner's key, shuffled within each group). It joins what comes back against the
+partner's ungrouped values, so it learns exactly the overlap of each of its own groups and
+nothing about the partner's: no per-partner-segment overlap, no own × partner cross-tabulation
+(the two encodings of one identifier cannot be linked without the scalars, by DDH). Both sides
+refuse groups (their own, before sending; the partner's, after the hello) smaller than k
+(`min_segment_size`) or more of them than `max_segments`; the stricter values of the two hellos
+apply.
 """
 
 from __future__ import annotations
@@ -45,8 +53,10 @@ from fedpact.privacy.matching.keyed_hash import TOKEN_BYTES, KeyAgreement, KeySh
 from fedpact.privacy.matching.normalize import NormalizedIds
 from fedpact.privacy.matching.transport import INITIATOR, RESPONDER, Transport
 
-PROTOCOL = "fedpact-match/3"
-"""3: the hello carries the segment policy (k, at most how many segments) both sides enforce.
+PROTOCOL = "fedpact-match/4"
+"""4: PSI values travel in a uniformly random order; with segments, a second encoding under a
+second scalar travels grouped (``encrypted-grouped``), so no value a side receives is grouped by
+the partner's segments. 3: the hello carries the segment policy (k, at most how many segments) both sides enforce.
 2: x25519 hashes with RFC 9380 Elligator 2 (1 used try-and-increment). Not interoperable."""
 MATCHING_PURPOSE = "audience_matching"
 MISSING_SEGMENT = "(missing)"
@@ -294,23 +304,32 @@ def _segment_name(value: Any) -> str:
     return str(value)
 
 
-def _group_permutation(labels: np.ndarray | None, n: int, rng: np.random.Generator
-                       ) -> tuple[np.ndarray, list[int]]:
-    """A random order of n items, grouped by label (random within each group), and group sizes."""
-    if labels is None or n == 0:
-        return rng.permutation(n), [n]
-    order = np.lexsort((rng.random(n), labels))
-    sizes = np.bincount(labels).tolist()  # every code 0..max occurs: one group per segment
-    return order, [int(s) for s in sizes]
+def _random_keys(n: int) -> np.ndarray:
+    """n distinct 64-bit sort keys from the OS CSPRNG (redrawn in the rare case of a tie, so that
+    sorting by them gives an exactly uniform permutation)."""
+    while True:
+        keys = np.frombuffer(secrets.token_bytes(8 * n), dtype="<u8")
+        ordered = np.sort(keys)
+        if n < 2 or not bool((ordered[1:] == ordered[:-1]).any()):
+            return keys
 
 
-def _shuffle_within(records: np.ndarray, sizes: Sequence[int], rng: np.random.Generator) -> bytes:
-    out = np.empty_like(records)
-    start = 0
-    for size in sizes:
-        out[start:start + size] = records[start:start + size][rng.permutation(size)]
-        start += size
-    return out.tobytes()
+def _uniform_permutation(n: int) -> np.ndarray:
+    """A uniformly random permutation of range(n), drawn from the OS CSPRNG."""
+    return np.argsort(_random_keys(n), kind="stable")
+
+
+def _grouped_permutation(labels: np.ndarray) -> np.ndarray:
+    """A random order of the items grouped by label (code order), uniformly random within each."""
+    return np.lexsort((_random_keys(len(labels)), labels))
+
+
+def _shuffle_blocks(records: np.ndarray, sizes: Sequence[int]) -> bytes:
+    """The records shuffled within consecutive blocks of `sizes` (one block: a full shuffle)."""
+    if len(sizes) <= 1:
+        return records[_uniform_permutation(len(records))].tobytes()
+    blocks = np.repeat(np.arange(len(sizes)), sizes)
+    return records[np.lexsort((_random_keys(len(records)), blocks))].tobytes()
 
 
 def _check_sizes(sizes: Any, total: int, who: str) -> list[int]:
@@ -449,14 +468,15 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig,
     seconds: dict[str, float] = {}
     prep = _Prepared(party)
     seconds["prepare"] = time.perf_counter() - t0
-    rng = _secure_rng()
-    # PSI with segments: values travel grouped by segment (shuffled within each group) so that
-    # per-segment counts survive the second shuffle; the partner learns the group sizes.
+    # PSI with segments: the hello announces the size of each own segment group (k and the
+    # group limit are enforced on them); the values themselves never travel grouped except in
+    # this side's second encoding, which only comes back to this side (see _psi_side).
     segmented_groups = mode is not MatchMode.HASH and prep.labels is not None
-    order, group_sizes = _group_permutation(prep.labels if segmented_groups else None,
-                                            len(prep.unique), rng)
+    n_own = len(prep.unique)
+    group_sizes = ([int(c) for c in np.bincount(prep.labels)] if segmented_groups and n_own
+                   else [n_own])
     if mode is not MatchMode.HASH:  # before anything is sent
-        _check_set_size(len(prep.unique), config.min_segment_size, "this node")
+        _check_set_size(n_own, config.min_segment_size, "this node")
     if segmented_groups:
         _check_own_segments(group_sizes, config.min_segment_size, config.max_segments,
                             agreed=False)
@@ -505,12 +525,11 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig,
     if mode is MatchMode.HASH:
         assert agreement is not None
         matched_unique, tokens_unique, group_overlap = _hash_side(
-            prep, wire, agreement, peer, peer_n, initiator, reveal, order, job_id, transcript,
-            seconds)
+            prep, wire, agreement, peer, peer_n, initiator, reveal,
+            _uniform_permutation(n_own), job_id, transcript, seconds)
     else:
         matched_unique, tokens_unique, group_overlap = _psi_side(
-            prep, wire, config, peer_n, peer_groups, reveal, order, group_sizes, job_id,
-            seconds, rng)
+            prep, wire, config, peer_n, peer_groups, reveal, group_sizes, job_id, seconds)
 
     overlap = int(matched_unique.sum()) if matched_unique is not None else int(sum(group_overlap))
     # Both sides confirm the count (and catch a protocol bug or a partner that lies by mistake).
@@ -650,60 +669,108 @@ def _hash_side(prep: _Prepared, wire: _Wire, agreement: KeyAgreement, peer: dict
 
 
 def _psi_side(prep: _Prepared, wire: _Wire, config: MatchConfig, peer_n: int,
-              peer_groups: list[int], reveal: bool, order: np.ndarray, group_sizes: list[int],
-              job_id: str, seconds: dict[str, float], rng: np.random.Generator):
+              peer_groups: list[int], reveal: bool, group_sizes: list[int], job_id: str,
+              seconds: dict[str, float]):
+    """This side of ECDH-PSI. Messages, in order (W = 32-byte group elements):
+
+    - ``encrypted``: k·H(x) of every own identifier, in a uniformly random order (CSPRNG).
+    - ``encrypted-grouped`` (only with own segments and no matched rows): j·H(x) under a second,
+      independent scalar j, grouped by own segment (sizes as in the hello), random within each.
+    - ``double``: the partner's values under k — its grouped encoding if it sent one, else its
+      ``encrypted`` — in its order when both opted in to matched rows, else shuffled within its
+      groups (one group: a uniformly random order).
+
+    This side then joins what the partner returned (own values under the partner's key) with the
+    partner's ungrouped ``encrypted`` values raised to the same own scalar (j with own segments,
+    else k). The partner's segments shape only the ``double`` this side sends, never anything it
+    joins: it learns the overlap (per own group), not how matches spread over the partner's
+    groups.
+    """
     group = group_named(config.group)
-    scalar = group.new_scalar()
     domain = job_id.encode()
+    n_own = len(prep.unique)
+    grouped_own = not reveal and len(group_sizes) > 1
+    grouped_peer = not reveal and len(peer_groups) > 1
+    scalar = group.new_scalar()
+    scalar_g = group.new_scalar() if grouped_own else None
     try:
         t = time.perf_counter()
+        order = _uniform_permutation(n_own)
         hashed = group.hash_to_group([prep.unique[i].encode() for i in order.tolist()], domain,
                                      workers=config.workers)
         seconds["hash_to_group"] = time.perf_counter() - t
         t = time.perf_counter()
         mine_once = group.multiply(scalar, hashed, config.workers, "own identifiers")
+        wire.send("encrypted", mine_once)
+        del mine_once
+        if grouped_own:
+            assert scalar_g is not None and prep.labels is not None
+            position = np.empty(n_own, dtype=np.int64)
+            position[order] = np.arange(n_own, dtype=np.int64)
+            grouped = _records(hashed, ELEMENT_BYTES)[position[_grouped_permutation(prep.labels)]]
+            wire.send("encrypted-grouped", group.multiply(
+                scalar_g, grouped.tobytes(), config.workers, "own identifiers"))
+            del grouped
         del hashed
         seconds["encrypt_own"] = time.perf_counter() - t
-        wire.send("encrypted", mine_once)  # already in the shuffled (grouped) order
-        del mine_once
         t = time.perf_counter()
         peer_once = wire.recv("encrypted")
-        seconds["wait_peer"] = time.perf_counter() - t
         if len(peer_once) != peer_n * ELEMENT_BYTES:
             raise MatchProtocolError(
                 f"partner sent {len(peer_once)} bytes for {peer_n} identifiers")
+        peer_grouped = wire.recv("encrypted-grouped") if grouped_peer else None
+        if peer_grouped is not None and len(peer_grouped) != peer_n * ELEMENT_BYTES:
+            raise MatchProtocolError(
+                f"partner sent {len(peer_grouped)} bytes of grouped values for {peer_n} "
+                "identifiers")
+        seconds["wait_peer"] = time.perf_counter() - t
         t = time.perf_counter()
-        peer_twice = group.multiply(scalar, peer_once, config.workers, "partner's identifiers")
-        seconds["encrypt_peer"] = time.perf_counter() - t
-        del peer_once
+        returned = group.multiply(scalar, peer_grouped if peer_grouped is not None else peer_once,
+                                  config.workers, "partner's identifiers")
         if reveal:
-            wire.send("double", peer_twice)  # in the partner's order: it learns its own matches
+            wire.send("double", returned)  # in the partner's order: it learns its own matches
         else:
-            wire.send("double", _shuffle_within(_records(peer_twice, ELEMENT_BYTES), peer_groups,
-                                                rng))
+            wire.send("double", _shuffle_blocks(_records(returned, ELEMENT_BYTES),
+                                                peer_groups if grouped_peer else [peer_n]))
+        del peer_grouped
+        if grouped_own:
+            assert scalar_g is not None
+            del returned
+            join_set = group.multiply(scalar_g, peer_once, config.workers, "partner's identifiers")
+        elif grouped_peer:
+            del returned
+            join_set = group.multiply(scalar, peer_once, config.workers, "partner's identifiers")
+        else:
+            join_set = returned  # k·(partner's ungrouped values), before the shuffle
+        del peer_once
+        seconds["encrypt_peer"] = time.perf_counter() - t
         t = time.perf_counter()
         mine_twice = wire.recv("double")
         seconds["wait_peer"] += time.perf_counter() - t
-        if len(mine_twice) != len(prep.unique) * ELEMENT_BYTES:
+        if len(mine_twice) != n_own * ELEMENT_BYTES:
             raise MatchProtocolError("partner returned the wrong number of values")
         t = time.perf_counter()
-        _, own_idx = join_records(peer_twice, mine_twice, ELEMENT_BYTES)
+        _, own_idx = join_records(join_set, mine_twice, ELEMENT_BYTES)
         seconds["join"] = time.perf_counter() - t
-        # own_idx are positions in mine_twice: in `order` (reveal) or in shuffled groups.
+        # own_idx are positions in mine_twice: in `order` (reveal), in own groups, or shuffled.
         if reveal:
             recs = _records(mine_twice, ELEMENT_BYTES)
             token_by_unique = {int(order[k]): _psi_token(job_id, recs[k].tobytes())
                                for k in own_idx.tolist()}
-            matched = np.zeros(len(prep.unique), dtype=bool)
+            matched = np.zeros(n_own, dtype=bool)
             matched[list(token_by_unique)] = True
             tokens = [token_by_unique[u] for u in np.nonzero(matched)[0].tolist()]
             return matched, tokens, None
+        if not grouped_own:
+            return None, None, [len(own_idx)]
         bounds = np.cumsum(group_sizes)
         per_group = np.bincount(np.searchsorted(bounds, own_idx, side="right"),
                                 minlength=len(group_sizes))
         return None, None, [int(c) for c in per_group]
     finally:
         scalar.erase()
+        if scalar_g is not None:
+            scalar_g.erase()
 
 
 def _psi_token(job_id: str, double_encrypted: bytes) -> str:

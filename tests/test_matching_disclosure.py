@@ -1,0 +1,217 @@
+"""What a match job discloses beyond its report (issue #13, items 4 and 5).
+
+1. PSI with segments: a curious party that keeps every message it sent and received, and its own
+   secret scalars, tries to compute the exact cross-tabulation own segment × partner segment
+   (e.g. how many of its "vip" customers are in the partner's "high-risk" segment). It must not
+   get it: it learns only the overlap per own segment.
+2. Hash mode with low-entropy identifiers (phone numbers): refused unless the risk is accepted,
+   and then stated in the report, its JSON and the ledger; an enumeration attack shows why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+from collections import Counter
+
+import numpy as np
+
+from fedpact.privacy.matching import (
+    LocalTransport,
+    MatchConfig,
+    MatchParty,
+    group_named,
+    normalize_ids,
+    run_match,
+)
+from fedpact.privacy.matching import protocol as protocol_module
+from fedpact.privacy.matching.groups import ELEMENT_BYTES, SecretScalar
+
+# --------------------------------------------------------------------------- 1. PSI cross-tab
+
+
+def _segmented_sets():
+    """A: 20 'vip' (all shared, all in B's 'high-risk') and 80 'regular' (30 shared: 10 in
+    'high-risk', 20 in 'low-risk'). B: 60 'high-risk', 80 'low-risk'. Sizes differ (100, 140)
+    so that the attacker can tell which side's block structure a message could carry."""
+    vip = [f"vip{i}@example.org" for i in range(20)]
+    reg_high = [f"reg-hi{i}@example.org" for i in range(10)]
+    reg_low = [f"reg-lo{i}@example.org" for i in range(20)]
+    reg_only = [f"reg-only{i}@example.org" for i in range(50)]
+    b_high_only = [f"b-hi{i}@example.org" for i in range(30)]
+    b_low_only = [f"b-lo{i}@example.org" for i in range(60)]
+    a_ids = vip + reg_high + reg_low + reg_only
+    a_seg = ["vip"] * 20 + ["regular"] * 80
+    b_ids = vip + reg_high + b_high_only + reg_low + b_low_only
+    b_seg = ["high-risk"] * (20 + 10 + 30) + ["low-risk"] * (20 + 60)
+    truth = {("regular", "high-risk"): 10, ("regular", "low-risk"): 20,
+             ("vip", "high-risk"): 20, ("vip", "low-risk"): 0}
+    return a_ids, a_seg, b_ids, b_seg, truth
+
+
+class _KeepScalars:
+    """Wraps the group so that the curious party's thread keeps copies of its secret scalars
+    (an honest-but-curious party keeps its whole state; the protocol erases them)."""
+
+    def __init__(self, inner, thread_name: str, kept: list[bytes]):
+        self._inner, self._thread, self._kept = inner, thread_name, kept
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def new_scalar(self):
+        scalar = self._inner.new_scalar()
+        if threading.current_thread().name == self._thread:
+            self._kept.append(ctypes.string_at(scalar.address, scalar.size))
+        return scalar
+
+
+def _scalar_from(raw: bytes) -> SecretScalar:
+    s = SecretScalar(len(raw))
+    ctypes.memmove(s.address, raw, len(raw))
+    return s
+
+
+def _run_curious_pair(monkeypatch, a_ids, a_seg, b_ids, b_seg, mode="psi-cardinality",
+                      reveal=False):
+    kept: list[bytes] = []
+    real = protocol_module.group_named
+    monkeypatch.setattr(protocol_module, "group_named",
+                        lambda name: _KeepScalars(real(name), "curious", kept))
+    ta, tb = LocalTransport.pair(record=True, timeout=120)
+    a = MatchParty("alpha", "crm_a", normalize_ids(a_ids, "email"), a_seg)
+    b = MatchParty("beta", "crm_b", normalize_ids(b_ids, "email"), b_seg)
+    out: dict = {}
+
+    def side(key, party, transport):
+        try:
+            out[key] = run_match(party, transport, MatchConfig(mode, reveal_matches=reveal))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out[key] = exc
+
+    threads = [threading.Thread(target=side, args=("a", a, ta), name="curious"),
+               threading.Thread(target=side, args=("b", b, tb), name="honest")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not isinstance(out["a"], Exception), out["a"]
+    assert not isinstance(out["b"], Exception), out["b"]
+    return out["a"], out["b"], ta, a, kept
+
+
+def _blocks(sizes: list[int]) -> np.ndarray:
+    return np.repeat(np.arange(len(sizes)), sizes)
+
+
+def _attack(transport, party: MatchParty, kept: list[bytes], group_name="x25519"):
+    """Every cross-tabulation the curious side can build from its view.
+
+    Its view: each message it sent or received, its identifiers and segments, and its scalars.
+    It derives every value it can (each message of group elements and its own hashed
+    identifiers, times every product of up to two of its scalars), then joins every pair of
+    them. A value derived from its own identifiers carries its own segment exactly; a value in
+    a message of n_own (n_peer) elements is attributed to a segment by position, in the blocks
+    of the sizes its own (the partner's) hello announced, in sorted order of the segment names.
+    Returns one candidate table {(own segment, partner block): count} per joined pair.
+    """
+    group = group_named(group_name)
+    sent, received = transport.recorder.sent, transport.recorder.received
+    own_hello = json.loads(dict(sent)["hello"])
+    peer_hello = json.loads(dict(received)["hello"])
+    own_sizes, peer_sizes = own_hello["group_sizes"], peer_hello["group_sizes"]
+    n_own, n_peer = sum(own_sizes), sum(peer_sizes)
+    own_names = sorted(set(party.segments))
+    unique = party.ids.unique()
+    first_row = {}
+    for row, value in zip(party.ids.rows.tolist(), party.ids.values, strict=True):
+        first_row.setdefault(value, row)
+    own_label = np.array([own_names.index(party.segments[first_row[v]]) for v in unique])
+    init, resp = ((own_hello, peer_hello) if transport.role == "initiator"
+                  else (peer_hello, own_hello))
+    job_id = protocol_module._job_id(bytes.fromhex(init["nonce"]), bytes.fromhex(resp["nonce"]))
+
+    # (records, per-element own label or None, per-element partner block or None)
+    sources = []
+    hashed = group.hash_to_group([u.encode() for u in unique], job_id.encode())
+    sources.append(("own H(x)", bytes(hashed), own_label, None))
+    for direction, messages in (("sent", sent), ("received", received)):
+        for kind, payload in messages:
+            if kind == "hello" or len(payload) % ELEMENT_BYTES or not payload:
+                continue
+            n = len(payload) // ELEMENT_BYTES
+            own = _blocks(own_sizes) if n == n_own else None
+            peer = _blocks(peer_sizes) if n == n_peer else None
+            if own is None and peer is None:
+                continue
+            sources.append((f"{direction} {kind}", payload, own, peer))
+    scalars = [_scalar_from(raw) for raw in kept]
+    products = [[]] + [[s] for s in scalars] + [[s, t] for i, s in enumerate(scalars)
+                                                for t in scalars[i:]]
+    derived = []
+    for name, payload, own, peer in sources:
+        for chain in products:
+            values = bytes(payload)
+            for s in chain:
+                values = bytes(group.multiply(s, values))
+            records = np.frombuffer(values, dtype=np.uint8).reshape(-1, ELEMENT_BYTES)
+            derived.append((f"{name} ×{len(chain)}", [r.tobytes() for r in records], own, peer))
+    candidates = []
+    for xi, (x_name, x_rec, x_own, _) in enumerate(derived):
+        if x_own is None:
+            continue
+        where = {r: i for i, r in enumerate(x_rec)}
+        for yi, (y_name, y_rec, _, y_peer) in enumerate(derived):
+            if y_peer is None or xi == yi or x_name.split(" ×")[0] == y_name.split(" ×")[0]:
+                continue
+            table = Counter()
+            for j, r in enumerate(y_rec):
+                i = where.get(r)
+                if i is not None:
+                    table[(int(x_own[i]), int(y_peer[j]))] += 1
+            if table:
+                candidates.append((x_name, y_name, table))
+    return candidates, own_names
+
+
+def _as_blocks(truth, own_names, peer_names):
+    return Counter({(own_names.index(o), peer_names.index(p)): c
+                    for (o, p), c in truth.items() if c})
+
+
+def test_curious_psi_party_cannot_rebuild_the_cross_tabulation(monkeypatch):
+    a_ids, a_seg, b_ids, b_seg, truth = _segmented_sets()
+    ra, rb, ta, party_a, kept = _run_curious_pair(monkeypatch, a_ids, a_seg, b_ids, b_seg)
+    # What the report defines still comes out, exactly, on each side: per own segment.
+    assert ra.overlap == rb.overlap == 50
+    assert ra.segment_overlap == {"regular": 30, "vip": 20}
+    assert rb.segment_overlap == {"high-risk": 30, "low-risk": 20}
+    candidates, own_names = _attack(ta, party_a, kept)
+    # The attack is not blind: it does find the matches, with their own segments...
+    per_own = {own_names.index(s): c for s, c in ra.segment_overlap.items()}
+    assert any({o: sum(c for (oo, _), c in table.items() if oo == o) for o in per_own} == per_own
+               for _, _, table in candidates)
+    # ... but not how they fall into the partner's segments.
+    target = _as_blocks(truth, own_names, sorted(set(b_seg)))
+    hits = [(x, y) for x, y, table in candidates if table == target]
+    assert not hits, f"the curious side rebuilt the exact cross-tabulation from {hits[0]}"
+    # Nor does any pair show the partner's segments as a grouping of the matches: wherever the
+    # 20 'vip' matches meet a value attributed to a partner block, they are spread over blocks.
+    vip = own_names.index("vip")
+    for x, y, table in candidates:
+        vip_cells = {blk: c for (o, blk), c in table.items() if o == vip}
+        if sum(vip_cells.values()) == 20:
+            assert len(vip_cells) > 1, f"all 20 vip matches fall in one partner block: {x} / {y}"
+
+
+def test_curious_linking_party_learns_its_matched_rows_but_not_partner_segments(monkeypatch):
+    """With matched rows on both sides (`psi` linking mode) a side learns which of its rows match
+    (consented), still not the partner's segment of each of them."""
+    a_ids, a_seg, b_ids, b_seg, truth = _segmented_sets()
+    ra, rb, ta, party_a, kept = _run_curious_pair(monkeypatch, a_ids, a_seg, b_ids, b_seg,
+                                                  mode="psi", reveal=True)
+    assert ra.revealed and len(ra.matched_rows) == 50
+    candidates, own_names = _attack(ta, party_a, kept)
+    target = _as_blocks(truth, own_names, sorted(set(b_seg)))
+    assert not [(x, y) for x, y, table in candidates if table == target]
