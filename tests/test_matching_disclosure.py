@@ -12,21 +12,36 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 
 import numpy as np
+import pytest
+from files import write_csv
+from typer.testing import CliRunner
 
+from fedpact.audit import EventType, Ledger
+from fedpact.errors import ConfigurationError
+from fedpact.federation.match_channel import listen
 from fedpact.privacy.matching import (
     LocalTransport,
     MatchConfig,
     MatchParty,
+    build_overlap_report,
     group_named,
     normalize_ids,
+    record_match,
     run_match,
 )
 from fedpact.privacy.matching import protocol as protocol_module
 from fedpact.privacy.matching.groups import ELEMENT_BYTES, SecretScalar
+from fedpact.privacy.matching.keyed_hash import TOKEN_BYTES, hmac_tokens
+from fedpact.privacy.matching.normalize import enumeration_risk
+from fedpact.service.cli_match import match_app
 
 # --------------------------------------------------------------------------- 1. PSI cross-tab
 
@@ -215,3 +230,180 @@ def test_curious_linking_party_learns_its_matched_rows_but_not_partner_segments(
     candidates, own_names = _attack(ta, party_a, kept)
     target = _as_blocks(truth, own_names, sorted(set(b_seg)))
     assert not [(x, y) for x, y, table in candidates if table == target]
+
+
+# --------------------------------------------------------------------------- 2. hash, low entropy
+
+
+def _phones(n: int, start: int = 0) -> list[str]:
+    return [f"020 7946 {i:04d}" for i in range(start, start + n)]  # Ofcom's fictional London range
+
+
+def _hash_cli(tmp_path, values, *args, kind="phone", column="phone"):
+    ours = write_csv(tmp_path / "ours.csv", [column], [(v,) for v in values])
+    home = tmp_path / "home"
+    region = ["--default-region", "GB"] if kind == "phone" else []
+    return home, CliRunner().invoke(match_app, [
+        "--mode", "hash", "--ids", str(ours), "--column", column, "--kind", kind, *region,
+        "--no-require-consent", "--home", str(home), *args])
+
+
+@pytest.mark.parametrize("kind,values", [
+    ("phone", _phones(40)),
+    ("string", [f"{100200 + i}" for i in range(40)]),  # numeric customer numbers
+    ("string", [f"19{60 + i % 40}-0{1 + i % 9}-1{i % 10}" for i in range(40)]),  # dates of birth
+])
+def test_hash_mode_on_low_entropy_ids_is_refused_before_anything_happens(tmp_path, kind, values):
+    start = time.monotonic()
+    home, r = _hash_cli(tmp_path, values, "--connect", "127.0.0.1:1", "--connect-timeout", "60",
+                        kind=kind, column="id")
+    assert isinstance(r.exception, ConfigurationError), (r.output, r.exception)
+    message = str(r.exception)
+    assert "\n" not in message and "--mode psi" in message
+    assert "--accept-enumeration-risk" in message and "low-entropy" in message
+    assert time.monotonic() - start < 20  # refused before dialling
+    assert not (home / "ledger.db").exists()  # nothing written, nothing charged
+
+
+def test_hash_mode_refusal_is_a_one_line_error_with_exit_code_2(tmp_path):
+    ours = write_csv(tmp_path / "ours.csv", ["phone"], [(v,) for v in _phones(20)])
+    done = subprocess.run(
+        [sys.executable, "-c", "from fedpact.service.cli import main; main()", "match",
+         "--mode", "hash", "--connect", "127.0.0.1:1", "--ids", str(ours), "--column", "phone",
+         "--kind", "phone", "--default-region", "GB", "--no-require-consent",
+         "--home", str(tmp_path / "home")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("error: --mode hash refused") and "--mode psi" in lines[0]
+    assert not (tmp_path / "home" / "ledger.db").exists()
+
+
+def test_email_and_opaque_ids_are_not_low_entropy():
+    assert enumeration_risk("email", ["anna@example.org"]) is None
+    assert enumeration_risk("string", ["7590-VHVEG", "5575-GNVDE"] * 20) is None  # Telco ids
+    assert enumeration_risk("string", ["3f2b9c1e-8d7a-4c55-9e1b-2a6f0c4d7e88"]) is None
+    assert enumeration_risk("string", ["12345678901234"]) is None  # 14 digits: 10^14
+    assert enumeration_risk("phone", ["+442079460000"]) is not None
+
+
+def _serve(transport, party, config, out):
+    try:
+        with transport:
+            out["b"] = run_match(party, transport, config)
+    except Exception as exc:  # noqa: BLE001 - handed to the test
+        out["b"] = exc
+
+
+def test_accepted_hash_run_on_phones_states_the_residual_risk(tmp_path):
+    theirs = normalize_ids(_phones(30, start=20), "phone", "GB")
+    server = listen("127.0.0.1:0", timeout=60)
+    out: dict = {}
+    t = threading.Thread(target=_serve, args=(server, MatchParty("retailer", "pos", theirs),
+                                              MatchConfig("hash", accept_enumeration_risk=True),
+                                              out))
+    t.start()
+    home, r = _hash_cli(tmp_path, _phones(40), "--connect", f"127.0.0.1:{server.port}",
+                        "--accept-enumeration-risk", "--json", "--min-count", "1",
+                        "--report-out", str(tmp_path / "report.json"))
+    t.join(60)
+    assert r.exit_code == 0, (r.output, r.exception)
+    report = json.loads(r.stdout)
+    assert report["overlap"] == out["b"].overlap == 20
+    for stated in (report["residual_risk"],
+                   json.loads((tmp_path / "report.json").read_text())["residual_risk"]):
+        assert stated.startswith("residual risk accepted (--accept-enumeration-risk)")
+        assert "phone numbers are low-entropy" in stated and "recover every identifier" in stated
+    assert "warning" in r.stderr and "low-entropy" in r.stderr
+    with Ledger.open(home / "ledger.db") as ledger:
+        (done,) = ledger.events(event_type=EventType.MATCH_COMPLETED)
+    assert done.payload["enumeration_risk"] == {"accepted": True,
+                                                "statement": report["residual_risk"]}
+    # the responder holds the key: its statement says what it could do with the hashes
+    assert "this node holds the job key" in out["b"].enumeration_risk
+    assert build_overlap_report(out["b"]).residual_risk == out["b"].enumeration_risk
+
+
+def test_a_side_that_did_not_accept_the_risk_stops_both_before_any_hash_travels():
+    a = normalize_ids(_phones(30), "phone", "GB")
+    b = normalize_ids(_phones(30, start=10), "phone", "GB")
+    ta, tb = LocalTransport.pair(record=True, timeout=60)
+    out: dict = {}
+
+    def side(key, party, transport, config):
+        try:
+            out[key] = run_match(party, transport, config)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out[key] = exc
+
+    threads = [threading.Thread(target=side, args=(
+                   "a", MatchParty("a", "crm_a", a), ta,
+                   MatchConfig("hash", accept_enumeration_risk=True))),
+               threading.Thread(target=side, args=(
+                   "b", MatchParty("b", "crm_b", b), tb, MatchConfig("hash")))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(out["b"], ConfigurationError) and "--accept-enumeration-risk" in str(out["b"])
+    assert [kind for kind, _ in tb.recorder.sent] == ["abort"]  # not even the hello
+    assert "the partner stopped the match job" in str(out["a"])
+    assert "--mode hash refused" in str(out["a"]) and "\n" not in str(out["a"])
+    assert "tokens" not in [kind for kind, _ in ta.recorder.sent]
+
+
+def test_record_match_writes_the_accepted_risk(tmp_path):
+    a = normalize_ids(_phones(30), "phone", "GB")
+    b = normalize_ids(_phones(30, start=10), "phone", "GB")
+    ta, tb = LocalTransport.pair(timeout=60)
+    config = MatchConfig("hash", accept_enumeration_risk=True)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(b=run_match(MatchParty("b", "crm_b", b), tb,
+                                                               config)))
+    t.start()
+    ra = run_match(MatchParty("a", "crm_a", a), ta, config)
+    t.join(60)
+    with Ledger.open(tmp_path / "l.db") as ledger:
+        record_match(ledger, ra, build_overlap_report(ra, min_count=1))
+        (done,) = ledger.events(event_type=EventType.MATCH_COMPLETED)
+    assert done.payload["enumeration_risk"]["statement"] == ra.enumeration_risk
+
+
+def test_why_enumeration_attack_recovers_every_phone_number_from_the_keyed_hashes(monkeypatch):
+    """The responder of a hash job holds the job key (it must, to hash its own customers): it
+    hashes a whole block of numbers and reads every number the initiator sent, matched or not."""
+    kept: list[bytes] = []
+    real_derive = protocol_module.KeyAgreement.derive
+
+    def derive(self, peer, *, initiator, job_id):
+        keys = real_derive(self, peer, initiator=initiator, job_id=job_id)
+        if not initiator:  # the curious responder keeps a copy of the HMAC key
+            kept.append(bytes(keys._hmac_key))
+        return keys
+
+    monkeypatch.setattr(protocol_module.KeyAgreement, "derive", derive)
+    secret_numbers = [f"020 7946 {n:04d}" for n in (17, 404, 1234, 2718, 3141, 4242, 5000,
+                                                       6174, 8128, 9999)]
+    a = normalize_ids(secret_numbers, "phone", "GB")
+    b = normalize_ids(secret_numbers[:3] + _phones(20, start=7000), "phone", "GB")
+    ta, tb = LocalTransport.pair(record=True, timeout=60)
+    config = MatchConfig("hash", accept_enumeration_risk=True)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(b=run_match(MatchParty("b", "crm_b", b), tb,
+                                                               config)))
+    t.start()
+    ra = run_match(MatchParty("a", "crm_a", a), ta, config)
+    t.join(60)
+    assert ra.overlap == out["b"].overlap == 3
+    (key,) = kept
+    received = dict(tb.recorder.received)["tokens"]
+    tokens = {received[i:i + TOKEN_BYTES] for i in range(0, len(received), TOKEN_BYTES)}
+    start = time.perf_counter()
+    block = [f"+4420794{i:05d}" for i in range(100_000)]  # every number of a 10^5 block
+    hashed = hmac_tokens(block, key)
+    recovered = {block[i // TOKEN_BYTES] for i in range(0, len(hashed), TOKEN_BYTES)
+                 if hashed[i:i + TOKEN_BYTES] in tokens}
+    seconds = time.perf_counter() - start
+    assert recovered == set(a.values)  # all ten, although only three are the responder's
+    assert seconds < 10

@@ -28,11 +28,11 @@ MODES = [("hash", "x25519"), ("psi", "x25519"), ("psi-cardinality", "x25519"),
 
 
 def run_pair(ids_a, ids_b, mode, *, group="x25519", reveal=(False, False), segments_a=None,
-             config_b=None, record=False):
+             config_b=None, record=False, config_a=None):
     """Both sides of a job in two threads; returns (result_a, result_b, transport_a, transport_b)."""
     ta, tb = LocalTransport.pair(record=record, timeout=120)
     parties = [(MatchParty("alpha", "crm_a", ids_a, segments_a), ta,
-                MatchConfig(mode, group=group, reveal_matches=reveal[0])),
+                config_a or MatchConfig(mode, group=group, reveal_matches=reveal[0])),
                (MatchParty("beta", "crm_b", ids_b), tb,
                 config_b or MatchConfig(mode, group=group, reveal_matches=reveal[1]))]
     out: list = [None, None]
@@ -120,7 +120,15 @@ def test_real_format_emails_and_phones(mode):
     pa, pb, expected = phone_sets()
     na, nb = normalize_ids(pa, "phone", "GB"), normalize_ids(pb, "phone", "GB")
     assert nb.invalid_by_reason == {"invalid_number": 1, "not_a_number": 1}
-    ra, rb, _, _ = run_pair(na, nb, mode)
+    if mode == "hash":  # phone numbers are enumerable: hash mode only with the risk accepted
+        ra, rb, _, _ = run_pair(na, nb, mode)
+        assert isinstance(ra, ConfigurationError) and "--accept-enumeration-risk" in str(ra)
+        accepted = MatchConfig(mode, accept_enumeration_risk=True)
+        ra, rb, _, _ = run_pair(na, nb, mode, config_a=accepted, config_b=accepted)
+        assert "residual risk" in ra.enumeration_risk and "residual risk" in rb.enumeration_risk
+    else:
+        ra, rb, _, _ = run_pair(na, nb, mode)
+        assert ra.enumeration_risk is None
     assert ra.overlap == rb.overlap == expected
 
 

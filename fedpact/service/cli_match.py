@@ -130,6 +130,11 @@ def match(
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA certificate (PEM) to verify the partner.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    accept_enumeration_risk: Annotated[bool, typer.Option(
+        "--accept-enumeration-risk",
+        help="--mode hash with low-entropy identifiers (phone numbers, short numeric ids): run "
+             "anyway, although the partner can enumerate them; the report and the ledger state "
+             "the risk. Prefer --mode psi.")] = False,
 ) -> None:
     """Run one match job with the partner node and write its audit events."""
     from fedpact.audit import Ledger
@@ -146,7 +151,8 @@ def match(
         record_match,
         run_match,
     )
-    from fedpact.privacy.matching.protocol import check_segments
+    from fedpact.privacy.matching.normalize import enumeration_risk
+    from fedpact.privacy.matching.protocol import check_segments, enumeration_refusal
     from fedpact.privacy.matching.report import (
         MatchAttempt,
         budget_check,
@@ -162,7 +168,8 @@ def match(
         raise ConfigurationError(f"--connect-timeout must be positive, not {connect_timeout}")
     config = MatchConfig(mode=mode, group=group, reveal_matches=matched_out is not None,
                          workers=workers, max_peer_ids=max_peer_ids, report_epsilon=epsilon,
-                         timeout_s=timeout, min_segment_size=min_count, max_segments=max_segments)
+                         timeout_s=timeout, min_segment_size=min_count, max_segments=max_segments,
+                         accept_enumeration_risk=accept_enumeration_risk)
     for path, option in ((matched_out, "--matched-out"), (report_out, "--report-out")):
         if path is not None:
             _check_writable(path, option)
@@ -170,6 +177,14 @@ def match(
     wanted = [column] + ([segment_column] if segment_column else []) + (
         [subject_col] if require_consent else [])
     data = _read_columns(ids, wanted)
+    if config.mode.value == "hash":  # refused before the ledger is opened: nothing is written
+        risk = enumeration_risk(kind, [v.strip() for v in data[column]])
+        if risk is not None and not accept_enumeration_risk:
+            raise ConfigurationError(enumeration_refusal(risk))
+        if risk is not None:
+            err_console.print(f"[yellow]warning:[/yellow] --mode hash on low-entropy "
+                              f"identifiers: {risk}; the partner can enumerate them "
+                              "(--accept-enumeration-risk given)", highlight=False)
     name = party or socket.gethostname()
     dataset_name = dataset or ids.name
     ledger_path = Path(home) / "ledger.db"
@@ -319,6 +334,8 @@ def _print_result(result, report, n_events: int, matched_out: Path | None) -> No
         table.add_row(f"  segment {seg.segment}", f"overlap {ov} of {size}")
     if report.segments_note:
         table.add_row("  note", report.segments_note)
+    if report.residual_risk:
+        table.add_row("residual risk", report.residual_risk)
     if matched_out is not None and result.matched_rows is not None:
         table.add_row("matched rows written", f"{len(result.matched_rows)} to {matched_out}")
     table.add_row("ledger events written", str(n_events))

@@ -50,7 +50,7 @@ from fedpact.privacy.matching.groups import (
     group_named,
 )
 from fedpact.privacy.matching.keyed_hash import TOKEN_BYTES, KeyAgreement, KeyShare
-from fedpact.privacy.matching.normalize import NormalizedIds
+from fedpact.privacy.matching.normalize import NormalizedIds, enumeration_risk
 from fedpact.privacy.matching.transport import INITIATOR, RESPONDER, Transport
 
 PROTOCOL = "fedpact-match/4"
@@ -97,6 +97,11 @@ class MatchConfig:
     max_segments: int = DEFAULT_MAX_SEGMENTS
     """At most this many segment groups per side (``--max-segments``); the smaller of the two
     sides' values applies."""
+    accept_enumeration_risk: bool = False
+    """``hash`` mode with low-entropy identifiers (phone numbers, short numeric ids; see
+    `normalize.enumeration_risk`) is refused unless this is set (``--accept-enumeration-risk``):
+    the partner holds the job key and can hash every candidate. The result then states the
+    residual risk (`MatchResult.enumeration_risk`)."""
 
     def __post_init__(self) -> None:
         mode = MatchMode.parse(self.mode)
@@ -172,6 +177,8 @@ class MatchResult:
     segment_overlap: dict[str, int] | None = None
     own_report_epsilon: float | None = None
     peer_report_epsilon: float | None = None
+    enumeration_risk: str | None = None
+    """The residual risk accepted for a ``hash`` job on low-entropy identifiers (else None)."""
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -182,7 +189,7 @@ class MatchResult:
 
     def summary(self) -> dict:
         """JSON-safe facts for the audit ledger and reports (no identifiers, no tokens)."""
-        return {
+        facts = {
             "job_id": self.job_id, "mode": self.mode.value, "group": self.group,
             "role": self.role, "purpose": self.purpose,
             "parties": [self.party, self.peer_party],
@@ -194,6 +201,9 @@ class MatchResult:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
         }
+        if self.enumeration_risk is not None:
+            facts["enumeration_risk"] = {"accepted": True, "statement": self.enumeration_risk}
+        return facts
 
 
 # --------------------------------------------------------------------------- helpers
@@ -391,6 +401,33 @@ def _reason_for_partner(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _check_enumeration(party: MatchParty, mode: MatchMode, role: str, config: MatchConfig
+                       ) -> str | None:
+    """Refuse ``hash`` mode on low-entropy identifiers unless the risk is accepted; return the
+    residual-risk statement of an accepted job (None: no such risk)."""
+    if mode is not MatchMode.HASH:
+        return None
+    why = enumeration_risk(party.ids.kind, party.ids.values)
+    if why is None:
+        return None
+    if not config.accept_enumeration_risk:
+        raise ConfigurationError(enumeration_refusal(why))
+    if role == INITIATOR:
+        exposed = ("the partner holds the job key and can recover every identifier this node "
+                   "sent, matched or not, by hashing all candidates")
+    else:
+        exposed = ("this node holds the job key and the partner's keyed hashes, from which "
+                   "every identifier the partner sent could be recovered, matched or not")
+    return (f"residual risk accepted (--accept-enumeration-risk): {why}; {exposed}; "
+            "use --mode psi to avoid it")
+
+
+def enumeration_refusal(why: str) -> str:
+    """The one-line refusal of ``hash`` mode on low-entropy identifiers (`why`)."""
+    return (f"--mode hash refused: {why}, and the partner holds the job key, so it can recover "
+            "them all by hashing every candidate; use --mode psi, or --accept-enumeration-risk")
+
+
 def _check_set_size(n: int, k: int, whose: str) -> None:
     """In PSI a set of fewer than k identifiers is a segment of its own: its overlap count
     would tell the other side whether those few people are among its customers."""
@@ -475,7 +512,8 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig,
     n_own = len(prep.unique)
     group_sizes = ([int(c) for c in np.bincount(prep.labels)] if segmented_groups and n_own
                    else [n_own])
-    if mode is not MatchMode.HASH:  # before anything is sent
+    risk = _check_enumeration(party, mode, role, config)  # before anything is sent
+    if mode is not MatchMode.HASH:
         _check_set_size(n_own, config.min_segment_size, "this node")
     if segmented_groups:
         _check_own_segments(group_sizes, config.min_segment_size, config.max_segments,
@@ -547,7 +585,7 @@ def _run(party: MatchParty, wire: _Wire, role: str, config: MatchConfig,
         own_size=len(prep.unique), peer_size=peer_n, overlap=overlap,
         own_normalization=party.ids.summary(), peer_normalization=_counts_only(peer),
         own_report_epsilon=config.report_epsilon,
-        peer_report_epsilon=peer.get("report_epsilon"),
+        peer_report_epsilon=peer.get("report_epsilon"), enumeration_risk=risk,
         seconds=seconds, bytes_sent=wire.sent, bytes_received=wire.received,
     )
     if prep.labels is not None and prep.segment_names is not None:

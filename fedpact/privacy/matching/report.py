@@ -54,6 +54,9 @@ class OverlapReport:
     """L1 sensitivity Δ of the released counts (with `epsilon`; see `report_sensitivity`)."""
     noise_scale: float | None = None
     """Δ/ε: the scale of the discrete Laplace noise on every released count."""
+    residual_risk: str | None = None
+    """For a ``hash`` job on low-entropy identifiers run with --accept-enumeration-risk: the
+    risk accepted (the partner can enumerate the identifiers); None otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,7 +151,7 @@ def build_overlap_report(result: MatchResult, *, min_count: int = DEFAULT_MIN_CO
         overlap=totals[2], segments=segments, segments_note=note, min_count=min_count,
         epsilon=epsilon, mechanism=MECHANISM if epsilon is not None else None,
         suppressed=suppressed, sensitivity=sensitivity if scale is not None else None,
-        noise_scale=scale)
+        noise_scale=scale, residual_risk=result.enumeration_risk)
 
 
 def _secondary_suppression(kept: list[int | None], raw: list[int | None]) -> None:
