@@ -12,8 +12,9 @@ the other end of the transport. Modes:
 - ``psi-cardinality``: the same, but the returned values are shuffled again, so neither side
   learns which rows match, only how many (and, with segments, how many per own segment).
 
-What each side gets back is shuffled with a permutation drawn from the OS CSPRNG, so that
-nothing it receives can be grouped by the partner's segments. With segments (and no matched
+Every set of values a side sends is in an order drawn from the OS CSPRNG (and what it returns,
+without matched rows, is shuffled again), so that nothing it joins can be grouped by the
+partner's segments. With segments (and no matched
 rows), a side that counts per own segment sends its values twice, under two independent
 scalars: once in one uniformly random order (``encrypted``: the partner joins against these, so
 they carry no grouping) and once grouped by its own segments (``encrypted-grouped``: returned
@@ -55,9 +56,9 @@ from fedpact.privacy.matching.transport import INITIATOR, RESPONDER, Transport
 
 PROTOCOL = "fedpact-match/4"
 """4: PSI values travel in a uniformly random order; with segments, a second encoding under a
-second scalar travels grouped (``encrypted-grouped``), so no value a side receives is grouped by
-the partner's segments. 3: the hello carries the segment policy (k, at most how many segments) both sides enforce.
-2: x25519 hashes with RFC 9380 Elligator 2 (1 used try-and-increment). Not interoperable."""
+second scalar travels grouped (``encrypted-grouped``), so no value a side joins is grouped by the
+partner's segments. 3: the hello carries the segment policy (k, at most how many segments) both
+sides enforce. 2: x25519 hashes with RFC 9380 Elligator 2 (1 used try-and-increment). Not interoperable."""
 MATCHING_PURPOSE = "audience_matching"
 MISSING_SEGMENT = "(missing)"
 DEFAULT_MIN_SEGMENT_SIZE = 10
