@@ -1,9 +1,11 @@
 """Flower ClientApp run by each partner node: local DP-SGD training and local evaluation.
 
-Thin glue: read the job settings and global weights from the message, load this node's rows, call
-the plain functions in `local_round`, reply with weights + metrics. Raw rows, feature statistics
-and labels never leave the node; replies carry model weights, counts, ε, score histograms for
-pooled metrics, and a record of what was read (for the coordinator's audit ledger).
+Thin glue: read the job settings and global weights from the message, check the job against this
+node's own policy (`privacy.node_policy`), load this node's rows, call the plain functions in
+`local_round`, reply. Every field of every reply is classified in `privacy.releases` and checked
+before it is sent (`_send`): DP model updates and DP score histograms, public settings, and the
+non-private releases the node's policy allows (row counts, the membership-audit AUC). Raw rows,
+feature statistics, labels, the training loss and the file's path never leave the node.
 """
 
 from __future__ import annotations
@@ -16,9 +18,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedpact.errors import FedpactError
+from fedpact.privacy.node_policy import NodePolicy, spent_by_dataset
+from fedpact.privacy.releases import MEMBERSHIP_AUDIT, check_reply
 
 from .job import JobConfig
-from .local_round import evaluate_round, node_state_dir, pipeline_for, train_round
+from .local_round import (
+    evaluate_round,
+    job_limit,
+    node_state_dir,
+    pipeline_for,
+    planned_history,
+    reproducible_mode,
+    train_round,
+)
 from .node_data import NodeData, load_node_data
 
 ERROR_CODE_REFUSED = 4001  # the node refused the request (budget, layout, bad data)
@@ -28,10 +40,10 @@ logging.getLogger("opacus").setLevel(logging.ERROR)
 
 
 def _access_record(node: NodeData, job: JobConfig, phase: str, rows: int) -> ConfigRecord:
+    """What was read, for the coordinator's ledger: names and counts, never the file's path."""
     return ConfigRecord({
         "partner": node.partner,
         "dataset": node.train.spec.name,
-        "source": node.train.source,
         "rows": rows,
         "columns": json.dumps(node.columns),
         "purpose": job.purpose,
@@ -41,6 +53,32 @@ def _access_record(node: NodeData, job: JobConfig, phase: str, rows: int) -> Con
 
 def _refuse(msg: Message, exc: Exception) -> Message:
     return Message(Error(code=ERROR_CODE_REFUSED, reason=str(exc)), reply_to=msg)
+
+
+def admit_on_node(node: NodeData, job: JobConfig, context: Context) -> NodePolicy:
+    """This node's policy applied to the job: its planned ε, the dataset's ε over all jobs, its
+    rows, and the non-private releases the job needs. Raises PolicyRefusal with the reason."""
+    policy = NodePolicy.for_node(context.node_config)
+    planned = 0.0
+    if job.dp:
+        from fedpact.privacy.accounting import epsilon_of
+
+        planned = max(job_limit(job, len(node.train)),
+                      epsilon_of(planned_history(job, len(node.train)), job.target_delta,
+                                 job.accountant))
+    state_dir = node_state_dir(context.node_config, job, node.partner)
+    policy.check_job(dataset=node.partner, dp=job.dp, planned_epsilon=planned,
+                     rows=len(node.train),
+                     spent_elsewhere=spent_by_dataset(state_dir / "accountants", node.partner,
+                                                      except_job=job.job_id))
+    return policy
+
+
+def _send(msg: Message, phase: str, content: RecordDict, policy: NodePolicy, job: JobConfig) -> Message:
+    """Reply, after checking every field against the release classification and the policy."""
+    fields = {name: list(record.keys()) for name, record in content.items()}
+    check_reply(phase, fields, policy.allow, dp=job.dp)
+    return Message(content=content, reply_to=msg)
 
 
 def _chaos(partner: str, weights: dict) -> None:
@@ -69,13 +107,15 @@ def describe(msg: Message, context: Context) -> Message:
         job = JobConfig.from_config(msg.content["config"])
         node = load_node_data(context.node_config, job)
         layout = pipeline_for(node).layout()
+        policy = admit_on_node(node, job, context)
+        content = RecordDict({
+            "layout": ConfigRecord({"layout": json.dumps(layout), "partner": node.partner,
+                                    "train-rows": len(node.train), "test-rows": len(node.test),
+                                    "reproducible": int(reproducible_mode())}),
+        })
+        return _send(msg, "query", content, policy, job)
     except FedpactError as exc:
         return _refuse(msg, exc)
-    content = RecordDict({
-        "layout": ConfigRecord({"layout": json.dumps(layout), "partner": node.partner,
-                                "train-rows": len(node.train), "test-rows": len(node.test)}),
-    })
-    return Message(content=content, reply_to=msg)
 
 
 @app.train()
@@ -84,36 +124,40 @@ def train(msg: Message, context: Context) -> Message:
     try:
         job = JobConfig.from_config(msg.content["config"])
         node = load_node_data(context.node_config, job)
+        policy = admit_on_node(node, job, context)
         update = train_round(node, msg.content["arrays"].to_torch_state_dict(), job,
                              node_state_dir(context.node_config, job, node.partner), _round(msg))
+        _chaos(node.partner, update.weights)
+        content = RecordDict({
+            "arrays": ArrayRecord(update.weights),
+            "metrics": MetricRecord(update.metrics),
+            "access": _access_record(node, job, "train", update.rows),
+        })
+        return _send(msg, "train", content, policy, job)
     except FedpactError as exc:
         return _refuse(msg, exc)
-    _chaos(node.partner, update.weights)
-    content = RecordDict({
-        "arrays": ArrayRecord(update.weights),
-        "metrics": MetricRecord(update.metrics),
-        "access": _access_record(node, job, "train", update.rows),
-    })
-    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score this partner's held-out rows with the global model; share metrics and a histogram."""
+    """Score this partner's held-out rows with the global model; release DP score histograms."""
     try:
         job = JobConfig.from_config(msg.content["config"])
         node = load_node_data(context.node_config, job)
+        policy = admit_on_node(node, job, context)
         final = _round(msg) == job.rounds
+        audit = job.membership_audit and final and MEMBERSHIP_AUDIT in policy.allow
         result = evaluate_round(node, msg.content["arrays"].to_torch_state_dict(), job,
-                                membership_audit=job.membership_audit and final)
+                                node_state_dir(context.node_config, job, node.partner), _round(msg),
+                                membership_audit=audit)
+        metrics = {"num-examples": result.rows, **result.metrics}
+        if MEMBERSHIP_AUDIT not in policy.allow:  # the node's policy keeps the audit at home
+            metrics.pop("membership-auc", None)
+        content = RecordDict({
+            "metrics": MetricRecord(metrics),
+            "histogram": ConfigRecord({"pos": result.pos.tolist(), "neg": result.neg.tolist()}),
+            "access": _access_record(node, job, "evaluate", result.rows),
+        })
+        return _send(msg, "evaluate", content, policy, job)
     except FedpactError as exc:
         return _refuse(msg, exc)
-    metrics = {"num-examples": result.rows, **result.metrics}
-    metrics.setdefault("membership-auc", -1.0)  # same keys from every node (Flower checks)
-    content = RecordDict({
-        "metrics": MetricRecord(metrics),
-        "histogram": ConfigRecord({"pos": result.pos.tolist(), "neg": result.neg.tolist(),
-                                   "sq-error": result.sq_error}),
-        "access": _access_record(node, job, "evaluate", result.rows),
-    })
-    return Message(content=content, reply_to=msg)

@@ -64,8 +64,13 @@ class JobResult:
     membership_auc: float | None = None
     # Client-level DP on the aggregate (JobConfig.central_dp_noise > 0); empty when off.
     central_dp: dict = field(default_factory=dict)
-    # The last round's summed score histograms (pos, neg, sq_error): curves for the model card.
+    # The last evaluation's summed released score histograms (pos, neg, edges, sq_error, dp,
+    # noise_sd): curves for the model card — DP estimates when the job has DP.
     histograms: dict = field(default_factory=dict)
+    # What the run's guarantee is, as the nodes' replies show it: False with the reasons when the
+    # job had no DP or a node ran in its reproducible mode (batches and noise rebuildable).
+    private: bool = True
+    not_private_reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -275,10 +280,19 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
         p.noise_multiplier = strategy.partner_sigma.get(p.name, 0.0)
         p.membership_auc = strategy.partner_membership_auc.get(p.name)
         if p.name in strategy.partner_history:
-            sigma, q, steps = strategy.partner_history[p.name]
+            _, q, steps = strategy.partner_history[p.name]
             p.sample_rate, p.steps = q, steps
-            check = cross_check([(sigma, q, steps)], job.target_delta, p.epsilon)
+            # Every release of the partner (DP-SGD and evaluations), recomputed by dp-accounting.
+            check = cross_check(strategy.partner_full_history(p.name), job.target_delta, p.epsilon)
             p.epsilon_google_rdp, p.epsilon_google_pld = check.google_rdp, check.google_pld
+    reasons = []
+    if not job.dp:
+        reasons.append("the job trained without differential privacy (no formal guarantee, ε = ∞)")
+    reproducible = sorted(getattr(strategy, "reproducible", set()))
+    if reproducible:
+        reasons.append("node(s) " + ", ".join(reproducible) + " ran in reproducible mode "
+                       "(FEDPACT_REPRODUCIBLE_NOISE=1): batches and noise follow from the job "
+                       "seed, so the ε reported is not delivered")
     audits = [p.membership_auc for p in partners if p.membership_auc is not None]
     membership_auc = max(audits) if audits else None
     final = strategy.round_log[-1] if strategy.round_log else {}
@@ -292,7 +306,8 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
                                                 "google_rdp": p.epsilon_google_rdp,
                                                 "google_pld": p.epsilon_google_pld}
                                        for p in partners},
-                "membership_auc": membership_auc, "model": str(model_path)}
+                "membership_auc": membership_auc, "model": str(model_path),
+                "private": not reasons, "not_private_reasons": reasons}
     if central:
         finished["central_dp"] = central
     ledger.append(EventType.JOB_FINISHED, finished, actor="coordinator", job_id=job.job_id)
@@ -304,6 +319,7 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
         seconds=time.monotonic() - started, model_path=str(model_path), layout=layout,
         membership_auc=membership_auc, central_dp=central,
         histograms=getattr(strategy, "last_histograms", {}),
+        private=not reasons, not_private_reasons=reasons,
     )
     (job.job_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
     return result

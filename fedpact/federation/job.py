@@ -39,6 +39,11 @@ class JobConfig:
     grad_sample_mode: str = "ghost"
     # Loss-threshold membership-inference attack on the final model, run on each partner's node.
     membership_audit: bool = True
+    # Held-out evaluation: each partner releases score histograms (Gaussian mechanism, L2
+    # sensitivity 1, noise eval_noise_multiplier per bin), charged in the same account as training
+    # (DP-SGD's σ is planned for the total). After the last round, and every `eval_every` rounds.
+    eval_every: int = 0
+    eval_noise_multiplier: float = 10.0
     # Flower SecAgg+: the coordinator receives only the masked updates and their sum
     # (docs/secure-aggregation.md); needs at least 2 partners, and all of them in every round.
     secure_aggregation: bool = False
@@ -50,8 +55,8 @@ class JobConfig:
     seed: int = 0
     test_fraction: float = 0.2
     purpose: str = "model_training"
-    # Exclude rows whose subject has no valid consent for `purpose` (audit.consent registry).
-    require_consent: bool = False
+    # Default on: exclude rows without valid consent for `purpose` in the partner's registry.
+    require_consent: bool = True
     # Robust aggregation: fedavg | median | trimmed-mean | krum (Flower's strategies).
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
@@ -119,6 +124,10 @@ class JobConfig:
                 bad("target_delta", "must be in (0, 1); choose it below 1/n for a dataset of n rows")
             if not self.max_grad_norm > 0:
                 bad("max_grad_norm", "must be positive")
+        if self.eval_every < 0:
+            bad("eval_every", "must be 0 (evaluate after the last round only) or a number of rounds")
+        if self.dp and not (self.eval_noise_multiplier > 0 and math.isfinite(self.eval_noise_multiplier)):
+            bad("eval_noise_multiplier", "must be a positive noise multiplier")
         if not 0 < self.test_fraction < 1:
             bad("test_fraction", "must be in (0, 1)")
         if self.secure_aggregation and self.num_partitions < 2:
@@ -133,6 +142,12 @@ class JobConfig:
                                               and math.isfinite(self.central_dp_clip)):
             bad("central_dp_clip", "must be a positive L2 bound on each partner's update")
         return self
+
+    def evaluation_rounds(self) -> list[int]:
+        """Rounds after which partners release held-out score histograms (each one charged)."""
+        every = self.eval_every
+        rounds = {r for r in range(1, self.rounds + 1) if every and r % every == 0}
+        return sorted(rounds | {self.rounds})
 
     @property
     def job_dir(self) -> Path:

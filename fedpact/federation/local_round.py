@@ -21,7 +21,7 @@ import torch
 
 from fedpact.errors import FedpactError
 from fedpact.models.features import FeaturePipeline, PreprocessingNotPublic, undeclared_settings
-from fedpact.models.metrics import evaluate_scores, score_histogram
+from fedpact.models.metrics import release_histogram
 from fedpact.models.networks import build_model
 from fedpact.models.streaming import StreamedRows, poisson_loader, predict_rows, shuffled_loader
 from fedpact.models.training import make_loader, make_optimizer, predict_proba, run_epochs
@@ -31,7 +31,7 @@ from fedpact.privacy.accounting import (
     epsilon_of,
     plan_noise_multiplier,
 )
-from fedpact.privacy.dp_sgd import PrivateTraining
+from fedpact.privacy.dp_sgd import PrivateTraining, private_generator
 from fedpact.privacy.membership import membership_attack_auc
 
 from .job import JobConfig
@@ -168,7 +168,7 @@ def _train_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Pa
         metrics.update(_train_private(model, optimizer, loader, node, job, state_dir, server_round,
                                       seed))
     else:
-        metrics["train-loss"] = run_epochs(model, optimizer, loader, job.local_epochs)
+        run_epochs(model, optimizer, loader, job.local_epochs)
         metrics.update({"epsilon": 0.0, "noise-multiplier": 0.0, "steps": 0.0, "sample-rate": 0.0})
     return RoundUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, rows)
 
@@ -189,8 +189,29 @@ def plan_for(job: JobConfig, rows: int) -> tuple[float, float, int]:
         sigma = job.noise_multiplier
     else:
         sigma = _planned_sigma(job.target_epsilon, job.target_delta, sample_rate,
-                               steps_per_round * job.rounds, job.accountant)
+                               steps_per_round * job.rounds, job.accountant, eval_releases(job))
     return sigma, sample_rate, steps_per_round
+
+
+def eval_releases(job: JobConfig) -> tuple[tuple[float, float, int], ...]:
+    """The job's evaluation releases as accountant history: a Gaussian mechanism (rate 1) per
+    evaluation round. DP-SGD's σ is planned so that training and these compose to the target."""
+    if not job.dp:
+        return ()
+    return ((float(job.eval_noise_multiplier), 1.0, len(job.evaluation_rounds())),)
+
+
+def planned_history(job: JobConfig, rows: int) -> list[tuple[float, float, int]]:
+    """Everything a DP job plans to release from a dataset of `rows` training rows, as history."""
+    sigma, q, steps = plan_for(job, rows)
+    return [(sigma, q, steps * job.rounds), *eval_releases(job)]
+
+
+def job_limit(job: JobConfig, rows: int) -> float:
+    """The ε a node will not exceed for this job: the target, or the ε of a given σ's plan."""
+    if job.noise_multiplier <= 0:
+        return job.target_epsilon
+    return _epsilon(planned_history(job, rows), job.target_delta, job.accountant)
 
 
 def opacus_steps(batches: int) -> int:
@@ -225,25 +246,17 @@ def _train_private(model, optimizer, loader, node: NodeData, job: JobConfig, sta
     """DP-SGD for this round; the accountant history is restored from and saved to the node's disk."""
     store = AccountantStore(state_dir / "accountants")
     dataset = node.partner
-    state = store.load(job.job_id, dataset)
     sigma, sample_rate, steps_per_round = plan_for(job, len(node.train))
     if abs(sample_rate - 1.0 / opacus_steps(len(loader))) > 1e-12:
         raise FedpactError(f"internal: planned sampling rate {sample_rate} differs from the loader's")
-    if state is None:
-        state = AccountantState(
-            job_id=job.job_id, dataset=dataset, accountant=job.accountant,
-            target_epsilon=job.target_epsilon, delta=job.target_delta, noise_multiplier=sigma,
-            sample_rate=sample_rate, planned_steps=steps_per_round * job.rounds,
-        )
+    state = _account(store, job, node)
     if server_round in state.rounds_done:
         # A retried round after a restart: do not spend the budget twice for the same round.
         raise FedpactError(f"round {server_round} was already trained on {dataset} for {job.job_id}")
     projected = _epsilon(state.history + [(state.noise_multiplier, state.sample_rate, steps_per_round)],
                          state.delta, state.accountant)
     # The job's plan is the limit: the target ε, or with a given noise multiplier the ε of the plan.
-    limit = (job.target_epsilon if job.noise_multiplier <= 0 else
-             _epsilon([(sigma, sample_rate, steps_per_round * job.rounds)], job.target_delta,
-                      job.accountant))
+    limit = job_limit(job, len(node.train))
     if projected > limit * 1.005:
         raise FedpactError(
             f"privacy budget: another round on {dataset} would bring ε to {projected:.3f}, above the "
@@ -262,39 +275,96 @@ def _train_private(model, optimizer, loader, node: NodeData, job: JobConfig, sta
         # draws Poisson batches in O(batch), at exactly the rate and steps the accountant records.
         private.loader = poisson_loader(node.train, sample_rate, steps=steps_per_round // job.local_epochs,
                                         seed=secrets.randbits(63) if fixed is None else fixed)
-    loss = run_epochs(private.model, private.optimizer, private.loader, job.local_epochs,
-                      loss_fn=private.loss_fn)
+    run_epochs(private.model, private.optimizer, private.loader, job.local_epochs,
+               loss_fn=private.loss_fn)  # the training loss is not released (it is not DP)
     state.history = session.history
     state.rounds_done.append(server_round)
     store.save(state)
-    return {"train-loss": loss, "epsilon": _epsilon(state.history, state.delta, state.accountant),
-            "noise-multiplier": state.noise_multiplier, "steps": float(state.steps_taken),
+    return {"epsilon": _epsilon(state.history, state.delta, state.accountant),
+            "noise-multiplier": state.noise_multiplier,
+            "steps": float(sum(h[2] for h in state.history
+                               if (h[0], h[1]) == (state.noise_multiplier, state.sample_rate))),
             "sample-rate": state.sample_rate}
+
+
+def _account(store: AccountantStore, job: JobConfig, node: NodeData) -> AccountantState:
+    """This dataset's accountant state for the job (created with the job's plan on first use)."""
+    state = store.load(job.job_id, node.partner)
+    if state is None:
+        sigma, sample_rate, steps_per_round = plan_for(job, len(node.train))
+        state = AccountantState(
+            job_id=job.job_id, dataset=node.partner, accountant=job.accountant,
+            target_epsilon=job.target_epsilon, delta=job.target_delta, noise_multiplier=sigma,
+            sample_rate=sample_rate, planned_steps=steps_per_round * job.rounds,
+        )
+    return state
 
 
 @dataclass
 class RoundEvaluation:
-    """A partner's held-out scores summarised: local metrics, histograms, membership-attack AUC."""
+    """A partner's held-out release: DP score histograms, its ε after them, membership audit."""
 
     rows: int
     metrics: dict[str, float]
     pos: np.ndarray
     neg: np.ndarray
-    sq_error: float
 
 
-def evaluate_round(node: NodeData, weights: Mapping, job: JobConfig, *,
-                   membership_audit: bool = False) -> RoundEvaluation:
-    """Score this partner's held-out rows; optionally run the loss-threshold membership attack."""
+MEMBERSHIP_DECIMALS = 2  # the membership-audit AUC is released once, rounded
+
+
+def evaluate_round(node: NodeData, weights: Mapping, job: JobConfig, state_dir: Path,
+                   server_round: int, *, membership_audit: bool = False) -> RoundEvaluation:
+    """Score this partner's held-out rows and release score histograms on the fixed bins of
+    `models.metrics.release_bin_edges`, with Gaussian noise (σ = eval_noise_multiplier, L2
+    sensitivity 1: one row is one count) charged in the dataset's account — only in the job's
+    evaluation rounds. A round asked again from the same weights gets the saved release."""
+    if server_round not in job.evaluation_rounds():
+        raise FedpactError(f"round {server_round} is not an evaluation round of job {job.job_id} "
+                           f"(planned: {job.evaluation_rounds()}); no evaluation is released")
+    digest = weights_digest(weights)
+    cached = _reply_path(state_dir, job, node.partner, server_round).with_name(
+        _reply_path(state_dir, job, node.partner, server_round).stem + "-eval.pt")
+    if cached.exists():
+        saved = torch.load(cached, weights_only=True)
+        if saved["digest"] == digest:
+            return RoundEvaluation(int(saved["rows"]), dict(saved["metrics"]),
+                                   saved["pos"].numpy(), saved["neg"].numpy())
+        raise FedpactError(f"round {server_round} was already evaluated on {node.partner} for "
+                           f"{job.job_id} with a different model; releasing again would spend ε twice")
     pipe = pipeline_for(node)
     model = model_from_weights(weights, pipe.n_features, job)
     scores = _scores(model, pipe, node.test)
-    local = evaluate_scores(node.test.labels, scores)
-    pos, neg, sq_error = score_histogram(node.test.labels, scores)
-    metrics = {k.replace("_", "-"): (v if np.isfinite(v) else -1.0)
-               for k, v in local.items() if k in ("roc_auc", "pr_auc", "brier")}
+    pos, neg = release_histogram(node.test.labels, scores)
+    metrics: dict[str, float] = {"epsilon": 0.0, "eval-noise-multiplier": 0.0, "eval-releases": 0.0}
+    if job.dp:
+        store = AccountantStore(state_dir / "accountants")
+        state = _account(store, job, node)
+        sigma_e = float(job.eval_noise_multiplier)
+        projected = _epsilon(state.history + [(sigma_e, 1.0, 1)], state.delta, state.accountant)
+        limit = job_limit(job, len(node.train))
+        if projected > limit * 1.005:
+            raise FedpactError(f"privacy budget: releasing this evaluation on {node.partner} would "
+                               f"bring ε to {projected:.3f}, above the job's limit ε={limit:.3f}")
+        fixed = round_seed(job, server_round, len(node.test)) if reproducible_mode() else None
+        generator = private_generator(fixed)
+        pos = pos + sigma_e * torch.randn(len(pos), generator=generator, dtype=torch.float64).numpy()
+        neg = neg + sigma_e * torch.randn(len(neg), generator=generator, dtype=torch.float64).numpy()
+        state.history = state.history + [(sigma_e, 1.0, 1)]
+        state.evals_done.append(server_round)
+        store.save(state)
+        metrics.update({"epsilon": _epsilon(state.history, state.delta, state.accountant),
+                        "eval-noise-multiplier": sigma_e, "eval-releases": float(len(state.evals_done))})
+    metrics["membership-auc"] = -1.0
     if membership_audit:
         train_scores = _scores(model, pipe, node.train)
-        metrics["membership-auc"] = membership_attack_auc(
-            node.train.labels, train_scores, node.test.labels, scores, seed=job.seed)
-    return RoundEvaluation(len(scores), metrics, pos, neg, sq_error)
+        auc = membership_attack_auc(node.train.labels, train_scores, node.test.labels, scores,
+                                    seed=job.seed)
+        metrics["membership-auc"] = round(float(auc), MEMBERSHIP_DECIMALS) if np.isfinite(auc) else -1.0
+    result = RoundEvaluation(len(scores), metrics, np.asarray(pos, float), np.asarray(neg, float))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    torch.save({"digest": digest, "rows": result.rows, "metrics": result.metrics,
+                "pos": torch.from_numpy(result.pos), "neg": torch.from_numpy(result.neg)}, tmp)
+    os.replace(tmp, cached)
+    return result

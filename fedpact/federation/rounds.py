@@ -230,8 +230,9 @@ def run_rounds(grid: Grid, job: JobConfig, strategy, names: dict[int, str],
                                        arrays, config, late)
             if new_arrays is not None:
                 arrays = new_arrays
-            _run_phase(grid, job, strategy, audited, names, server_round, "evaluate", arrays,
-                       config, late)
+            if server_round in job.evaluation_rounds():  # each evaluation is a charged release
+                _run_phase(grid, job, strategy, audited, names, server_round, "evaluate", arrays,
+                           config, late)
             save_checkpoint(job, server_round, arrays, audited, names)
     finally:
         collect_late_replies(grid, audited, late)

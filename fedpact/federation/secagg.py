@@ -68,9 +68,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedpact.audit import Ledger
 from fedpact.errors import FedpactError
 from fedpact.models.networks import build_model
+from fedpact.privacy.releases import MEMBERSHIP_AUDIT, check_reply
 
 from .central_dp import clip_if_asked, with_central_dp_legacy
-from .client_app import _access_record
+from .client_app import _access_record, admit_on_node
 from .client_app import app as message_api_client_app
 from .coordinator import JobResult, PartnerSummary, fedavg_rounds, run_job
 from .job import JobConfig
@@ -122,6 +123,7 @@ class FedpactNumPyClient(NumPyClient):
 
     def fit(self, parameters, config):
         job, node = self._job_and_node(config)
+        policy = admit_on_node(node, job, self.context)
         weights = self._weights(job, parameters)
         update = train_round(node, weights, job,
                              node_state_dir(self.context.node_config, job, node.partner),
@@ -129,25 +131,33 @@ class FedpactNumPyClient(NumPyClient):
         arrays = [update.weights[k].detach().cpu().numpy() for k in weights]
         _check_quantisation_range(arrays, update.rows, config)
         metrics: dict = {k: float(v) for k, v in update.metrics.items()}
-        metrics.update({f"access.{k}": v
-                        for k, v in _access_record(node, job, "train", update.rows).items()})
+        access = _access_record(node, job, "train", update.rows)
+        check_reply("train", {"arrays": list(weights), "metrics": list(metrics),
+                              "access": list(access.keys())}, policy.allow, dp=job.dp)
+        metrics.update({f"access.{k}": v for k, v in access.items()})
         return arrays, update.rows, metrics
 
     def evaluate(self, parameters, config):
         job, node = self._job_and_node(config)
-        final = int(config.get("server-round", 0)) == job.rounds
+        policy = admit_on_node(node, job, self.context)
+        server_round = int(config.get("server-round", 0))
+        audit = (job.membership_audit and server_round == job.rounds
+                 and MEMBERSHIP_AUDIT in policy.allow)
         result = evaluate_round(node, self._weights(job, parameters), job,
-                                membership_audit=job.membership_audit and final)
+                                node_state_dir(self.context.node_config, job, node.partner),
+                                server_round, membership_audit=audit)
         metrics: dict = {k: float(v) for k, v in result.metrics.items()}
-        metrics.setdefault("membership-auc", -1.0)
+        if MEMBERSHIP_AUDIT not in policy.allow:
+            metrics.pop("membership-auc", None)
+        access = _access_record(node, job, "evaluate", result.rows)
+        check_reply("evaluate", {"metrics": ["num-examples", *metrics], "histogram": ["pos", "neg"],
+                                 "access": list(access.keys())}, policy.allow, dp=job.dp)
         metrics.update({
-            "hist.pos": np.asarray(result.pos, np.int64).tobytes(),
-            "hist.neg": np.asarray(result.neg, np.int64).tobytes(),
-            "hist.sq-error": float(result.sq_error),
+            "hist.pos": np.asarray(result.pos, np.float64).tobytes(),
+            "hist.neg": np.asarray(result.neg, np.float64).tobytes(),
         })
-        metrics.update({f"access.{k}": v
-                        for k, v in _access_record(node, job, "evaluate", result.rows).items()})
-        return float(result.metrics.get("brier", 0.0)), result.rows, metrics
+        metrics.update({f"access.{k}": v for k, v in access.items()})
+        return 0.0, result.rows, metrics  # the loss slot carries nothing (not released)
 
 
 def _check_quantisation_range(arrays: list[np.ndarray], rows: int, config) -> None:
@@ -270,6 +280,12 @@ class SecAggFedAvg(LegacyFedAvg):
     def _evaluate_config(self, server_round: int) -> dict:
         return {**self.job.to_config(), "server-round": server_round}
 
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        """Evaluation only in the job's evaluation rounds (each one a charged DP release)."""
+        if server_round not in self.job.evaluation_rounds():
+            return []
+        return super().configure_evaluate(server_round, parameters, client_manager)
+
     def _fail_on(self, failures, phase: str, server_round: int) -> None:
         if failures:
             reasons = "; ".join(_error_reason(f) for f in failures)
@@ -304,9 +320,8 @@ class SecAggFedAvg(LegacyFedAvg):
             plain, access, hist = _split_metrics(evalres.metrics)
             plain["num-examples"] = evalres.num_examples
             histogram = ConfigRecord({
-                "pos": np.frombuffer(hist["pos"], np.int64).tolist(),
-                "neg": np.frombuffer(hist["neg"], np.int64).tolist(),
-                "sq-error": float(hist["sq-error"]),
+                "pos": np.frombuffer(hist["pos"], np.float64).tolist(),
+                "neg": np.frombuffer(hist["neg"], np.float64).tolist(),
             })
             content = RecordDict({"metrics": MetricRecord(plain), "histogram": histogram,
                                   "access": ConfigRecord(access)})

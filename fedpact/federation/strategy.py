@@ -2,9 +2,10 @@
 
 Flower's FedAvg, FedMedian, FedTrimmedAvg or Krum (`JobConfig.aggregation`) does the averaging;
 the audit mixin checks each update first (same shapes as the global model, finite values, an
-optional norm bound) and rejects a bad one with an `update.rejected` event naming the node. It also
-sums the partners' score histograms into pooled test metrics (ROC-AUC, PR-AUC, lift), so the
-coordinator reports figures over all partners' held-out rows without seeing any row.
+optional norm bound) and rejects a bad one with an `update.rejected` event naming the node. In the
+job's evaluation rounds it sums the partners' DP score histograms into pooled test metrics
+(ROC-AUC, PR-AUC, lift, Brier: DP estimates), so the coordinator reports figures over all
+partners' held-out rows without seeing any row; other rounds report ε only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 from fedpact.audit import EventType, Ledger
-from fedpact.models.metrics import HISTOGRAM_BINS, metrics_from_histograms
+from fedpact.models.metrics import metrics_from_released, release_bin_edges
 from fedpact.privacy.budget import PrivacyBudgets
 
 from .job import JobConfig
@@ -68,6 +69,10 @@ class AuditedStrategyMixin:
         self.partner_sigma: dict[str, float] = {}
         self.partner_history: dict[str, tuple[float, float, int]] = {}
         self.partner_membership_auc: dict[str, float] = {}
+        # Per partner: (σ_eval, evaluations released) — the Gaussian part of its history.
+        self.partner_eval: dict[str, tuple[float, int]] = {}
+        # Partners whose node ran in its own reproducible mode (batches and noise not private).
+        self.reproducible: set[str] = set()
         self.budgets = PrivacyBudgets(ledger)
         self._pending: dict = {}
         # Partners missing from a round (dropped out, timed out, refused): round -> name -> why.
@@ -88,7 +93,8 @@ class AuditedStrategyMixin:
                 self._charged[name] = self._charged.get(name, 0.0) + float(ev.payload["epsilon"])
 
     STATE_FIELDS = ("round_log", "partner_epsilon", "partner_sigma", "partner_history",
-                    "partner_membership_auc", "last_histograms", "rejected", "missing")
+                    "partner_membership_auc", "last_histograms", "rejected", "missing",
+                    "partner_eval")
 
     def state_dict(self) -> dict:
         """Everything a resumed job needs to continue this strategy (JSON-safe)."""
@@ -99,7 +105,18 @@ class AuditedStrategyMixin:
             if key in state:
                 setattr(self, key, state[key])
         self.partner_history = {k: tuple(v) for k, v in self.partner_history.items()}
+        self.partner_eval = {k: tuple(v) for k, v in self.partner_eval.items()}
         self.missing = {int(k): v for k, v in self.missing.items()}
+
+    def partner_full_history(self, name: str) -> list[tuple[float, float, int]]:
+        """Everything the partner released, as accountant history: DP-SGD steps, evaluations."""
+        history = []
+        if name in self.partner_history:
+            history.append(tuple(self.partner_history[name]))
+        if name in self.partner_eval and self.partner_eval[name][1] > 0:
+            sigma_e, releases = self.partner_eval[name]
+            history.append((float(sigma_e), 1.0, int(releases)))
+        return history
 
     def charge_spend(self, replies: Iterable[Message], server_round: int) -> None:
         """Record each partner's ε reported for this round (also for a round that then fails).
@@ -111,12 +128,19 @@ class AuditedStrategyMixin:
             name = str(msg.content["access"]["partner"])
             metrics = msg.content["metrics"]
             cumulative = float(metrics["epsilon"])
-            self.partner_epsilon[name] = cumulative
-            self.partner_sigma[name] = float(metrics["noise-multiplier"])
+            self.partner_epsilon[name] = max(cumulative, self.partner_epsilon.get(name, 0.0))
+            if float(metrics.get("reproducible", 0.0)) > 0:
+                self.reproducible.add(name)
+            if "noise-multiplier" in metrics:  # a training reply
+                self.partner_sigma[name] = float(metrics["noise-multiplier"])
             if not self.job.dp:
                 continue
-            self.partner_history[name] = (float(metrics["noise-multiplier"]),
-                                          float(metrics["sample-rate"]), int(metrics["steps"]))
+            if "noise-multiplier" in metrics:
+                self.partner_history[name] = (float(metrics["noise-multiplier"]),
+                                              float(metrics["sample-rate"]), int(metrics["steps"]))
+            if "eval-noise-multiplier" in metrics:
+                self.partner_eval[name] = (float(metrics["eval-noise-multiplier"]),
+                                           int(metrics["eval-releases"]))
             charged = self._charged.get(name)
             amount = cumulative - (charged or 0.0)
             if charged is not None and amount <= 1e-9:
@@ -197,34 +221,50 @@ class AuditedStrategyMixin:
         self.charge_spend(good, server_round)
         good = self._reject_bad_updates(good, server_round)
         arrays, metrics = super().aggregate_train(server_round, good)
-        self._pending = {"train_loss": float(metrics["train-loss"]) if metrics else float("nan")}
+        self._pending = {"partners": len(good)}
+        if server_round not in self.job.evaluation_rounds():
+            self.complete_round(server_round, sorted(str(m.content["access"]["partner"]) for m in good), {})
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Sum the partners' released (DP) histograms into pooled metrics; charge their ε."""
         good = self._split(replies, "evaluate", server_round)
         self.record_access(good, server_round)
-        pos = np.zeros(HISTOGRAM_BINS, np.int64)
-        neg = np.zeros(HISTOGRAM_BINS, np.int64)
-        sq_error = 0.0
+        self.charge_spend(good, server_round)
+        bins = len(release_bin_edges()) - 1
+        pos, neg = np.zeros(bins), np.zeros(bins)
         for msg in good:
             hist = msg.content["histogram"]
-            pos += np.asarray(hist["pos"], np.int64)
-            neg += np.asarray(hist["neg"], np.int64)
-            sq_error += float(hist["sq-error"])
-        pooled = metrics_from_histograms(pos, neg, sq_error)
-        self.last_histograms = {"pos": pos.tolist(), "neg": neg.tolist(), "sq_error": sq_error}
+            pos += np.asarray(hist["pos"], float)
+            neg += np.asarray(hist["neg"], float)
+        pooled = metrics_from_released(pos, neg)
+        self.last_histograms = {"pos": pos.tolist(), "neg": neg.tolist(),
+                                "sq_error": pooled.pop("sq_error"),
+                                "edges": release_bin_edges().tolist(), "dp": bool(self.job.dp),
+                                "noise_sd": (float(self.job.eval_noise_multiplier) * np.sqrt(len(good))
+                                             if self.job.dp else 0.0)}
         for msg in good:
             auc = float(msg.content["metrics"].get("membership-auc", -1.0))
             if auc >= 0:
                 self.partner_membership_auc[str(msg.content["access"]["partner"])] = auc
+        self.complete_round(server_round, sorted(str(m.content["access"]["partner"]) for m in good),
+                            pooled)
+        return MetricRecord({"roc-auc": pooled["roc_auc"], "pr-auc": pooled["pr_auc"],
+                             "lift-at-10": pooled["lift_at_10"], "brier": pooled["brier"]})
+
+    def complete_round(self, server_round: int, nodes: list[str], pooled: dict) -> None:
+        """The round's log entry and `round.aggregated` event (once), then the progress callback.
+        `pooled`: the DP evaluation's metrics in evaluation rounds, else empty (ε only)."""
         epsilon = max(self.partner_epsilon.values(), default=0.0)
         entry = {"round": server_round, **self._pending, **pooled, "epsilon": epsilon}
-        self.round_log.append(entry)
+        if pooled:
+            entry["evaluation"] = "dp" if self.job.dp else "exact"
+        self.round_log = [r for r in self.round_log if r.get("round") != server_round] + [entry]
         if ("round", server_round) not in self._recorded:
             self._recorded.add(("round", server_round))
             self.ledger.append(
                 EventType.ROUND_AGGREGATED,
-                {"round": server_round, "nodes": sorted(str(m.content["access"]["partner"]) for m in good),
+                {"round": server_round, "nodes": nodes,
                  "strategy": self.job.aggregation, "metrics": {k: v for k, v in entry.items() if k != "round"},
                  "missing": self.missing.get(server_round, {})},
                 actor="coordinator",
@@ -232,8 +272,6 @@ class AuditedStrategyMixin:
             )
         if self.on_round:
             self.on_round(server_round, entry)
-        return MetricRecord({"roc-auc": pooled["roc_auc"], "pr-auc": pooled["pr_auc"],
-                             "lift-at-10": pooled["lift_at_10"], "brier": pooled["brier"]})
 
 
 class AuditedFedAvg(AuditedStrategyMixin, FedAvg):

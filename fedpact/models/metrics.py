@@ -76,3 +76,37 @@ def metrics_from_histograms(pos: np.ndarray, neg: np.ndarray, sq_error: float) -
     top_pos = (p[:first].sum() if first > 0 else 0.0) + share * p[first]
     lift = float((top_pos / k) / (n_pos / n))
     return {**out, "roc_auc": auc, "pr_auc": pr_auc, "lift_at_10": lift}
+
+
+# --------------------------------------------------------------------------- released histograms
+# What partners release for evaluation: counts of held-out positives and negatives per score bin,
+# with DP noise added on the node. Few bins (noise is added to each), spaced in logit so that the
+# narrow score ranges of propensity models are still resolved; the end bins take the tails.
+RELEASE_LOGIT_EDGES = np.linspace(-5.0, 3.0, 11)
+
+
+def release_bin_edges() -> np.ndarray:
+    """Probability edges of the released histograms' bins (0 and 1 at the ends)."""
+    inner = 1.0 / (1.0 + np.exp(-RELEASE_LOGIT_EDGES[1:-1]))
+    return np.concatenate([[0.0], inner, [1.0]])
+
+
+def release_histogram(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact counts of positives and negatives per released bin (noise is added by the caller)."""
+    edges = release_bin_edges()
+    idx = np.clip(np.searchsorted(edges, np.asarray(scores, float), side="right") - 1, 0, len(edges) - 2)
+    y = np.asarray(y_true, float)
+    bins = len(edges) - 1
+    return (np.bincount(idx[y == 1], minlength=bins).astype(float),
+            np.bincount(idx[y == 0], minlength=bins).astype(float))
+
+
+def metrics_from_released(pos, neg) -> dict[str, float]:
+    """Pooled metrics from released (possibly noisy) histograms: negative counts are clipped to 0
+    and the Brier score is computed at each bin's centre (post-processing: no extra ε)."""
+    pos = np.clip(np.asarray(pos, float), 0, None)
+    neg = np.clip(np.asarray(neg, float), 0, None)
+    edges = release_bin_edges()
+    centre = (edges[:-1] + edges[1:]) / 2
+    sq_error = float((pos * (1 - centre) ** 2 + neg * centre ** 2).sum())
+    return {**metrics_from_histograms(pos, neg, sq_error), "sq_error": sq_error}

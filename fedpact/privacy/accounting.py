@@ -45,8 +45,11 @@ def plan_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = "rdp",
+    fixed: tuple[tuple[float, float, int], ...] = (),
 ) -> float:
-    """The smallest noise multiplier whose `steps` DP-SGD steps at `sample_rate` stay within ε."""
+    """The smallest noise multiplier whose `steps` DP-SGD steps at `sample_rate` stay within ε,
+    composed (in the same accountant) with the `fixed` releases — e.g. the job's DP evaluation
+    histograms, (σ_eval, 1.0, k): a Gaussian mechanism applied k times."""
     _check_accountant(accountant)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ConfigurationError(f"target epsilon must be a positive number, got {target_epsilon}")
@@ -59,10 +62,37 @@ def plan_noise_multiplier(
         )
     if steps < 1:
         raise ConfigurationError(f"a DP job needs at least one training step, got {steps}")
+    if fixed:
+        return _plan_with_fixed(target_epsilon, delta, sample_rate, steps, accountant, list(fixed))
     return float(get_noise_multiplier(
         target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
         steps=steps, accountant=accountant, epsilon_tolerance=0.005,
     ))
+
+
+def _plan_with_fixed(target: float, delta: float, q: float, steps: int, accountant: str,
+                     fixed: list[tuple[float, float, int]]) -> float:
+    """Bisection on σ (ε decreases as σ grows) with the fixed releases composed in."""
+    if epsilon_of(fixed, delta, accountant) >= target:
+        raise ConfigurationError(
+            f"the job's evaluation releases alone spend ε ≥ {target:g}: lower eval_epsilon_share "
+            "or evaluate fewer rounds")
+
+    def eps(sigma: float) -> float:
+        return epsilon_of(fixed + [(sigma, q, steps)], delta, accountant)
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e5:
+            raise ConfigurationError(f"no noise multiplier reaches ε = {target:g} for this plan")
+    while hi - lo > 0.0025 * hi:
+        mid = (lo + hi) / 2
+        if eps(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return float(hi)
 
 
 @dataclass
@@ -79,6 +109,8 @@ class AccountantState:
     planned_steps: int
     history: list[tuple[float, float, int]] = field(default_factory=list)
     rounds_done: list[int] = field(default_factory=list)
+    # Rounds whose evaluation histograms were released (each a Gaussian mechanism in `history`).
+    evals_done: list[int] = field(default_factory=list)
 
     @property
     def steps_taken(self) -> int:

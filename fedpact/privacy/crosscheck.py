@@ -19,6 +19,7 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128,
 def _event(history: list[tuple[float, float, int]]) -> dp_accounting.DpEvent:
     events = [
         dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(sigma) if q >= 1.0 else  # an unsampled release
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
         for sigma, q, steps in history if steps > 0
     ]
