@@ -220,6 +220,60 @@ def test_curious_psi_party_cannot_rebuild_the_cross_tabulation(monkeypatch):
             assert len(vip_cells) > 1, f"all 20 vip matches fall in one partner block: {x} / {y}"
 
 
+def test_curious_party_without_segments_cannot_learn_the_partners_segment_overlaps(monkeypatch):
+    """A side without segments against a segmented partner: the partner's grouped encoding
+    reaches it, but nothing it joins carries the grouping, so it cannot tell that every shared
+    customer is in the partner's 'high-risk' segment."""
+    shared = [f"s{i}@example.org" for i in range(50)]
+    a_ids = shared + [f"a{i}@example.org" for i in range(50)]
+    b_ids = shared + [f"hi{i}@example.org" for i in range(10)] + [
+        f"lo{i}@example.org" for i in range(80)]
+    b_seg = ["high-risk"] * 60 + ["low-risk"] * 80
+    ra, rb, ta, party_a, kept = _run_curious_pair(monkeypatch, a_ids, ["all"] * 100, b_ids,
+                                                  b_seg)
+    assert ra.overlap == 50 and ra.segment_overlap == {"all": 50}
+    assert rb.segment_overlap == {"high-risk": 50, "low-risk": 0}
+    candidates, _ = _attack(ta, party_a, kept)
+    assert any(sum(table.values()) == 50 for _, _, table in candidates)  # it finds the matches
+    for x, y, table in candidates:  # ... never all 50 in one partner block
+        assert max(table.values()) < 50, f"the partner's segment overlap shows in {x} / {y}"
+    assert "encrypted-grouped" in [k for k, _ in ta.recorder.received]
+    assert "encrypted-grouped" not in [k for k, _ in ta.recorder.sent]  # one group: not needed
+
+
+@pytest.mark.parametrize("segmented,mode,group", [
+    ("a", "psi-cardinality", "x25519"), ("b", "psi", "x25519"),
+    ("both", "psi-cardinality", "ristretto255"), ("both", "psi", "x25519")])
+def test_segment_counts_stay_exact_whoever_has_segments(segmented, mode, group):
+    a_ids, a_seg, b_ids, b_seg, truth = _segmented_sets()
+    a_seg = a_seg if segmented in ("a", "both") else None
+    b_seg = b_seg if segmented in ("b", "both") else None
+    ta, tb = LocalTransport.pair(record=True, timeout=120)
+    out: dict = {}
+
+    def side(key, party, transport):
+        out[key] = run_match(party, transport, MatchConfig(mode, group=group))
+
+    threads = [threading.Thread(target=side, args=(
+                   "a", MatchParty("a", "crm_a", normalize_ids(a_ids, "email"), a_seg), ta)),
+               threading.Thread(target=side, args=(
+                   "b", MatchParty("b", "crm_b", normalize_ids(b_ids, "email"), b_seg), tb))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    ra, rb = out["a"], out["b"]
+    assert ra.overlap == rb.overlap == 50
+    if a_seg:
+        assert ra.segment_overlap == {"regular": 30, "vip": 20}
+    if b_seg:
+        assert rb.segment_overlap == {"high-risk": 30, "low-risk": 20}
+    for transport, segs in ((ta, a_seg), (tb, b_seg)):
+        kinds = [k for k, _ in transport.recorder.sent]
+        assert kinds.count("encrypted") == kinds.count("double") == 1
+        assert ("encrypted-grouped" in kinds) == (segs is not None)
+
+
 def test_curious_linking_party_learns_its_matched_rows_but_not_partner_segments(monkeypatch):
     """With matched rows on both sides (`psi` linking mode) a side learns which of its rows match
     (consented), still not the partner's segment of each of them."""
