@@ -131,3 +131,46 @@ def test_erasure_removes_wrapped_key_bytes_from_the_files(home: Path) -> None:
     files = b"".join(p.read_bytes() for p in home.iterdir() if p.is_file())
     for blob in wrapped:
         assert blob not in files
+
+
+def test_erasure_and_access_reach_the_partner_registry(tmp_path: Path) -> None:
+    """The subjects a job used are kept in the partner's own registry (its own key), the
+    coordinator's ledger has only a count: erasure and access search the registry, flag the model
+    in the coordinator's ledger; without the registry the model is reported, not silently missed."""
+    with Ledger.open(tmp_path / "coordinator" / "ledger.db") as home, \
+            Ledger.open(tmp_path / "partner" / "ledger.db") as partner:
+        own = ConsentRegistry(partner)
+        own.grant(RAW_ID, PURPOSE, channel="web", legal_basis="consent", notice_version="v3",
+                  source="signup form", at=datetime(2025, 3, 1, tzinfo=UTC), personal={"email": EMAIL})
+        mask = own.enforce("job-1", "telco", PURPOSE, [RAW_ID, "5575-GNVDE"])
+        [used] = partner.events(job_id="job-1", event_type=EventType.SUBJECTS_USED)
+        ConsentRegistry(home).record_subjects_held_by_partner(
+            "job-1", "telco", PURPOSE, int(mask.sum()),
+            partner_manifest_sha256=used.payload["manifest_sha256"], consent="enforced")
+        home.append(EventType.JOB_FINISHED, {"metrics": {}, "epsilon": 1.0}, actor="coordinator",
+                    job_id="job-1")
+        assert own.pseudonym(RAW_ID) != ConsentRegistry(home).pseudonym(RAW_ID)  # two keys
+
+        unsearched = SubjectRequests(home).report(RAW_ID)
+        assert unsearched.jobs == [] and unsearched.consents == []
+        report = SubjectRequests(home, registries=[partner]).report(RAW_ID)
+        assert report.jobs == [{"job_id": "job-1", "dataset": "telco"}]
+        assert [c["purpose"] for c in report.consents] == [PURPOSE]
+        assert report.personal_data == {"subject_id": RAW_ID, "email": EMAIL}
+        assert report.to_dict()["partner_registries"][0]["subject"] == own.pseudonym(RAW_ID)
+        with pytest.raises(LedgerError, match="needs the subject's id, not a pseudonym"):
+            SubjectRequests(home, registries=[partner]).erase(own.pseudonym(RAW_ID))
+
+        other = SubjectRequests(home).erase("5575-GNVDE")  # without the registry
+        assert other.models_flagged == [] and other.untraceable_models == ["job-1/model"]
+        assert "partner's own registry, which was not searched" in other.note
+
+        erased = SubjectRequests(home, registries=[partner]).erase(RAW_ID)
+        assert erased.models_flagged == ["job-1/model"] and erased.untraceable_models == []
+        assert erased.consents_withdrawn == [PURPOSE] and erased.keys_destroyed >= 1
+        assert [e.job_id for e in home.events(event_type=EventType.MODEL_FLAGGED)] == ["job-1"]
+        [there] = partner.events(event_type=EventType.SUBJECT_ERASED)
+        assert there.payload["models_flagged"] == ["job-1/model"]
+        assert own.allowed([RAW_ID], PURPOSE).tolist() == [False]
+        assert own.subjects.is_erased(own.pseudonym(RAW_ID))
+        assert home.verify().ok and partner.verify().ok

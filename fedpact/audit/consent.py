@@ -209,6 +209,53 @@ class ConsentRegistry:
         )
         return self.ledger.append(EventType.CONSENT_GRANTED, payload, actor=actor or self.actor)
 
+    def grant_many(
+        self,
+        subject_ids: Iterable[Any],
+        purpose: str,
+        *,
+        channel: str,
+        legal_basis: str,
+        notice_version: str,
+        source: str,
+        expires_at: datetime | str | None = None,
+        at: datetime | str | None = None,
+        actor: str | None = None,
+    ) -> list[LedgerEvent]:
+        """Record one grant of `purpose` per subject, all in one transaction (all or none).
+
+        What a bulk import from a consent-management system does, without a CSV in between. A
+        subject who was erased is refused (nothing new is recorded for them), naming how many."""
+        when = _as_datetime(at, "timestamp") if at is not None else datetime.now(UTC)
+        payloads = []
+        seen: set[str] = set()
+        for subject_id in subject_ids:
+            payload, _ = self._grant_fields(
+                subject_id, purpose, channel=channel, legal_basis=legal_basis,
+                notice_version=notice_version, source=source, expires_at=expires_at, at=when,
+            )
+            if payload["subject"] not in seen:
+                seen.add(payload["subject"])
+                payloads.append((payload, subject_id))
+        erased = sum(1 for payload, _ in payloads if self.subjects.is_erased(payload["subject"]))
+        if erased:
+            raise LedgerError(f"{erased} of {len(payloads)} subjects were erased: nothing new can "
+                              "be recorded for them; leave them out of the grant")
+        if not payloads:
+            return []
+        # what the ledger checks at append time, once: every grant shares these fields
+        validate_payload(EventType.CONSENT_GRANTED,
+                         {**payloads[0][0], "personal": _SEALED_PLACEHOLDER})
+        key_id = SubjectKeys.key_id(CONSENT_RETENTION_CLASS, when)
+        self.subjects.ensure_keys((payload["subject"], key_id) for payload, _ in payloads)
+        prepared = [
+            (EventType.CONSENT_GRANTED,
+             {**payload, "personal": self._personal(payload["subject"], subject_id, None, when)},
+             actor or self.actor, None)
+            for payload, subject_id in payloads
+        ]
+        return self.ledger.append_many(prepared)
+
     def withdraw(
         self,
         subject_id: Any,
@@ -311,18 +358,36 @@ class ConsentRegistry:
             actor=actor, job_id=job_id,
         )
 
-    def record_untraceable(
-        self, job_id: str, dataset: str, purpose: str, reason: str, *, actor: str = "data-loader",
+    def record_subjects_held_by_partner(
+        self, job_id: str, dataset: str, purpose: str, subjects: int, *,
+        partner_manifest_sha256: str, consent: str, actor: str = "data-loader",
     ) -> LedgerEvent:
-        """Record that `job_id` used `dataset` but which subjects it used cannot be known (e.g. no
-        subject id column): erasure then reports the job's models as untraceable."""
+        """The coordinator's record that `job_id` used `subjects` subjects of `dataset`, whose
+        pseudonyms stay in the partner's own registry (under the partner's key): a count and a
+        commitment to the partner's manifest, no pseudonym. `consent` says whether consent was
+        enforced, turned off, or could not be checked."""
         return self.ledger.append(
             EventType.SUBJECTS_USED,
-            {"dataset": dataset, "purpose": purpose, "subjects": 0,
-             "manifest_sha256": hashlib.sha256(b"").hexdigest(), "traceable": False,
-             "reason": reason},
+            {"dataset": dataset, "purpose": purpose, "subjects": int(subjects),
+             "partner_manifest_sha256": partner_manifest_sha256, "held_by": "partner registry",
+             "consent": consent},
             actor=actor, job_id=job_id,
         )
+
+    def record_untraceable(
+        self, job_id: str, dataset: str, purpose: str, reason: str, *, actor: str = "data-loader",
+        consent: str | None = None,
+    ) -> LedgerEvent:
+        """Record that `job_id` used `dataset` but which subjects it used cannot be known (e.g. no
+        subject id column): erasure then reports the job's models as untraceable. `consent`, when
+        given, says what became of consent checking (e.g. not checkable without subject ids)."""
+        payload: dict[str, Any] = {
+            "dataset": dataset, "purpose": purpose, "subjects": 0,
+            "manifest_sha256": hashlib.sha256(b"").hexdigest(), "traceable": False,
+            "reason": reason}
+        if consent is not None:
+            payload["consent"] = consent
+        return self.ledger.append(EventType.SUBJECTS_USED, payload, actor=actor, job_id=job_id)
 
     def enforce(
         self, job_id: str, dataset: str, purpose: str, subject_ids: Sequence[Any],

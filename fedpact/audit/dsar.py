@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,9 +20,10 @@ from typing import Any
 from sqlalchemy import select
 
 from fedpact.audit.consent import ConsentRecord, ConsentRegistry
-from fedpact.audit.events import EventType, LedgerError
+from fedpact.audit.events import PSEUDONYM, EventType, LedgerError
 from fedpact.audit.ledger import Ledger, LedgerEvent
 from fedpact.audit.store import consent_state, event_index, job_subjects, ledger_events
+from fedpact.audit.subjects import SubjectKeys
 
 DSAR_KINDS = ("access", "rectification", "erasure")
 DSAR_RETENTION_CLASS = "dsar"
@@ -39,9 +41,13 @@ class SubjectReport:
     jobs: list[dict[str, str]] = field(default_factory=list)
     personal_data: dict[str, Any] = field(default_factory=dict)
     erased: bool = False
+    registries: list[dict[str, str]] = field(default_factory=list)
+    """The partner registries also searched: each one's location and the subject's pseudonym
+    there (each registry pseudonymises under its own key). Their events, consents and jobs are
+    in the lists above, each marked with its `registry`."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "subject": self.subject,
             "generated_at": self.generated_at,
             "erased": self.erased,
@@ -50,6 +56,9 @@ class SubjectReport:
             "jobs_that_used_the_data": self.jobs,
             "events": self.events,
         }
+        if self.registries:
+            doc["partner_registries"] = self.registries
+        return doc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, sort_keys=True)
@@ -85,16 +94,51 @@ class ErasureReport:
     rows but cannot be traced, so they are listed here instead of flagged."""
     note: str = ""
     """Says so in words when `untraceable_models` is not empty."""
+    registries: list[str] = field(default_factory=list)
+    """The partner registries the erasure reached (keys destroyed, consents withdrawn there)."""
+
+
+@dataclass(frozen=True)
+class _Registry:
+    """A partner's own registry: its ledger, consent registry and keys, and where it is."""
+
+    ledger: Ledger
+    consent: ConsentRegistry
+    label: str
+
+    @property
+    def subjects(self) -> SubjectKeys:
+        return self.consent.subjects
+
+
+def _label(ledger: Ledger) -> str:
+    path = ledger.store.database_path
+    return str(path) if path is not None else "partner registry"
 
 
 class SubjectRequests:
-    """Handle access, rectification and erasure requests of data subjects, each on the ledger."""
+    """Handle access, rectification and erasure requests of data subjects, each on the ledger.
 
-    def __init__(self, ledger: Ledger, *, actor: str = "dpo") -> None:
+    `registries`: the partners' own registries (their consent and the pseudonyms of the subjects
+    each job used, under each partner's key; `federation.node_data.partner_registry_path`).
+    Access searches them too; erasure withdraws consent and destroys keys in each and finds the
+    jobs whose models it flags in `ledger` (the jobs' ledger). Both need the subject's id (a
+    pseudonym of one ledger means nothing in another).
+    """
+
+    def __init__(self, ledger: Ledger, *, actor: str = "dpo",
+                 registries: Iterable[Ledger] = ()) -> None:
         self.ledger = ledger
         self.actor = actor
         self.registry = ConsentRegistry(ledger, actor=actor)
         self.subjects = self.registry.subjects
+        self.registries = [_Registry(r, ConsentRegistry(r, actor=actor), _label(r))
+                           for r in registries if r is not ledger]
+
+    def _need_raw_id(self, subject_id: Any) -> None:
+        if self.registries and isinstance(subject_id, str) and PSEUDONYM.match(subject_id):
+            raise LedgerError("a request across partner registries needs the subject's id, not a "
+                              "pseudonym: each registry pseudonymises under its own key")
 
     def receive(self, subject_id: Any, kind: str, *, channel: str,
                 request_id: str | None = None) -> str:
@@ -126,7 +170,7 @@ class SubjectRequests:
             actor=self.actor,
         )
 
-    def subject_events(self, subject: str) -> list[LedgerEvent]:
+    def subject_events(self, subject: str, ledger: Ledger | None = None) -> list[LedgerEvent]:
         """Every event indexed under this subject pseudonym, in seq order."""
         query = (
             select(ledger_events)
@@ -134,25 +178,39 @@ class SubjectRequests:
             .where(event_index.c.kind == "subject", event_index.c.value == subject)
             .order_by(ledger_events.c.seq)
         )
-        return self.ledger.select_events(query)
+        return (ledger or self.ledger).select_events(query)
 
     def report(self, subject_id: Any) -> SubjectReport:
-        """Everything held about the subject, without writing anything (see `access`)."""
+        """Everything held about the subject, without writing anything (see `access`): in this
+        ledger, and in each partner registry (entries marked with their `registry`)."""
+        self._need_raw_id(subject_id)
         subject = self.subjects.pseudonym(subject_id)
         report = SubjectReport(subject, datetime.now(UTC).isoformat(timespec="seconds"))
-        for event in self.subject_events(subject):
+        self._collect(report, self.ledger, self.subjects, subject, None)
+        for reg in self.registries:
+            pseudonym = reg.subjects.pseudonym(subject_id)
+            report.registries.append({"registry": reg.label, "subject": pseudonym})
+            self._collect(report, reg.ledger, reg.subjects, pseudonym, reg.label)
+        return report
+
+    def _collect(self, report: SubjectReport, ledger: Ledger, subjects: SubjectKeys,
+                 subject: str, label: str | None) -> None:
+        events = []
+        for event in self.subject_events(subject, ledger):
             item = event.to_dict()
             envelope = event.payload.get("personal")
             if envelope is not None:
-                opened = self.subjects.open(subject, envelope)
+                opened = subjects.open(subject, envelope)
                 item["personal"] = ERASED if opened.erased else opened.fields
                 if opened.erased:
                     report.erased = True
                 else:
                     report.personal_data.update(opened.fields or {})
                 item["payload"] = {k: v for k, v in item["payload"].items() if k != "personal"}
-            report.events.append(item)
-        with self.ledger.store.read() as connection:
+            if label is not None:
+                item["registry"] = label
+            events.append(item)
+        with ledger.store.read() as connection:
             consents = connection.execute(
                 select(consent_state).where(consent_state.c.subject == subject)
             ).all()
@@ -161,13 +219,17 @@ class SubjectRequests:
                 .where(job_subjects.c.subject == subject)
                 .order_by(job_subjects.c.job_id)
             ).all()
-        report.consents = [ConsentRecord(**row._mapping).__dict__ for row in consents]
-        report.jobs = [{"job_id": j, "dataset": d} for j, d in jobs]
-        if self.subjects.live_key_count(subject) == 0 and report.events:
+        extra = {} if label is None else {"registry": label}
+        report.events.extend(events)
+        report.consents.extend({**ConsentRecord(**row._mapping).__dict__, **extra}
+                               for row in consents)
+        known = {(j["job_id"], j["dataset"]) for j in report.jobs}
+        report.jobs.extend({"job_id": j, "dataset": d} for j, d in jobs if (j, d) not in known)
+        report.jobs.sort(key=lambda j: (j["job_id"], j["dataset"]))
+        if subjects.live_key_count(subject) == 0 and events:
             report.erased = report.erased or any(
-                e["event_type"] == EventType.SUBJECT_ERASED.value for e in report.events
+                e["event_type"] == EventType.SUBJECT_ERASED.value for e in events
             )
-        return report
 
     def access(self, subject_id: Any, *, request_id: str | None = None,
                channel: str = "dpo") -> SubjectReport:
@@ -200,28 +262,49 @@ class SubjectRequests:
         self._fulfilled(request_id, "rectification", subject, f"corrected {', '.join(sorted(corrections))}")
         return event
 
-    def erase(self, subject_id: Any, *, request_id: str | None = None,
-              channel: str = "dpo") -> ErasureReport:
-        """Crypto-shred the subject: withdraw consents, destroy keys, flag models, log it all."""
-        request_id = request_id or self.receive(subject_id, "erasure", channel=channel)
-        subject = self.subjects.pseudonym(subject_id)
+    def _shred(self, ledger: Ledger, registry: ConsentRegistry, subject: str, request_id: str,
+               channel: str) -> tuple[list[str], int, set[str]]:
+        """In one ledger: withdraw the subject's consents, destroy its keys; the jobs it lists."""
         withdrawn = [
-            record.purpose for record in self.registry.current(subject)
-            if record.status == "granted"
+            record.purpose for record in registry.current(subject) if record.status == "granted"
         ]
         now = datetime.now(UTC).isoformat()
-        self.ledger.append_many(
+        ledger.append_many(
             (EventType.CONSENT_WITHDRAWN,
              {"subject": subject, "purpose": purpose, "channel": channel,
               "source": f"erasure request {request_id}", "timestamp": now},
              self.actor, None)
             for purpose in withdrawn
         )
-        destroyed = self.subjects.destroy(subject, why=f"erasure request {request_id}")
-        with self.ledger.store.read() as connection:
-            jobs = sorted(set(connection.execute(
+        destroyed = registry.subjects.destroy(subject, why=f"erasure request {request_id}")
+        with ledger.store.read() as connection:
+            jobs = set(connection.execute(
                 select(job_subjects.c.job_id).where(job_subjects.c.subject == subject)
-            ).scalars()))
+            ).scalars())
+        return withdrawn, destroyed, jobs
+
+    def erase(self, subject_id: Any, *, request_id: str | None = None,
+              channel: str = "dpo") -> ErasureReport:
+        """Crypto-shred the subject: withdraw consents, destroy keys, flag models, log it all —
+        in this ledger and in every partner registry given, where the pseudonyms of the
+        subjects each job used are kept."""
+        self._need_raw_id(subject_id)
+        request_id = request_id or self.receive(subject_id, "erasure", channel=channel)
+        subject = self.subjects.pseudonym(subject_id)
+        withdrawn, destroyed, found = self._shred(self.ledger, self.registry, subject, request_id,
+                                                  channel)
+        reached: set[tuple[str, str]] = set()
+        in_registries = []
+        for reg in self.registries:
+            pseudonym = reg.subjects.pseudonym(subject_id)
+            purposes, keys, jobs_there = self._shred(reg.ledger, reg.consent, pseudonym,
+                                                     request_id, channel)
+            withdrawn += [p for p in purposes if p not in withdrawn]
+            destroyed += keys
+            found |= jobs_there
+            reached |= _traced_pairs(reg.ledger)
+            in_registries.append((reg, pseudonym, keys, sorted(jobs_there)))
+        jobs = sorted(found)
         models = _models_of_jobs(self.ledger, jobs)
         self.ledger.append_many(
             (EventType.MODEL_FLAGGED,
@@ -231,15 +314,21 @@ class SubjectRequests:
             for job_id, model in models
         )
         flagged = [model for _job, model in models]
-        untraceable = _untraceable_jobs(self.ledger, exclude=set(jobs))
+        for reg, pseudonym, keys, jobs_there in in_registries:
+            reg.ledger.append(
+                EventType.SUBJECT_ERASED,
+                {"subject": pseudonym, "request_id": request_id, "keys_destroyed": keys,
+                 "models_flagged": [m for j, m in models if j in jobs_there]},
+                actor=self.actor)
+        untraceable = _untraceable_jobs(self.ledger, exclude=set(jobs), reached=reached)
         unknown = [model for _job, model in _models_of_jobs(self.ledger, sorted(untraceable))
                    if not model.endswith("(job not finished)")]
         note = ""
         if unknown:
             reasons = sorted({why for whys in untraceable.values() for why in whys})
-            note = (f"{len(unknown)} model(s) were trained on datasets whose subjects were not "
-                    f"recorded ({'; '.join(reasons)}): models trained on datasets without subject "
-                    "ids cannot be traced to this subject, so they were not flagged; review them")
+            note = (f"{len(unknown)} model(s) were trained on datasets whose subjects could not "
+                    f"be searched ({'; '.join(reasons)}): they cannot be traced to this subject, "
+                    "so they were not flagged; review them")
         payload: dict[str, Any] = {"subject": subject, "request_id": request_id,
                                    "keys_destroyed": destroyed, "models_flagged": flagged}
         if unknown:
@@ -248,10 +337,10 @@ class SubjectRequests:
         event = self.ledger.append(EventType.SUBJECT_ERASED, payload, actor=self.actor)
         outcome = f"{destroyed} keys destroyed, {len(flagged)} models flagged"
         if unknown:
-            outcome += f", {len(unknown)} models untraceable (trained without subject ids)"
+            outcome += f", {len(unknown)} models untraceable (their subjects could not be searched)"
         self._fulfilled(request_id, "erasure", subject, outcome)
         return ErasureReport(subject, request_id, destroyed, withdrawn, flagged, event,
-                             unknown, note)
+                             unknown, note, [reg.label for reg in self.registries])
 
 
 def _models_of_jobs(ledger: Ledger, jobs: list[str]) -> list[tuple[str, str]]:
@@ -263,21 +352,38 @@ def _models_of_jobs(ledger: Ledger, jobs: list[str]) -> list[tuple[str, str]]:
         finished = ledger.events(job_id=job_id, event_type=EventType.JOB_FINISHED)
         if not names and finished:
             names = [f"{job_id}/model"]
+        if not names and not ledger.events(job_id=job_id, event_type=EventType.JOB_CREATED):
+            names = [f"{job_id}/model (the job is recorded in the coordinator's ledger)"]
         if not names:
             names = [f"{job_id}/model (job not finished)"]
         result.extend((job_id, name) for name in names)
     return result
 
 
-def _untraceable_jobs(ledger: Ledger, *, exclude: set[str]) -> dict[str, list[str]]:
+def _traced_pairs(ledger: Ledger) -> set[tuple[str, str]]:
+    """(job_id, dataset) of every job whose subjects this (partner) ledger keeps."""
+    return {(str(e.job_id), str(e.payload.get("dataset")))
+            for e in ledger.events(event_type=EventType.SUBJECTS_USED)
+            if e.job_id is not None and e.payload.get("traceable", True)
+            and e.payload.get("held_by") is None}
+
+
+def _untraceable_jobs(ledger: Ledger, *, exclude: set[str],
+                      reached: set[tuple[str, str]] = frozenset()) -> dict[str, list[str]]:
     """job_id -> why, for each job (not in `exclude`) that used a dataset whose subjects are unknown:
-    recorded as untraceable by its data loader, or a partner of `job.created` with no record."""
+    recorded as untraceable by its data loader, a partner of `job.created` with no record, or a
+    partner whose registry holds the subjects but was not among those searched (`reached`)."""
     recorded: dict[str, dict[str, str | None]] = {}
     for event in ledger.events(event_type=EventType.SUBJECTS_USED):
         if event.job_id is None:
             continue
-        why = None if event.payload.get("traceable", True) else str(
-            event.payload.get("reason") or "subjects not recorded")
+        if not event.payload.get("traceable", True):
+            why = str(event.payload.get("reason") or "subjects not recorded")
+        elif (event.payload.get("held_by") is not None
+              and (event.job_id, event.payload.get("dataset")) not in reached):
+            why = "its subjects are kept in the partner's own registry, which was not searched"
+        else:
+            why = None
         datasets, name = recorded.setdefault(event.job_id, {}), event.payload.get("dataset")
         if name not in datasets or why is None:  # traced once is traced
             datasets[name] = why

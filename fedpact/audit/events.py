@@ -124,8 +124,13 @@ FIELD_KINDS: dict[EventType, dict[str, str]] = {
     EventType.DATA_EXCLUDED: {
         "dataset": STR, "purpose": STR, "excluded": COUNT, "total": COUNT, "reason": STR,
     },
+    # In a partner's own registry: the count and the manifest hash (SHA-256 over the sorted
+    # pseudonyms kept in job_subjects). In the coordinator's ledger: the count only, with
+    # `partner_manifest_sha256` (a commitment to the partner's manifest; its pseudonyms are under
+    # the partner's key) and `consent` (enforced / off / not checkable), never the pseudonyms.
     EventType.SUBJECTS_USED: {
-        "dataset": STR, "purpose": STR, "subjects": COUNT, "manifest_sha256": STR,
+        "dataset": STR, "purpose": STR, "subjects": COUNT, "manifest_sha256": OPT_STR,
+        "partner_manifest_sha256": OPT_STR, "consent": OPT_STR,
     },
     EventType.MATCH_STARTED: {"mode": STR, "datasets": STR_LIST, "purpose": STR},
     EventType.JOB_STARTED: {"purpose": STR},

@@ -563,6 +563,39 @@ def consent_show(
 
 # --- data-subject requests ---------------------------------------------------------------------
 
+RegistryOption = Annotated[
+    list[Path] | None,
+    typer.Option("--registry", help="A partner's own registry (its node's consent-ledger file) "
+                 "to search as well; repeatable. Without --db, the simulated partners' "
+                 "registries under --home (nodes/*/ledger.db) are searched too."),
+]
+
+
+@contextlib.contextmanager
+def _registries(home: str, db: str | None, given: list[Path] | None) -> Iterator[list[Ledger]]:
+    """Open the partner registries a DSAR searches: each --registry file, and without --db the
+    simulated partners' own registries under the run folder (federation.node_data
+    .partner_registry_path: nodes/<partner>/ledger.db). Each keeps its own keys beside it."""
+    paths = [Path(p) for p in given or ()]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        _fail(FedpactError(f"--registry {missing[0]}: no ledger database there"))
+    if db is None:
+        paths += sorted(Path(home).glob("nodes/*/ledger.db"))
+    seen: set[Path] = set()
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for path in paths:
+            if path.resolve() in seen or path.resolve() == (Path(home) / "ledger.db").resolve():
+                continue
+            seen.add(path.resolve())
+            try:
+                opened.append(stack.enter_context(Ledger.open(path)))
+            except _USER_ERRORS as exc:
+                _fail(FedpactError(f"partner registry {path}: {exc}"))
+        yield opened
+
+
 
 @dsar_app.command("access")
 def dsar_access(
@@ -572,9 +605,11 @@ def dsar_access(
     fmt: Annotated[str, typer.Option("--format", help="json or csv.")] = "json",
     channel: Annotated[str, typer.Option(help="How the request arrived.")] = "dpo",
     out: OutOption = None,
+    registry: RegistryOption = None,
 ) -> None:
     """Everything held about a subject (portability export); the request is logged.
 
+    Partner registries (--registry, and the simulated partners' under --home) are searched too.
     --out is opened before the request is logged, so a bad path logs nothing.
     """
     from fedpact.audit.dsar import SubjectRequests
@@ -582,8 +617,9 @@ def dsar_access(
     if fmt not in ("json", "csv"):
         _fail(FedpactError(f"--format {fmt!r} is not json or csv"))
     with _Output(out) as output:
-        with _ledger(home, db) as ledger:
-            report = SubjectRequests(ledger, actor="cli").access(subject, channel=channel)
+        with _ledger(home, db) as ledger, _registries(home, db, registry) as registries:
+            report = SubjectRequests(ledger, actor="cli", registries=registries).access(
+                subject, channel=channel)
         output.write(report.to_json() if fmt == "json" else report.to_csv())
 
 
@@ -594,17 +630,24 @@ def dsar_erase(
     home: HomeOption = ".fedpact",
     db: DbOption = None,
     channel: Annotated[str, typer.Option(help="How the request arrived.")] = "dpo",
+    registry: RegistryOption = None,
 ) -> None:
-    """Crypto-shred a subject: keys destroyed, consents withdrawn, models flagged; chain intact."""
+    """Crypto-shred a subject: keys destroyed, consents withdrawn, models flagged; chain intact.
+
+    In the ledger and in every partner registry (--registry, and the simulated partners' under
+    --home), where the subjects each job used are kept: their models are flagged."""
     from fedpact.audit.dsar import SubjectRequests
 
     if not yes:
         _fail(FedpactError("erasure destroys the subject's keys for good: add --yes to confirm"))
-    with _ledger(home, db) as ledger:
-        report = SubjectRequests(ledger, actor="cli").erase(subject, channel=channel)
+    with _ledger(home, db) as ledger, _registries(home, db, registry) as registries:
+        report = SubjectRequests(ledger, actor="cli", registries=registries).erase(
+            subject, channel=channel)
     console.print(f"erased {report.subject}: {report.keys_destroyed} keys destroyed, consents "
                   f"withdrawn for {', '.join(report.consents_withdrawn) or 'none'}, models flagged: "
                   f"{', '.join(report.models_flagged) or 'none'}")
+    console.print(f"partner registries searched: {len(report.registries)}"
+                  + (f" ({', '.join(report.registries)})" if report.registries else ""))
     if report.untraceable_models:
         console.print(f"[yellow]untraceable models:[/yellow] {', '.join(report.untraceable_models)}"
                       f" — {report.note}")
