@@ -4,6 +4,7 @@ consent CSV import that leaves no orphan keys."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -217,8 +218,7 @@ def telco_job(tmp_path_factory, shared_data):
     home = tmp_path_factory.mktemp("hardening-home")
     job = JobConfig(dataset="telco", partitioning="segment", rounds=1, batch_size=512,
                     learning_rate=0.3, dp=False, membership_audit=False, home=str(home),
-                    purpose="churn_model")
-    assert not job.require_consent
+                    purpose="churn_model", require_consent=False)
     run_simulated_job(job)
     return job
 
@@ -229,7 +229,7 @@ def test_erasure_flags_models_trained_without_consent_enforcement(telco_job) -> 
     from fedpact.audit.dsar import SubjectRequests
     from fedpact.federation.coordinator import partner_datasets
     from fedpact.federation.job import JobConfig
-    from fedpact.federation.node_data import load_node_data
+    from fedpact.federation.node_data import load_node_data, simulated_registries
     from fedpact.models.datasets import load_dataset
 
     job = telco_job
@@ -252,7 +252,12 @@ def test_erasure_flags_models_trained_without_consent_enforcement(telco_job) -> 
         assert [e.payload["traceable"] for e in untraced] == [False] * bank.num_partitions
 
         subject = load_dataset("telco").ids.tolist()[0]
-        erased = SubjectRequests(ledger).erase(subject)
+        # the subjects each job used are in the partners' own registries (nodes/<partner>/ledger.db)
+        with contextlib.ExitStack() as stack:
+            registries = [stack.enter_context(Ledger.open(p))
+                          for p in simulated_registries(job.home)]
+            assert len(registries) == 3
+            erased = SubjectRequests(ledger, registries=registries).erase(subject)
         assert erased.models_flagged == [f"{job.job_id}/model"]
         [flag] = ledger.events(event_type=EventType.MODEL_FLAGGED)
         assert flag.job_id == job.job_id and flag.payload["subject"] == erased.subject

@@ -37,6 +37,59 @@ def ensure_budgets(home: str, job: JobConfig, console: Console | None = None) ->
                                   f"δ ≤ {DEMO_BUDGET['delta']:g}")
 
 
+DEMO_CONSENT = {"channel": "demo import", "legal_basis": "consent", "notice_version": "demo",
+                "source": "fedpact demo: public data set, consent recorded for the demonstration"}
+"""How the demo records its public data sets' consent (visibly a demo import, not a real CMP)."""
+
+
+@dataclass
+class ConsentImport:
+    """What `ensure_consents` recorded: subjects granted per partner registry, and how long."""
+
+    granted: dict[str, int]
+    already: int
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.granted.values())
+
+
+def ensure_consents(job: JobConfig, console: Console | None = None, *,
+                    actor: str = "partner_admin:demo") -> ConsentImport:
+    """Record, in each simulated partner's own registry, a `consent.granted` for the job's purpose
+    for every subject of that partner's rows that has no valid grant (a bulk import, one
+    transaction per partner), so that the demo runs with consent enforcement on. Subjects who
+    were erased stay erased. A dataset without subject ids needs (and gets) nothing."""
+    from fedpact.audit.consent import ConsentRegistry
+    from fedpact.federation.node_data import partner_registry_path, simulated_partner
+
+    started = time.perf_counter()
+    granted: dict[str, int] = {}
+    already = 0
+    for index in range(job.num_partitions):
+        node = simulated_partner(job, index)
+        if node.train.ids is None or node.test.ids is None:
+            continue
+        ids = node.train.ids.tolist() + node.test.ids.tolist()
+        with Ledger.open(partner_registry_path({}, job, node.partner)) as ledger:
+            registry = ConsentRegistry(ledger, actor=actor)
+            valid = registry.allowed(ids, job.purpose)
+            erased = registry.subjects.is_erased
+            todo = [sid for sid, ok in zip(ids, valid, strict=True)
+                    if not ok and not erased(registry.pseudonym(sid))]
+            registry.grant_many(todo, job.purpose, **DEMO_CONSENT)
+        granted[node.partner] = len(todo)
+        already += int(valid.sum())
+    result = ConsentImport(granted, already, time.perf_counter() - started)
+    if console and granted:
+        before = f", {already:,} already granted" if already else ""
+        console.print(f"  consent (demo import): {result.total:,} subjects granted {job.purpose!r} "
+                      f"in their partner's own registry ({len(granted)} partners{before}, "
+                      f"{result.seconds:.1f} s); enforced by every node")
+    return result
+
+
 @dataclass
 class DemoJob:
     title: str
@@ -94,6 +147,7 @@ def run_demo(console: Console, *, home: str, epsilon: float = 1.0, delta: float 
                         purpose=f"{spec.task}_model_training", **settings)
         console.print(f"[bold]{spec.title}[/bold]\n  data: {spec.source_note}\n  job: {job.job_id}")
         ensure_budgets(home, job, console)
+        ensure_consents(job, console)
         with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                       console=console, transient=False) as progress:
