@@ -41,6 +41,7 @@ from fedpact.privacy.matching import protocol as protocol_module
 from fedpact.privacy.matching.groups import ELEMENT_BYTES, SecretScalar
 from fedpact.privacy.matching.keyed_hash import TOKEN_BYTES, hmac_tokens
 from fedpact.privacy.matching.normalize import enumeration_risk
+from fedpact.service import cli_match
 from fedpact.service.cli_match import match_app
 
 # --------------------------------------------------------------------------- 1. PSI cross-tab
@@ -407,7 +408,7 @@ def test_a_side_that_did_not_accept_the_risk_stops_both_before_any_hash_travels(
     assert "tokens" not in [kind for kind, _ in ta.recorder.sent]
 
 
-def test_record_match_writes_the_accepted_risk(tmp_path):
+def test_record_match_writes_the_accepted_risk(tmp_path, capsys):
     a = normalize_ids(_phones(30), "phone", "GB")
     b = normalize_ids(_phones(30, start=10), "phone", "GB")
     ta, tb = LocalTransport.pair(timeout=60)
@@ -422,6 +423,8 @@ def test_record_match_writes_the_accepted_risk(tmp_path):
         record_match(ledger, ra, build_overlap_report(ra, min_count=1))
         (done,) = ledger.events(event_type=EventType.MATCH_COMPLETED)
     assert done.payload["enumeration_risk"]["statement"] == ra.enumeration_risk
+    cli_match._print_result(ra, build_overlap_report(ra, min_count=1), 1, None)  # without --json
+    assert "residual risk" in capsys.readouterr().out
 
 
 def test_why_enumeration_attack_recovers_every_phone_number_from_the_keyed_hashes(monkeypatch):
