@@ -367,20 +367,47 @@ def model_card(ref: Annotated[str, typer.Argument(help="NAME@VERSION or NAME (la
 
 @model_app.command("export")
 def model_export(ref: Annotated[str, typer.Argument(help="NAME@VERSION or NAME (latest).")],
-                 out: Annotated[Path, typer.Option("--out", help="Where to write the TorchScript file.")],
+                 out: Annotated[Path, typer.Option("--out", help="Where to write the exported model.")],
                  purpose: Annotated[str, typer.Option(help="Why you take the model (recorded).")] = "model_scoring",
+                 fmt: Annotated[str, typer.Option("--format", help="torchscript | onnx")] = "torchscript",
                  url: UrlOption = DEFAULT_URL, token: TokenOption = None) -> None:
-    """Download the TorchScript export (recorded in the ledger as model.exported)."""
-    response = Api(url, token).call("GET", f"/models/{ref}/export", params={"purpose": purpose})
-    out.write_bytes(response.content)
-    console.print(f"wrote {out} ({len(response.content):,} bytes): TorchScript, input = encoded "
-                  "features in the layout stored inside (layout.json), output = probability")
+    """Download the scoring model (recorded in the ledger as model.exported): TorchScript or ONNX.
+
+    Input: numeric columns as float64 raw values in layout order, categorical columns as int64
+    codes into the declared category lists (-1 = any other value); the training encoding (clip to
+    bounds, scale, one-hot) and the calibration are inside; output: calibrated probability. The
+    contract is inside the file (fedpact.json) and in docs/service.md.
+    """
+    from fedpact.models.export import ExportError, torchscript_to_onnx
+
+    fmt = fmt.strip().lower()
+    if fmt not in ("torchscript", "onnx"):
+        _fail(f"--format {fmt!r}: use torchscript or onnx")
+    response = Api(url, token).call("GET", f"/models/{ref}/export",
+                                    params={"purpose": purpose, "format": fmt})
+    content = response.content
+    if fmt == "onnx" and content[:4] == b"PK\x03\x04":  # a coordinator that serves TorchScript only
+        with tempfile.TemporaryDirectory() as folder:
+            source = Path(folder) / "model.torchscript.pt"
+            source.write_bytes(content)
+            try:
+                torchscript_to_onnx(source, out)
+            except ExportError as exc:
+                _fail(str(exc))
+        size = out.stat().st_size
+    else:
+        out.write_bytes(content)
+        size = len(content)
+    console.print(f"wrote {out} ({size:,} bytes): {'ONNX' if fmt == 'onnx' else 'TorchScript'}; "
+                  "inputs numeric (float64, raw values) and categorical (int64 codes, -1 = other) "
+                  "in the layout stored inside (fedpact.json); output score = calibrated "
+                  "probability", highlight=False)
 
 
 @model_app.command("score")
 def model_score(
-    model: Annotated[str, typer.Argument(help="An exported TorchScript file, or NAME@VERSION to fetch "
-                                              "from the coordinator.")],
+    model: Annotated[str, typer.Argument(help="An exported TorchScript or ONNX file, or NAME@VERSION "
+                                              "to fetch from the coordinator.")],
     csv: Annotated[Path, typer.Argument(help="The rows to score (the label column may be absent).")],
     mapping: Annotated[Path, typer.Option("--mapping", "-m", help="TOML or YAML mapping file, as for training.")],
     out: Annotated[Path | None, typer.Option("--out", help="Write scores here instead of standard output.")] = None,
@@ -391,9 +418,11 @@ def model_score(
 ) -> None:
     """Score a CSV on this machine with the training validation rules; CSV of id, score to stdout.
 
-    Numeric features are standardised with statistics of these rows (as each partner does in
-    training); the columns and categories must match the model's layout. The use of the rows is
-    recorded in the ledger under --home as a data.accessed event.
+    The model encodes each row with its training layout (declared categories, numbers clipped to
+    their bounds and scaled) and applies its calibration, so a row's score never depends on the
+    other rows in the file; the label column is ignored. The mapping gives the separator, id
+    column and missing-value policy, and must list the model's numeric and categorical columns.
+    The use of the rows is recorded in the ledger under --home as a data.accessed event.
     """
     from fedpact.audit import EventType, Ledger
     from fedpact.service.api.registry import load_torchscript, read_scoring_rows, score_rows
@@ -401,7 +430,7 @@ def model_score(
     try:
         with _model_file(model, url, token) as path:
             scorer = load_torchscript(path)
-        data = read_scoring_rows(csv, mapping)
+        data = read_scoring_rows(csv, mapping, layout=scorer.layout)
         frame, notes = score_rows(scorer, data)
         who = partner or data.spec.name
         Path(home).mkdir(parents=True, exist_ok=True)
@@ -428,7 +457,7 @@ def _model_file(model: str, url: str, token: str | None) -> Iterator[Path]:
     if path.is_file():
         yield path
         return
-    if "/" in model or model.endswith(".pt"):
+    if "/" in model or model.endswith((".pt", ".onnx")):
         _fail(f"model file {model} not found")
     response = Api(url, token).call("GET", f"/models/{model}/export", params={"purpose": "model_scoring"})
     with tempfile.TemporaryDirectory() as folder:

@@ -7,8 +7,10 @@ Each finished job becomes `NAME@VERSION` under `HOME/registry/NAME/VERSION/`:
   top-decile lift / calibration, ε/δ spent with the dp-accounting cross-check, membership-attack
   AUC, and the ids of the ledger events of its lineage); its SHA-256 is in `model.delivered`;
 - `roc.png`, `gains.png`, `calibration.png` — drawn from the pooled score histograms;
-- `model.torchscript.pt` — TorchScript (input: the encoded feature vector in the layout's order;
-  output: probability), with `layout.json` and `card.json` inside as extra files.
+- `model.torchscript.pt`, `model.onnx` — the scoring model (fedpact.models.export): input = raw
+  numeric values (float64, layout order) and category codes (int64, -1 = not declared); the
+  training layout's encoding and the calibration correction inside; output = calibrated
+  probability; the contract (`fedpact.json`), layout and card inside (extra files / metadata).
 
 Curves and calibration come from the pooled 1,000-bin score histograms of all partners' held-out
 rows (the same figures the coordinator already receives each round; see docs/privacy.md), never
@@ -23,7 +25,6 @@ import json
 import math
 import shutil
 import threading
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,26 +34,34 @@ import pandas as pd
 import torch
 
 from fedpact.audit import EventType, Ledger
-from fedpact.errors import ConfigurationError, DataValidationError, FedpactError
+from fedpact.errors import FedpactError
 from fedpact.federation.coordinator import JobResult
 from fedpact.federation.job import JobConfig
-from fedpact.models.datasets import (
-    BUILTIN_SPECS,
-    DatasetSpec,
-    PartnerData,
-    load_csv,
-    load_mapping,
-    validate_frame,
+from fedpact.models.datasets import BUILTIN_SPECS, DatasetSpec, PartnerData
+from fedpact.models.export import (
+    ExportedModel,
+    ExportError,
+    export_onnx,
+    load_exported,
+    n_inputs,
+    torchscript_to_onnx,
 )
-from fedpact.models.features import FeaturePipeline
+from fedpact.models.export import export_torchscript as _export_torchscript
+from fedpact.models.export import load_network as _load_network
 from fedpact.models.metrics import metrics_from_histograms
-from fedpact.models.networks import build_model
+from fedpact.models.scoring import (
+    Calibration,
+    ScoringMismatch,
+    calibration_summary,
+    fit_calibration,
+)
+from fedpact.models.scoring import read_scoring_rows as _read_scoring_rows
+from fedpact.models.scoring import score_rows as _score_rows
 
 from .store import ServiceStore, _finite, dumps, models
 
 PLOTS = ("roc", "gains", "calibration")
 CALIBRATION_BINS = 10
-SMALL_SCORING_BATCH = 100
 
 
 class RegistryError(FedpactError):
@@ -244,137 +253,75 @@ def draw_plots(scores: PooledScores, title: str) -> dict[str, bytes]:
 
 
 # --------------------------------------------------------------------------- export and scoring
+# The logic lives in fedpact.models.export (TorchScript / ONNX with the layout's encoding and the
+# calibration inside) and fedpact.models.scoring (reading rows, scoring, calibration fitting).
 
-
-class _Probability(torch.nn.Module):
-    """The delivered network with a sigmoid: encoded features -> probability of the positive class."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(x)).squeeze(-1)
-
-
-def n_inputs(layout: dict) -> int:
-    return sum(len(v) for v in layout["categorical"].values()) + len(layout["numeric"])
+Scorer = ExportedModel
+EXPORT_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+DataFileMismatch = ScoringMismatch
+SCORING_NOTE = ("fedpact model score NAME@VERSION input.csv --mapping map.toml: validated like "
+                "training data, the label column ignored; the exported model encodes each row "
+                "with the training layout (declared categories, numbers clipped to their bounds "
+                "and scaled) and applies the calibration correction, so a row's score never "
+                "depends on the other rows scored with it")
 
 
 def load_network(model_path: Path) -> tuple[torch.nn.Module, dict]:
-    saved = torch.load(model_path, weights_only=False)
-    net = build_model(saved["model"], n_inputs(saved["layout"]))
-    net.load_state_dict(saved["state_dict"])
-    net.eval()
-    return net, saved["layout"]
+    net, _kind, layout = _load_network(model_path)
+    return net, layout
 
 
-def export_torchscript(model_path: Path, out: Path, card: dict) -> None:
-    """TorchScript (traced; torch marks tracing deprecated but the format loads in torch and libtorch)."""
-    net, layout = load_network(model_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(_Probability(net), torch.zeros(2, n_inputs(layout)))
-        torch.jit.save(traced, str(out), _extra_files={"layout.json": json.dumps(layout),
-                                                       "card.json": json.dumps(card)})
+def export_torchscript(model_path: Path, out: Path, card: dict,
+                       calibration: Calibration | None = None) -> dict:
+    """The TorchScript scoring model (models.export); its input contract."""
+    try:
+        return _export_torchscript(model_path, out, card=card, calibration=calibration)
+    except ExportError as exc:
+        raise RegistryError(str(exc), 409) from None
 
 
-@dataclass
-class Scorer:
-    """A delivered model ready to score: probability from an encoded feature matrix, and its layout."""
-
-    predict: object
-    layout: dict
-    label: str
-
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self.predict(torch.from_numpy(np.asarray(X, np.float32))).numpy()  # type: ignore[operator]
+def load_torchscript(path: Path) -> ExportedModel:
+    """A fedpact export, TorchScript or ONNX (the file's content decides)."""
+    try:
+        return load_exported(path)
+    except ExportError as exc:
+        raise RegistryError(str(exc), 422) from None
 
 
-def load_torchscript(path: Path) -> Scorer:
-    extra = {"layout.json": "", "card.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            module = torch.jit.load(str(path), _extra_files=extra)
-        except Exception as exc:  # torch raises RuntimeError / ValueError for foreign files
-            raise RegistryError(f"{path}: not a fedpact TorchScript export ({exc})", 422) from None
-    if not extra["layout.json"]:
-        raise RegistryError(f"{path}: the export carries no layout.json (not a fedpact export?)", 422)
-    card = json.loads(extra["card.json"] or "{}")
-    return Scorer(module, json.loads(extra["layout.json"]), card.get("model", path.name))
+def read_scoring_rows(csv_path: str | Path, mapping_path: str | Path | DatasetSpec,
+                      layout: dict | None = None) -> PartnerData:
+    """Rows to score (models.scoring.read_scoring_rows): training validation, label ignored."""
+    return _read_scoring_rows(csv_path, mapping_path, layout)
 
 
-def read_scoring_rows(csv_path: str | Path, mapping_path: str | Path) -> PartnerData:
-    """The training rules (`load_mapping` + `load_csv` validation), with the label column optional.
-
-    Rows to score usually have no outcome yet. When the label column is absent it is filled with a
-    negative value for validation only, and the labels are not reported.
-    """
-    spec = load_mapping(mapping_path)
-    path = Path(csv_path)
-    if path.is_file() and path.stat().st_size > 0:
-        try:
-            header = pd.read_csv(path, sep=spec.separator, dtype=str, nrows=0).columns
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            header = None
-        if header is not None and spec.label not in [str(c).strip() for c in header]:
-            try:
-                frame = pd.read_csv(path, sep=spec.separator, dtype=str, keep_default_na=False)
-            except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-                raise DataValidationError(str(path), [f"cannot be parsed as CSV with separator "
-                                                      f"{spec.separator!r}: {exc}"]) from None
-            frame[spec.label] = spec.negative[0] if spec.negative else "__unlabelled__"
-            data = validate_frame(frame, spec, source=str(path))
-            data.notes.append(f"no {spec.label!r} column: scoring without labels")
-            data.labels = np.full(len(data), np.nan, dtype=np.float32)
-            return data
-    return load_csv(path, spec)
+def score_rows(scorer: ExportedModel, data: PartnerData) -> tuple[pd.DataFrame, list[str]]:
+    """Scores of validated rows with the model's embedded encoding (no statistic of the batch)."""
+    return _score_rows(scorer, data)
 
 
-def _layout_problems(model_layout: dict, local: dict) -> list[str]:
-    problems = []
-    if list(model_layout["categorical"]) != list(local["categorical"]):
-        problems.append(f"categorical columns {list(local['categorical'])} differ from the model's "
-                        f"{list(model_layout['categorical'])}")
-    else:
-        for col, values in model_layout["categorical"].items():
-            if list(values) != list(local["categorical"][col]):
-                problems.append(f"column {col!r}: categories {list(local['categorical'][col])} differ "
-                                f"from the model's {list(values)}; declare them in the mapping")
-    if list(model_layout["numeric"]) != list(local["numeric"]):
-        problems.append(f"numeric columns {list(local['numeric'])} differ from the model's "
-                        f"{list(model_layout['numeric'])}")
-    return problems
-
-
-def score_rows(scorer: Scorer, data: PartnerData) -> tuple[pd.DataFrame, list[str]]:
-    """Scores for validated rows; the feature statistics are fitted on these rows, locally.
-
-    As in training, where each partner standardises numbers with its own statistics and shares only
-    the layout, the scoring partner's own rows give the means and scales; the layout (columns and
-    categories) must equal the model's.
-    """
-    pipe = FeaturePipeline.fit(data)
-    problems = _layout_problems(scorer.layout, pipe.layout())
-    if problems:
-        raise DataFileMismatch(data.source, problems)
-    notes = list(data.notes)
-    if len(data) < SMALL_SCORING_BATCH:
-        notes.append(f"only {len(data)} rows: numeric features are standardised with statistics of "
-                     "these rows, which are unstable for small batches; score larger batches")
-    probs = scorer(pipe.transform(data))
-    if data.ids is not None:
-        frame = pd.DataFrame({data.spec.id_column: data.ids.to_numpy(), "score": probs})
-    else:
-        frame = pd.DataFrame({"row": np.arange(1, len(data) + 1), "score": probs})
-    return frame, notes
-
-
-class DataFileMismatch(ConfigurationError):
-    def __init__(self, source: str, problems: list[str]):
-        super().__init__(f"{source}: does not fit the model's feature layout: " + "; ".join(problems))
+def calibration_fields(scores: PooledScores, edges=None) -> tuple[Calibration, dict]:
+    """The calibration correction fitted on the pooled held-out histograms and the model card's
+    `calibration_correction` entry: the fit and the error before and after, from the same
+    histograms. `edges`: the bins' score edges (default: the scores' own, else equal-width bins
+    over [0, 1]). Post-processing of the released histograms: no extra ε."""
+    if edges is None:
+        edges = getattr(scores, "edges", None)
+    if edges is not None and len(edges) != scores.bins + 1:
+        edges = None
+    bins = np.asarray(edges, dtype=float) if edges is not None else scores.bins
+    calibration = fit_calibration(scores.pos, scores.neg, bins)
+    before = calibration_summary(scores.pos, scores.neg, bins)
+    after = calibration_summary(scores.pos, scores.neg, bins, calibration=calibration)
+    return calibration, {
+        **calibration.to_dict(),
+        "fitted_on": f"pooled held-out score histograms ({scores.bins} bins, {scores.source}; "
+                     "counts clipped at 0, each bin at its centre)",
+        "epsilon_cost": 0.0,
+        "privacy": "post-processing of the already released histograms: no extra ε",
+        "applied_in": ["model.torchscript.pt", "model.onnx"],
+        "before": before, "after": after,
+        "evaluated_on": "the same histograms (in-sample: two parameters fitted on them)",
+    }
 
 
 # --------------------------------------------------------------------------- the registry
@@ -415,9 +362,17 @@ class ModelRegistry:
             folder.mkdir(parents=True)
             shutil.copyfile(result.model_path, folder / "model.pt")
             card = self._card(job, result, scores, name, version, requested_by, partners)
+            released = getattr(result, "histograms", None) or {}
+            calibration, card["calibration_correction"] = calibration_fields(scores, released.get("edges"))
             for kind, png in draw_plots(scores, f"{name}@{version}").items():
                 (folder / f"{kind}.png").write_bytes(png)
-            export_torchscript(folder / "model.pt", folder / "model.torchscript.pt", card)
+            contract = export_torchscript(folder / "model.pt", folder / "model.torchscript.pt", card,
+                                          calibration)
+            card["export"] = {k: v for k, v in contract.items() if k != "layout"}
+            try:
+                export_onnx(folder / "model.pt", folder / "model.onnx", card=card, calibration=calibration)
+            except ExportError as exc:
+                raise RegistryError(str(exc), 409) from None
             text = json.dumps(_finite(card), indent=1)
             (folder / "card.json").write_text(text)
             digest = hashlib.sha256(text.encode()).hexdigest()
@@ -428,7 +383,7 @@ class ModelRegistry:
         event = self.ledger.append(
             EventType.MODEL_DELIVERED,
             {"model": f"{name}@{version}", "recipient": requested_by, "card_sha256": digest,
-             "format": "state_dict+torchscript", "purpose": job.purpose, "partners": partners},
+             "format": "state_dict+torchscript+onnx", "purpose": job.purpose, "partners": partners},
             actor="coordinator", job_id=job.job_id)
         with self.store.write_lock, self.store.engine.begin() as conn:
             conn.execute(update(models).where((models.c.name == name) & (models.c.version == version))
@@ -490,10 +445,8 @@ class ModelRegistry:
             "lineage": {"ledger_events": lineage,
                         "note": "ids of this job's ledger events; model.delivered follows the card"},
             "files": {"weights": "model.pt", "torchscript": "model.torchscript.pt",
-                      "plots": [f"{k}.png" for k in PLOTS]},
-            "scoring": ("fedpact model score NAME@VERSION input.csv --mapping map.toml: validated "
-                        "like training data; numeric features standardised with the scoring "
-                        "partner's own statistics; the layout must match"),
+                      "onnx": "model.onnx", "plots": [f"{k}.png" for k in PLOTS]},
+            "scoring": SCORING_NOTE,
             "consortium": partners,
         }
 
@@ -549,6 +502,36 @@ class ModelRegistry:
         entry = self.get(ref)
         return load_torchscript(Path(entry["folder"]) / "model.torchscript.pt")
 
+    def export_file(self, ref: str, fmt: str = "torchscript") -> tuple[Path, str]:
+        """The export of NAME@VERSION in `fmt` ("torchscript" or "onnx") and its download name.
+        Models registered before ONNX exports get theirs written from the TorchScript file."""
+        if fmt not in EXPORT_FILES:
+            raise RegistryError(f"export format {fmt!r}: use one of {', '.join(EXPORT_FILES)}", 422)
+        entry = self.get(ref)
+        folder = Path(entry["folder"])
+        path = folder / EXPORT_FILES[fmt]
+        if fmt == "onnx" and not path.is_file() and (folder / EXPORT_FILES["torchscript"]).is_file():
+            try:
+                torchscript_to_onnx(folder / EXPORT_FILES["torchscript"], path)
+            except ExportError as exc:
+                raise RegistryError(f"model {entry['model']}: {exc}", 409) from None
+        if not path.is_file():
+            raise RegistryError(f"model {entry['model']} has no {fmt} export", 404)
+        return path, entry["model"].replace("@", "-v") + EXPORT_FILES[fmt].removeprefix("model")
 
-__all__ = ["DatasetSpec", "ModelRegistry", "PooledScores", "RegistryError", "Scorer",
-           "load_torchscript", "parse_ref", "read_scoring_rows", "score_rows"]
+
+def _guarantee(job: JobConfig, result: JobResult) -> str:
+    """The model card's one-line privacy statement: what the run delivered, never ε 0."""
+    if not job.dp:
+        return NO_PRIVACY_GUARANTEE
+    statement = (f"record-level (ε, δ)-differential privacy per partner dataset: ε spent "
+                 f"{result.epsilon:.3g}, δ = {job.target_delta}")
+    if getattr(result, "private", True) is False:  # the run itself says it was not delivered
+        reasons = "; ".join(getattr(result, "not_private_reasons", None) or []) or "see job.finished"
+        statement += f" — but the run reports this guarantee was not delivered: {reasons}"
+    return statement
+
+
+__all__ = ["EXPORT_FILES", "DataFileMismatch", "DatasetSpec", "ModelRegistry", "PooledScores",
+           "RegistryError", "Scorer", "calibration_fields", "export_torchscript", "load_torchscript",
+           "parse_ref", "read_scoring_rows", "score_rows"]
