@@ -29,7 +29,7 @@ ROUNDS = 3
 NOISE, CLIP = 0.5, 0.2  # typical first-round update norms here are ≈ 1-1.5, so clipping bites
 JOB = dict(dataset="telco", partitioning="segment", num_partitions=3, rounds=ROUNDS, batch_size=256,
            learning_rate=0.3, dp=False, membership_audit=False, seed=0, target_delta=1e-5,
-           central_dp_noise=NOISE, central_dp_clip=CLIP)
+           central_dp_noise=NOISE, central_dp_clip=CLIP, require_consent=False)
 
 
 def flat(arrays) -> np.ndarray:

@@ -68,7 +68,7 @@ def deployment(tmp_path_factory):
 def _job(d: LoopbackDeployment, **overrides) -> JobConfig:
     settings = dict(dataset="telco", partitioning="segment", num_partitions=3, rounds=3,
                     batch_size=256, membership_audit=False, home=str(d.home), round_timeout=20,
-                    retry_pause=1, round_retries=1)
+                    retry_pause=1, round_retries=1, require_consent=False)
     settings.update(overrides)
     return JobConfig(**settings).validate()
 

@@ -14,7 +14,7 @@ from fedpact.models.networks import build_model
 
 def _update(tmp_path, name: str) -> dict:
     job = JobConfig(dataset="telco", partitioning="segment", rounds=2, batch_size=256,
-                    job_id="job-noise", home=str(tmp_path / name))
+                    job_id="job-noise", home=str(tmp_path / name), require_consent=False)
     node = load_node_data({"partition-id": 0}, job)
     from fedpact.federation.local_round import pipeline_for
 

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow]
 def test_federated_churn_on_cdnow_is_close_to_the_centralised_model(tmp_path):
     """3 partners (customers dealt by seed), 3 rounds of DP-SGD at ε ≤ 1 through the usual pipeline."""
     job = JobConfig(dataset="cdnow", partitioning="iid", num_partitions=3, rounds=3,
-                    batch_size=512, learning_rate=0.3, home=str(tmp_path))
+                    batch_size=512, learning_rate=0.3, home=str(tmp_path), require_consent=False)
     with Ledger.open(job.ledger_path) as ledger:  # each partner admin allows its dataset ε ≤ 3
         for name in partner_datasets(job):
             PrivacyBudgets(ledger).set(name, 3.0, 1e-4, actor="partner_admin:test")

@@ -37,7 +37,7 @@ def test_robust_settings_are_validated():
 def _run(tmp_path, name, monkeypatch, chaos="", **kw):
     monkeypatch.setenv("FEDPACT_CHAOS", chaos)
     job = JobConfig(dataset="telco", partitioning="segment", rounds=3, dp=False, batch_size=256,
-                    learning_rate=0.3, home=str(tmp_path / name), **kw)
+                    learning_rate=0.3, home=str(tmp_path / name), require_consent=False, **kw)
     return job, run_simulated_job(job)
 
 

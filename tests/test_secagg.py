@@ -44,7 +44,8 @@ pytestmark = [pytest.mark.slow]
 
 ROUNDS = 3
 JOB = dict(dataset="telco", partitioning="segment", num_partitions=3, rounds=ROUNDS, batch_size=256,
-           learning_rate=0.3, target_epsilon=1.0, target_delta=1e-5, membership_audit=False, seed=0)
+           learning_rate=0.3, target_epsilon=1.0, target_delta=1e-5, membership_audit=False, seed=0,
+           require_consent=False)
 # One partner's quantisation error is at most one level, 2·8/2²² ≈ 3.8e-6 per weight.
 LEVEL = 2 * secagg.SECAGG_CLIPPING_RANGE / secagg.SECAGG_QUANTIZATION_RANGE
 

@@ -155,8 +155,11 @@ def run_demo(console: Console, *, home: str, epsilon: float = 1.0, delta: float 
             ref = progress.add_task("reference models", total=1, status="waiting", start=False)
 
             def on_round(rnd: int, entry: dict, _task=fed) -> None:
-                progress.update(_task, completed=rnd,
-                                status=f"AUC {entry['roc_auc']:.3f}  ε {entry['epsilon']:.3f}")
+                auc = entry.get("roc_auc")  # only evaluation rounds carry metrics
+                shown = f"AUC {auc:.3f}  " if isinstance(auc, int | float) else ""
+                epsilon = entry.get("epsilon")
+                shown += f"ε {epsilon:.3f}" if isinstance(epsilon, int | float) else ""
+                progress.update(_task, completed=rnd, status=shown)
 
             def on_baselines(_task=ref) -> None:
                 progress.update(_task, completed=1, status="done")
