@@ -15,6 +15,11 @@ from fedpact.audit.events import EventType, LedgerError
 from fedpact.audit.ledger import Ledger
 from fedpact.audit.retention import RETENTION_DAYS, retention_class_of
 
+NO_PRIVACY_GUARANTEE = "no formal privacy guarantee (ε = ∞)"
+"""How every record and screen names a job trained without differential privacy (never ε 0)."""
+SECAGG_CLAIM = ("secure aggregation (SecAgg+): the coordinator sees only the sum of the partners' "
+                "updates")
+
 
 @dataclass
 class ProcessingRecord:
@@ -49,6 +54,19 @@ class ProcessingRecord:
     """ε of the Laplace noise on the overlap report, per dataset charged (empty: exact report)."""
     match_mode: str | None = None
     """hash, psi or psi-cardinality, as the match job's events record it."""
+    secure_aggregation: bool | None = None
+    """Whether SecAgg+ ran, as the job's events show: True (the events say it ran), False (they
+    show the plain apps ran, or say so), None (no event records it). Never the setting alone."""
+    secure_aggregation_requested: bool = False
+    consent_setting: bool | None = None
+    """The job's `require_consent` setting (job.created, else job.requested); None: not recorded."""
+    consent_turned_off_by: str | None = None
+    """Who requested the job with consent enforcement explicitly off (governed requests)."""
+    consent_not_checkable: list[str] = field(default_factory=list)
+    """Datasets whose rows could not be checked for consent (no subject id column)."""
+    not_private_reasons: list[str] = field(default_factory=list)
+    """Why the run itself reports that its DP guarantee was not delivered (job.finished
+    `private` = false), e.g. a node in reproducible-noise mode."""
 
     @property
     def consent_checked(self) -> bool:
@@ -59,20 +77,38 @@ class ProcessingRecord:
         """What the job's events say about differential privacy, plainly, either way."""
         if self.match_job:
             return match_report_statement(self.match_noise)
-        return dp_statement(self.dp, self.dp_epsilon, self.dp_delta, self.epsilon_spent)
+        statement = dp_statement(self.dp, self.dp_epsilon, self.dp_delta, self.epsilon_spent)
+        if self.dp and self.not_private_reasons:
+            statement += ("; but the run reports that this guarantee was not delivered: "
+                          + "; ".join(self.not_private_reasons))
+        return statement
+
+    def consent_off_statement(self) -> str | None:
+        """The job's own settings turned consent enforcement off: who did, when known."""
+        if self.consent_setting is not False:
+            return None
+        who = (f" by its requester {self.consent_turned_off_by}" if self.consent_turned_off_by
+               else "")
+        return (f"consent enforcement was turned off for this job{who}: its settings "
+                "(require_consent = false) asked for no consent check")
 
     def consent_statements(self) -> list[str]:
         """What the job's events say about consent checking, plainly, either way."""
+        off = self.consent_off_statement()
+        not_checkable = [f"{name}: consent could not be checked (the dataset has no subject id "
+                         "column); its rows were used without a consent check"
+                         for name in self.consent_not_checkable]
         if not self.excluded_without_consent:
-            return ["No consent check was applied: rows were used without checking each "
-                    "subject's consent for this purpose (the job ran without consent enforcement)"]
+            lines = ["No consent check was applied: rows were used without checking each "
+                     "subject's consent for this purpose (the job ran without consent enforcement)"]
+            return lines + [x for x in (off,) if x] + not_checkable
         lines = [
             f"{name}: {ex} of {total} rows excluded for lack of consent for this purpose"
             for name, (ex, total) in sorted(self.excluded_without_consent.items())
         ]
         lines += [f"{node}: no consent check was applied to its rows"
                   for node in self.consent_unchecked]
-        return lines
+        return lines + not_checkable + [x for x in (off,) if x]
 
     def sections(self) -> list[tuple[str, list[str]]]:
         datasets = [
@@ -122,14 +158,16 @@ class ImpactAssessment:
         if not r.excluded_without_consent:
             consent_count = ("no consent check was applied, so separate consent (PIPL Art. 14/23) "
                              "was not verified for any row")
-            consent = [r.consent_statements()[0]]
+            consent = r.consent_statements()
         else:
             consent_count = (f"{excluded} rows excluded for lack of separate consent "
                              "(PIPL Art. 14/23)")
             consent = ["consent was checked per subject and per purpose in the data loader of "
                        f"{'every' if r.consent_checked else 'some'} partner; rows without it "
                        "never reached feature computation"]
-            consent += [line for line in r.consent_statements() if "no consent check" in line]
+            consent += [line for line in r.consent_statements()
+                        if "no consent check" in line or "could not be checked" in line
+                        or "turned off" in line]
         if r.match_job and r.match_mode == "hash":
             residual = ("residual risk: keyed-hash matching — the responding partner learns "
                         "which of its own rows match and, holding the job key, could test "
@@ -140,7 +178,7 @@ class ImpactAssessment:
                         "of its identifiers the other holds (and per-segment counts over at "
                         "least k identifiers); no identifier is revealed unless both partners "
                         "asked for matched rows")
-        elif r.dp:
+        elif r.dp and not r.not_private_reasons:
             residual = ("residual risk: membership inference bounded by the ε spent; linkage "
                         "through pseudonyms requires the deployment secret")
         else:
@@ -192,14 +230,42 @@ def dp_statement(dp: bool | None, epsilon: Any, delta: Any, spent: Any) -> str:
     """One plain sentence on whether a job's updates were differentially private, and how."""
     if dp is None:
         return ("No ledger event records whether updates were differentially private: treat "
-                "them as not differentially private")
+                f"them as not differentially private ({NO_PRIVACY_GUARANTEE})")
     if not dp:
-        return ("Updates were not differentially private (DP-SGD was off for this job): nothing "
-                "beyond aggregation bounds what an individual's rows can reveal through the model")
+        return ("Updates were not differentially private (DP-SGD was off for this job): "
+                f"{NO_PRIVACY_GUARANTEE}; nothing beyond aggregation bounds what an individual's "
+                "rows can reveal through the model")
     bound = f"ε ≤ {epsilon}, δ = {delta}" if epsilon is not None else f"δ = {delta}"
     used = f"; ε spent {spent}" if spent is not None else ""
     return (f"model updates are differentially private (DP-SGD at {bound} per partner "
             f"dataset{used}), bounding what any individual's rows can reveal through the model")
+
+
+def _secure_aggregation_ran(asked: bool, engines: set[str], stated: list[bool],
+                            created: bool) -> bool | None:
+    """SecAgg+ ran (True), did not (False), or no event says (None): explicit statements of what
+    ran (`secure_aggregation` in job.finished / round.aggregated) win; else the engine recorded
+    in job.started — the simulation engine runs the SecAgg+ apps when the settings ask for them,
+    the deployment engine's bundle holds only the plain apps."""
+    if stated:
+        return stated[-1]
+    if asked and engines:
+        return engines == {"flower-simulation"}
+    if not asked and created:
+        return False
+    return None
+
+
+def secure_aggregation_ran(events: list, config: dict[str, Any]) -> bool | None:
+    """What a job's ledger `events` show about SecAgg+ having run, given its settings `config`
+    (job.created): True, False, or None when no event records it. Never the setting alone."""
+    engines = {e.payload["engine"] for e in events if e.event_type == EventType.JOB_STARTED.value
+               and isinstance(e.payload.get("engine"), str)}
+    stated = [e.payload["secure_aggregation"] for e in events
+              if e.event_type in (EventType.JOB_FINISHED.value, EventType.ROUND_AGGREGATED.value)
+              and isinstance(e.payload.get("secure_aggregation"), bool)]
+    return _secure_aggregation_ran(bool(config.get("secure_aggregation")), engines, stated,
+                                   bool(config))
 
 
 def _html(title: str, sections: list[tuple[str, list[str]]]) -> str:
@@ -245,8 +311,17 @@ def processing_record(
     match_job = False
     match_mode: str | None = None
     match_noise: dict[str, float] = {}
+    engines: set[str] = set()
+    secagg_ran: list[bool] = []  # explicit statements of what ran (e.g. job.finished)
+    not_checkable: set[str] = set()
+    finished_epsilon: Any = None
+    finished_last = False
+    not_private: list[str] = []
     for event in events:
         p = event.payload
+        if event.event_type in (EventType.JOB_FINISHED.value, EventType.ROUND_AGGREGATED.value) \
+                and isinstance(p.get("secure_aggregation"), bool):
+            secagg_ran.append(p["secure_aggregation"])
         classes.add(retention_class_of(event.event_type))
         if isinstance(p.get("purpose"), str) and p["purpose"] not in purposes:
             purposes.append(p["purpose"])
@@ -255,6 +330,12 @@ def processing_record(
             config = dict(p.get("config") or {})
         elif event.event_type == EventType.JOB_REQUESTED.value:
             requested = dict(p)
+        elif event.event_type == EventType.JOB_STARTED.value:
+            if isinstance(p.get("engine"), str):
+                engines.add(p["engine"])
+        elif event.event_type == EventType.SUBJECTS_USED.value:
+            if str(p.get("consent") or "").startswith("not checkable"):
+                not_checkable.add(str(p.get("dataset")))
         elif event.event_type in (EventType.MATCH_STARTED.value, EventType.MATCH_COMPLETED.value):
             match_job = True
             match_mode = str(p.get("mode") or match_mode or "") or None
@@ -273,9 +354,16 @@ def processing_record(
         elif event.event_type in (EventType.MODEL_DELIVERED.value, EventType.MODEL_EXPORTED.value):
             recipients.add(str(p.get("recipient") or p.get("to") or p.get("model") or "partners"))
         elif event.event_type == EventType.JOB_FINISHED.value:
+            finished_last, finished_epsilon = True, p.get("epsilon")
+            if p.get("private") is False:
+                not_private = [str(r) for r in p.get("not_private_reasons") or []] or [
+                    "job.finished records private = false"]
+            else:
+                not_private = []
             outcome = f"finished; ε spent {p.get('epsilon')}"
             epsilon_spent = p.get("epsilon")
         elif event.event_type in (EventType.JOB_FAILED.value, EventType.JOB_REFUSED.value):
+            finished_last = False
             outcome = f"{event.event_type}: {p.get('reason', '')}".strip()
     # differential privacy: the job's own settings (job.created, else the governed request),
     # else the budget charges it made; never assumed
@@ -289,6 +377,11 @@ def processing_record(
     if dp and float(settings.get("noise_multiplier") or 0) > 0:
         dp_epsilon = None  # an explicit noise multiplier: the bound is the ε spent, not a target
     dp_delta = settings.get("target_delta") if dp else None
+    if finished_last and not match_job and not dp:
+        # ε 0.0 in job.finished means "no accountant ran", not "no privacy loss"
+        outcome = (f"finished; {NO_PRIVACY_GUARANTEE}" if dp is False else
+                   f"finished; ε reported {finished_epsilon}, but no event records that "
+                   "updates were differentially private")
     if match_job:
         safeguards[0] = ("audience matching by keyed hashes or private set intersection: no "
                          "identifier leaves a partner in clear")
@@ -296,27 +389,48 @@ def processing_record(
     elif dp:
         bound = f"ε ≤ {dp_epsilon}, " if dp_epsilon is not None else ""
         safeguards.append(f"differential privacy (DP-SGD) at {bound}δ = {dp_delta} per partner "
-                          "dataset")
+                          "dataset"
+                          + ("; the run reports it was not delivered: " + "; ".join(not_private)
+                             if not_private else ""))
     else:
         safeguards.append(dp_statement(dp, None, None, None))
     if float(config.get("central_dp_noise") or 0) > 0:
         safeguards.append(f"central differential privacy on the aggregate (noise multiplier "
                           f"{config['central_dp_noise']}, clip {config.get('central_dp_clip')})")
-    if config.get("secure_aggregation"):
-        safeguards.append("secure aggregation (SecAgg+): the coordinator sees only the sum of "
-                          "the partners' updates")
+    # secure aggregation: only what the events show ran, never the setting alone
+    asked = bool(config.get("secure_aggregation"))
+    secure_aggregation = _secure_aggregation_ran(asked, engines, secagg_ran, bool(config))
+    if secure_aggregation:
+        safeguards.append(SECAGG_CLAIM)
+    elif asked and secure_aggregation is False:
+        safeguards.append("secure aggregation was requested but did not run ("
+                          + (f"engine: {', '.join(sorted(engines))}" if engines else
+                             "the job's events say so")
+                          + "): the coordinator received each partner's update (each one "
+                          + ("differentially private" if dp else "not differentially private")
+                          + ")")
+    elif asked:
+        safeguards.append("secure aggregation was requested, but no ledger event records that it "
+                          "ran: treat each partner's update as seen by the coordinator")
     # consent: only what the job's events show (data.excluded written by consent filtering)
     nodes = sorted({n for info in datasets.values() for n in info["nodes"]})
     unchecked = [n for n in nodes
                  if n not in excluded and not any(n in info["nodes"] and name in excluded
                                                   for name, info in datasets.items())]
+    consent_settings = config if "require_consent" in config else (
+        requested if "require_consent" in requested else {})
+    consent_setting = (bool(consent_settings["require_consent"]) if consent_settings else None)
+    turned_off_by = (str(requested.get("requested_by")) if requested.get("require_consent") is False
+                     and requested.get("requested_by") else None)
     if excluded:
         safeguards.append("consent checked per subject and per purpose before feature "
                           "computation; rows without a valid consent were excluded"
                           + (f" (not for {', '.join(unchecked)})" if unchecked else ""))
     else:
         safeguards.append("No consent check was applied: rows were used without checking each "
-                          "subject's consent for this purpose")
+                          "subject's consent for this purpose"
+                          + (" (consent enforcement was turned off for this job)"
+                             if consent_setting is False else ""))
     columns = sorted({c for info in datasets.values() for c in info["columns"]})
     retention = [
         f"{name}: {RETENTION_DAYS[name]} days, then personal fields are crypto-shredded"
@@ -345,4 +459,10 @@ def processing_record(
         match_job=match_job,
         match_noise=match_noise,
         match_mode=match_mode,
+        secure_aggregation=secure_aggregation,
+        secure_aggregation_requested=asked,
+        consent_setting=consent_setting,
+        consent_turned_off_by=turned_off_by,
+        consent_not_checkable=sorted(not_checkable),
+        not_private_reasons=not_private if dp else [],
     )
