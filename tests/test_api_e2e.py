@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from test_claims_consent import grant_consent
 from typer.testing import CliRunner
 
 from fedpact.audit import EventType, Ledger
@@ -40,6 +41,8 @@ def finished(tmp_path_factory):
     app = create_app(home, clock=clock)
     people = seed_consortium(app.state.service, TELCO)
     service = app.state.service
+    # consent is enforced by default: every customer consented to churn modelling
+    grant_consent(home, TELCO, "churn_model_training", load_dataset("telco").ids.tolist())
     with TestClient(app) as client:
         for partner in TELCO:
             r = client.put(f"/api/v1/budgets/{partner}", json={"epsilon": 5, "delta": 1e-4},

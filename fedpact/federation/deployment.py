@@ -6,6 +6,11 @@ whose `[tool.flwr.app.config]` is the job's full `JobConfig`; its components poi
 installed ServerApp and ClientApp (no code travels: runtime dependency installation is off and
 partners refuse any other ClientApp). `flwr run` submits it; the ServerApp writes the ledger and
 `result.json` exactly as the simulation does.
+
+Secure aggregation (SecAgg+) is not available here yet: the bundle's components are the plain
+Message-API apps, and partners run only `fedpact.federation.client_app:app`. A job asking for it
+is refused (`job.refused`) before any bundle is written or node contacted, instead of running
+with the coordinator seeing every partner's update.
 """
 
 from __future__ import annotations
@@ -47,6 +52,29 @@ def flower_env(**extra: str) -> dict[str, str]:
 
 class DeploymentError(FedpactError):
     """The deployment engine could not start, accept or finish a job."""
+
+
+SECURE_AGGREGATION_REFUSED = (
+    "secure aggregation (SecAgg+) is not available on Flower's deployment engine: its job bundle "
+    "holds fedpact's plain apps (partner nodes run only fedpact.federation.client_app:app), so "
+    "the coordinator would see each partner's update. Run the job without secure_aggregation")
+
+
+def refuse_unsupported(job: JobConfig) -> None:
+    """Refuse, before anything is written or sent, a job this engine cannot run as asked: one
+    `job.refused` event with the reason, then DeploymentError."""
+    if not job.secure_aggregation:
+        return
+    from fedpact.audit import EventType, Ledger
+
+    from .coordinator import refuse
+
+    job.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    error = DeploymentError(f"job {job.job_id} refused: {SECURE_AGGREGATION_REFUSED}")
+    with Ledger.open(job.ledger_path) as ledger:
+        if not ledger.events(job_id=job.job_id, event_type=EventType.JOB_REFUSED.value):
+            refuse(job, ledger, error)
+    raise error
 
 
 class PollingGrid(DelegatingGrid):
@@ -163,7 +191,9 @@ def register_node(connection: Connection, public_key: str | Path) -> int:
 
 
 def submit_job(connection: Connection, job: JobConfig) -> int:
-    """Start `job` on the SuperLink (`flwr run`); returns the Flower run id."""
+    """Start `job` on the SuperLink (`flwr run`); returns the Flower run id. A job this engine
+    cannot run as asked (secure aggregation) is refused first (`refuse_unsupported`)."""
+    refuse_unsupported(job)
     app = write_job_app(job, job.job_dir / "app")
     doc = flwr_cli(connection, "run", str(app), connection.name)
     return int(doc["run-id"])
@@ -249,6 +279,8 @@ class DeploymentRun:
     """The coordinator service's job engine on a SuperLink (`fedpact serve --superlink ...`)."""
 
     engine = "flower-deployment"
+    supports_secure_aggregation = False
+    """The bundle holds the plain apps: the service refuses SecAgg+ requests for this engine."""
 
     def __init__(self, connection: Connection, timeout: float = 3600) -> None:
         self.connection = connection
@@ -256,6 +288,7 @@ class DeploymentRun:
 
     def __call__(self, job: JobConfig, on_round: Callable[[int, dict], None]) -> JobResult:
         job.home = str(Path(job.home).resolve())  # the ServerApp process opens the same ledger
+        refuse_unsupported(job)
         run_id = submit_job(self.connection, job)
         return wait_for_result(self.connection, job, run_id, timeout=self.timeout,
                                on_round=on_round)

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedpact.audit import LedgerError
+from fedpact.audit.records import NO_PRIVACY_GUARANTEE
 from fedpact.errors import FedpactError
 
 from .cli_options import HomeOption, console, err_console
@@ -135,7 +136,14 @@ def job_submit(
     epsilon: Annotated[float, typer.Option(help="Target ε per partner dataset for the job.")] = 1.0,
     delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="Without differential privacy.")] = False,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Without differential privacy: the job "
+                                        "gives no formal privacy guarantee (ε = ∞).")] = False,
+    no_consent: Annotated[bool, typer.Option(
+        "--no-consent", help="Turn consent enforcement off (it is on by default): rows are used "
+        "without checking each subject's consent; the ledger and the job's record say so.")] = False,
+    secure_aggregation: Annotated[bool, typer.Option(
+        "--secure-aggregation", help="Flower SecAgg+ (refused by a coordinator that runs jobs on "
+        "the deployment engine).")] = False,
     model: Annotated[str, typer.Option(help="logreg | mlp")] = "logreg",
     batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 512,
     learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.3,
@@ -146,6 +154,7 @@ def job_submit(
     """Request a joint model (data_scientist); it runs once every partner admin approved it."""
     body = {"dataset": dataset, "partitioning": partitioning, "partners": partners, "purpose": purpose,
             "target_epsilon": epsilon, "target_delta": delta, "rounds": rounds, "dp": not no_dp,
+            "require_consent": not no_consent, "secure_aggregation": secure_aggregation,
             "model": model, "batch_size": batch_size, "learning_rate": learning_rate}
     if task:
         body["task"] = task
@@ -157,12 +166,32 @@ def job_submit(
         return
     console.print(f"job [bold]{job['job_id']}[/bold] requested: {job['task']} on {job['dataset']}, "
                   f"{job['rounds']} rounds, purpose {job['purpose']}")
+    _print_settings(job)
     console.print(f"waiting for the approval of: {', '.join(job['awaiting'])}")
 
 
+def _privacy(job: dict) -> str:
+    return job.get("privacy") or ("DP-SGD" if job.get("dp", True) else NO_PRIVACY_GUARANTEE)
+
+
+def _print_settings(job: dict) -> None:
+    """Privacy, consent and secure aggregation, in the words the API and the records use."""
+    dp = job.get("dp", True)
+    console.print(f"  privacy: {'' if dp else '[bold red]'}{_privacy(job)}{'' if dp else '[/bold red]'}",
+                  highlight=False)
+    if job.get("consent"):
+        off = not job.get("require_consent", True)
+        console.print(f"  consent: {'[bold red]' if off else ''}{job['consent']}{'[/bold red]' if off else ''}",
+                      highlight=False)
+    if job.get("secure_aggregation"):
+        console.print("  secure aggregation: SecAgg+ asked", highlight=False)
+
+
 def _decide(kind: str, job_id: str, partner: str, reason: str | None, url: str, token: str | None,
-            as_json: bool) -> None:
+            as_json: bool, acknowledge_no_privacy: bool = False) -> None:
     body = {"partner": partner, **({"reason": reason} if reason else {})}
+    if acknowledge_no_privacy:
+        body["acknowledge_no_privacy"] = True
     job = Api(url, token).json("POST", f"/jobs/{job_id}/{kind}", json=body)
     if as_json:
         _print_json(job)
@@ -177,10 +206,15 @@ PartnerOption = Annotated[str, typer.Option("--partner", help="The partner datas
 
 
 @job_app.command("approve")
-def job_approve(job_id: str, partner: PartnerOption, url: UrlOption = DEFAULT_URL,
+def job_approve(job_id: str, partner: PartnerOption,
+                acknowledge_no_privacy: Annotated[bool, typer.Option(
+                    "--acknowledge-no-privacy", help="Needed to approve a job without differential "
+                    "privacy: you confirm it gives no formal privacy guarantee (ε = ∞) for your "
+                    "dataset's rows.")] = False,
+                url: UrlOption = DEFAULT_URL,
                 token: TokenOption = None, as_json: JsonOption = False) -> None:
     """Approve a job for one partner dataset (partner_admin of that dataset)."""
-    _decide("approve", job_id, partner, None, url, token, as_json)
+    _decide("approve", job_id, partner, None, url, token, as_json, acknowledge_no_privacy)
 
 
 @job_app.command("reject")
@@ -199,13 +233,14 @@ def job_revoke(job_id: str, partner: PartnerOption,
     _decide("revoke", job_id, partner, reason, url, token, as_json)
 
 
-def _rounds_table(rounds: list[dict]) -> Table:
+def _rounds_table(rounds: list[dict], dp: bool = True) -> Table:
     table = Table(title="rounds", title_justify="left")
     for col in ("round", "train loss", "pooled ROC-AUC", "PR-AUC", "lift@10%", "ε so far"):
         table.add_column(col, justify="right")
     for r in rounds:
         table.add_row(str(r.get("round")), _fmt(r.get("train_loss")), _fmt(r.get("roc_auc")),
-                      _fmt(r.get("pr_auc")), _fmt(r.get("lift_at_10"), 2), _fmt(r.get("epsilon")))
+                      _fmt(r.get("pr_auc")), _fmt(r.get("lift_at_10"), 2),
+                      _fmt(r.get("epsilon")) if dp else "∞")
     return table
 
 
@@ -214,6 +249,7 @@ def _show_job(api: Api, job: dict) -> None:
                   + (f" — {job['reason']}" if job.get("reason") else ""))
     console.print(f"  {job['task']} on {job['dataset']}, purpose {job['purpose']}, requested by "
                   f"{job['submitted_by']} at {_ts(job['created_at'])}")
+    _print_settings(job)
     table = Table(title="partner decisions", title_justify="left")
     for col in ("partner", "decision", "by", "when", "reason"):
         table.add_column(col)
@@ -223,7 +259,7 @@ def _show_job(api: Api, job: dict) -> None:
                       _ts(d["at"]) if d else "–", (d.get("reason") or "") if d else "")
     console.print(table)
     if job.get("rounds"):
-        console.print(_rounds_table(job["rounds"]))
+        console.print(_rounds_table(job["rounds"], dp=job.get("dp", True)))
     if job.get("model"):
         console.print(f"model: {job['model']} (fedpact model card {job['model']})")
     logs = api.json("GET", f"/jobs/{job['job_id']}/logs")
@@ -247,12 +283,14 @@ def job_status(
             _print_json(jobs)
             return
         table = Table(title_justify="left")
-        for col in ("job", "status", "task", "dataset", "partners", "purpose", "requested by", "created", "model"):
+        for col in ("job", "status", "task", "dataset", "partners", "purpose", "ε target",
+                    "requested by", "created", "model"):
             table.add_column(col)
         for j in jobs:
             table.add_row(j["job_id"], j["status"], j["task"] or "", j["dataset"] or "",
-                          ", ".join(j["partners"]), j["purpose"] or "", j["submitted_by"],
-                          _ts(j["created_at"]), j.get("model") or "–")
+                          ", ".join(j["partners"]), j["purpose"] or "",
+                          _fmt(j.get("target_epsilon"), 2) if j.get("dp", True) else "∞ (no DP)",
+                          j["submitted_by"], _ts(j["created_at"]), j.get("model") or "–")
         console.print(table)
         console.print(f"{len(jobs)} jobs")
         return
@@ -279,8 +317,9 @@ def _follow(api: Api, job: dict, timeout: float) -> dict:
             time.sleep(1.0)
             job = api.json("GET", f"/jobs/{job['job_id']}")
             last = job["rounds"][-1] if job.get("rounds") else None
+            eps = _fmt(last.get("epsilon")) if last and job.get("dp", True) else "∞"
             progress.update(bar, completed=len(job.get("rounds", [])),
-                            status=(f"{job['status']}  AUC {_fmt(last.get('roc_auc'))}  ε {_fmt(last.get('epsilon'))}"
+                            status=(f"{job['status']}  AUC {_fmt(last.get('roc_auc'))}  ε {eps}"
                                     if last else job["status"]))
     return job
 
@@ -296,15 +335,19 @@ def job_result(job_id: str, url: UrlOption = DEFAULT_URL, token: TokenOption = N
     final = result.get("final", {})
     console.print(f"job {job_id}: ROC-AUC {_fmt(final.get('roc_auc'))}, PR-AUC {_fmt(final.get('pr_auc'))}, "
                   f"lift@10% {_fmt(final.get('lift_at_10'), 2)}, Brier {_fmt(final.get('brier'))} on "
-                  f"{int(final.get('n') or 0)} pooled held-out rows; ε {_fmt(result.get('epsilon'))}, "
-                  f"δ {result.get('delta')}; model {result.get('model') or '–'}")
+                  f"{int(final.get('n') or 0)} pooled held-out rows; "
+                  + (f"ε {_fmt(result.get('epsilon'))}, δ {result.get('delta')}"
+                     if result.get("dp", True) else NO_PRIVACY_GUARANTEE)
+                  + f"; model {result.get('model') or '–'}")
     table = Table(title_justify="left")
     for col in ("partner", "train rows", "test rows", "ε Opacus RDP", "ε dp-accounting RDP / PLD",
                 "σ", "membership AUC"):
         table.add_column(col, justify="left" if col == "partner" else "right")
     for p in result.get("partners", []):
-        table.add_row(p["name"], str(p["train_rows"]), str(p["test_rows"]), _fmt(p["epsilon"]),
-                      f"{_fmt(p['epsilon_google_rdp'])} / {_fmt(p['epsilon_google_pld'])}",
+        dp = result.get("dp", True)
+        table.add_row(p["name"], str(p["train_rows"]), str(p["test_rows"]),
+                      _fmt(p["epsilon"]) if dp else "∞",
+                      f"{_fmt(p['epsilon_google_rdp'])} / {_fmt(p['epsilon_google_pld'])}" if dp else "∞",
                       _fmt(p["noise_multiplier"], 2), _fmt(p.get("membership_auc")))
     console.print(table)
 
@@ -324,7 +367,9 @@ def model_list(url: UrlOption = DEFAULT_URL, token: TokenOption = None, as_json:
         table.add_column(col)
     for m in entries:
         table.add_row(m["model"], m["task"] or "", m["dataset"] or "", ", ".join(m["partners"]),
-                      _fmt(m["roc_auc"]), _fmt(m["epsilon_spent"]), m["job_id"], _ts(m["created_at"]))
+                      _fmt(m["roc_auc"]),
+                      _fmt(m["epsilon_spent"]) if m.get("dp", True) else "∞ (no DP)",
+                      m["job_id"], _ts(m["created_at"]))
     console.print(table)
 
 
@@ -357,7 +402,8 @@ def model_card(ref: Annotated[str, typer.Argument(help="NAME@VERSION or NAME (la
             table.add_row("", f"{name}: ε Opacus {_fmt(pp['epsilon_opacus_rdp'])}, dp-accounting RDP "
                               f"{_fmt(pp['epsilon_dp_accounting_rdp'])} / PLD {_fmt(pp['epsilon_dp_accounting_pld'])}")
     else:
-        table.add_row("privacy", "[red]trained without differential privacy[/red]")
+        table.add_row("privacy", f"[red]{NO_PRIVACY_GUARANTEE}: trained without differential "
+                                 "privacy[/red]")
     table.add_row("membership attack", f"max AUC {_fmt(mi['auc_max'])} ({mi['reading']})")
     table.add_row("lineage", ", ".join(f"{t} ×{len(ids)}" for t, ids in card["lineage"]["ledger_events"].items()))
     table.add_row("card SHA-256", entry["card_sha256"])

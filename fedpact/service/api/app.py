@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fedpact import __version__
 from fedpact.audit import EventType, Ledger, LedgerError
+from fedpact.audit.records import NO_PRIVACY_GUARANTEE
 from fedpact.errors import FedpactError
 from fedpact.privacy.budget import BudgetError, PrivacyBudgets
 
@@ -47,7 +48,8 @@ class CoordinatorService:
         self.store = ServiceStore(self.home, clock=clock)
         self.ledger = Ledger.open(self.home / "ledger.db")
         self.accounts = Accounts(self.store, self.ledger)
-        self.board = JobBoard(self.store, self.ledger)
+        self.board = JobBoard(self.store, self.ledger, supports_secure_aggregation=bool(
+            getattr(run, "supports_secure_aggregation", True)))
         self.registry = ModelRegistry(self.store, self.ledger)
         self.runner = JobRunner(self.board, self._register, run)
         self.start_worker = start_worker
@@ -87,13 +89,13 @@ class CoordinatorService:
         job = self.board.get_for(principal, job_id)
         decisions = self.board.decisions(job_id)
         detail = {**job.summary(), "request": job.request, "decisions": decisions,
-                  "rounds": self.board.rounds(job_id),
+                  "rounds": rounds_view(job, self.board.rounds(job_id)),
                   "awaiting": [p for p in job.partners
                                if decisions.get(p, {}).get("decision") != "approved"]
                   if job.status in OPEN else [],
                   "budgets": self.board.budget_preview(job) if job.status in OPEN else None}
         if job.result:
-            detail["result"] = result_summary(job.result)
+            detail["result"] = result_summary(job.result, dp=job.dp)
         return detail
 
     def visible_models(self, principal: Principal) -> list[dict]:
@@ -175,12 +177,40 @@ class CoordinatorService:
         return {"events": events, "next_after_seq": page.next_after_seq}
 
 
-def result_summary(result: dict) -> dict:
+def result_summary(result: dict, *, dp: bool = True) -> dict:
     keys = ("job_id", "final", "epsilon", "delta", "membership_auc", "seconds", "central_dp")
     out = {k: result.get(k) for k in keys}
+    for k in ("private", "not_private_reasons"):  # what the run says it delivered, when it says
+        if k in result:
+            out[k] = result[k]
     out["partners"] = result.get("partners", [])
     out["rounds"] = len(result.get("rounds", []))
-    return _finite(out)
+    return _finite(privacy_view(out, dp=dp))
+
+
+_PARTNER_EPSILONS = ("epsilon", "epsilon_google_rdp", "epsilon_google_pld", "noise_multiplier",
+                     "sample_rate", "steps")
+
+
+def privacy_view(result: dict, *, dp: bool) -> dict:
+    """A result as the API shows it: without DP no ε at all (the run reports 0.0, which would
+    read as "no privacy loss"), and the words every screen uses instead."""
+    if dp:
+        return {**result, "dp": True}
+    out = {**result, "dp": False, "epsilon": None, "delta": None, "privacy": NO_PRIVACY_GUARANTEE}
+    if isinstance(out.get("partners"), list):
+        out["partners"] = [{**p, **{k: None for k in _PARTNER_EPSILONS if k in p}}
+                           if isinstance(p, dict) else p for p in out["partners"]]
+    if isinstance(out.get("rounds"), list):
+        out["rounds"] = [{**r, "epsilon": None} if isinstance(r, dict) else r for r in out["rounds"]]
+    if isinstance(out.get("final"), dict) and "epsilon" in out["final"]:
+        out["final"] = {**out["final"], "epsilon": None}
+    return out
+
+
+def rounds_view(job: JobView, rounds: list[dict]) -> list[dict]:
+    """Per-round metrics; without DP the "ε so far" is absent (None), not 0."""
+    return rounds if job.dp else [{**r, "epsilon": None} for r in rounds]
 
 
 # --------------------------------------------------------------------------- authentication
@@ -277,8 +307,8 @@ def get_job(job_id: JobId, principal: AnyRole, service: Service) -> dict:
 @router.get("/jobs/{job_id}/rounds", tags=["jobs"], responses={404: {"description": "no such job"}})
 def job_rounds(job_id: JobId, principal: AnyRole, service: Service) -> list[dict]:
     """Pooled metrics after each round (ROC-AUC, PR-AUC, lift, Brier, ε so far)."""
-    service.board.get_for(principal, job_id)
-    return service.board.rounds(job_id)
+    job = service.board.get_for(principal, job_id)
+    return rounds_view(job, service.board.rounds(job_id))
 
 
 @router.get("/jobs/{job_id}/logs", tags=["jobs"], responses={404: {"description": "no such job"}})
@@ -296,19 +326,21 @@ def job_result(job_id: JobId, principal: People, service: Service) -> dict:
     job = service.board.get_for(principal, job_id)
     if not job.result:
         raise GovernanceError(f"job {job_id} is {job.status}: it has no result", 404)
-    return {**_finite(job.result), "model": job.model_ref}
+    return {**_finite(privacy_view(job.result, dp=job.dp)), "model": job.model_ref}
 
 
 def _decision(decision: str):
     def endpoint(job_id: JobId, body: DecisionIn, principal: PartnerAdmin, service: Service) -> dict:
-        service.board.decide(principal, job_id, body.partner, decision, body.reason)
+        service.board.decide(principal, job_id, body.partner, decision, body.reason,
+                             acknowledge_no_privacy=body.acknowledge_no_privacy)
         return service.job_detail(principal, job_id)
 
     return endpoint
 
 
 router.add_api_route("/jobs/{job_id}/approve", _decision("approved"), methods=["POST"], tags=["jobs"],
-                     summary="Approve a job for one partner dataset (partner_admin of it)",
+                     summary="Approve a job for one partner dataset (partner_admin of it); a job "
+                             "without DP needs acknowledge_no_privacy: true",
                      responses={404: {"description": "no such job"}, 409: {"description": "not open"}})
 router.add_api_route("/jobs/{job_id}/reject", _decision("rejected"), methods=["POST"], tags=["jobs"],
                      summary="Reject a job for one partner dataset; the job will not run",

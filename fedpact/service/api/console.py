@@ -20,10 +20,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from jinja2 import Undefined
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from fedpact.audit import EventType, LedgerError
+from fedpact.audit.records import NO_PRIVACY_GUARANTEE
 from fedpact.errors import FedpactError
 from fedpact.federation.partition import SCHEMES
 from fedpact.models.datasets import BUILTIN_SPECS
@@ -41,7 +43,7 @@ templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
 def _ts(value: Any) -> str:
-    if value in (None, ""):
+    if isinstance(value, Undefined) or value in (None, ""):
         return "–"
     try:
         return datetime.fromtimestamp(float(value), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -50,7 +52,7 @@ def _ts(value: Any) -> str:
 
 
 def _num(value: Any, digits: int = 3) -> str:
-    if value is None:
+    if value is None or isinstance(value, Undefined):  # e.g. a round that reports no loss
         return "–"
     try:
         v = float(value)
@@ -62,6 +64,7 @@ def _num(value: Any, digits: int = 3) -> str:
 templates.env.filters["ts"] = _ts
 templates.env.filters["num"] = _num
 templates.env.globals["idle_timeout_s"] = IDLE_TIMEOUT_S
+templates.env.globals["NO_PRIVACY"] = NO_PRIVACY_GUARANTEE
 
 
 class LoginRequired(Exception):
@@ -205,8 +208,14 @@ def install_console(app: FastAPI) -> None:
         principal = await run_in_threadpool(signed_in, request)
         need(principal, "data_scientist")
         check_csrf(principal, form)
-        fields = {k: v for k, v in form.items() if k != "csrf" and v != ""}
+        fields = {k: v for k, v in form.items()
+                  if k not in ("csrf", "require_consent_shown") and v != ""}
         fields["dp"] = "dp" in form
+        fields["secure_aggregation"] = "secure_aggregation" in form
+        # Consent enforcement is on unless the requester unticked the box the form shows
+        # (a form without the box, e.g. an older page, keeps it on).
+        fields["require_consent"] = ("require_consent" in form
+                                     or "require_consent_shown" not in form)
         try:
             body = JobRequestIn.model_validate(fields)
             service = _service(request)
@@ -248,8 +257,11 @@ def install_console(app: FastAPI) -> None:
         try:
             if decision is None:
                 raise FedpactError("decision must be approve, reject or revoke")
-            await run_in_threadpool(service.board.decide, principal, job_id, form.get("partner", ""),
-                                    decision, form.get("reason") or None)
+            await run_in_threadpool(
+                service.board.decide, principal, job_id, form.get("partner", ""), decision,
+                form.get("reason") or None,
+                acknowledge_no_privacy=form.get("acknowledge_no_privacy", "").lower()
+                in ("on", "true", "1", "yes"))
         except FedpactError as exc:
             status = getattr(exc, "status", 400)
             return page(request, "error.html", principal, status, title="Decision not recorded",
@@ -370,4 +382,5 @@ def _safe_next(target: str) -> str:
 def _job_form(request: Request, principal: Principal, form: dict, error: str,
               status: int = 200) -> HTMLResponse:
     return page(request, "new_job.html", principal, status, form=form, error=error,
-                datasets=list(BUILTIN_SPECS), schemes=list(SCHEMES), kinds=list(MODEL_KINDS))
+                datasets=list(BUILTIN_SPECS), schemes=list(SCHEMES), kinds=list(MODEL_KINDS),
+                secure_aggregation=_service(request).board.supports_secure_aggregation)

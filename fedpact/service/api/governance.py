@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, insert, select, update
 
 from fedpact.audit import EventType, Ledger, LedgerError
+from fedpact.audit.records import NO_PRIVACY_GUARANTEE
 from fedpact.errors import ConfigurationError, FedpactError
 from fedpact.federation.coordinator import JobResult, partner_datasets
 from fedpact.federation.job import JobConfig
@@ -37,6 +38,37 @@ PENDING, QUEUED, RUNNING = "pending_approval", "queued", "running"
 FINISHED, FAILED, REFUSED, REJECTED, REVOKED = "finished", "failed", "refused", "rejected", "revoked"
 OPEN = (PENDING, QUEUED)
 """States in which partners may still decide (nothing has run yet)."""
+
+
+def privacy_text(config: dict) -> str:
+    """What a job's settings promise, in the words every screen uses: never "ε 0" without DP."""
+    if not config.get("dp", True):
+        return NO_PRIVACY_GUARANTEE
+    if float(config.get("noise_multiplier") or 0) > 0:
+        return (f"DP-SGD with noise multiplier σ = {config['noise_multiplier']}, "
+                f"δ = {config.get('target_delta')} per partner dataset (ε from the plan)")
+    return (f"DP-SGD, ε ≤ {config.get('target_epsilon')}, δ = {config.get('target_delta')} per "
+            "partner dataset")
+
+
+def consent_text(config: dict, dataset: str | None = None) -> str:
+    """Whether the job's data loaders check each subject's consent, as the settings say."""
+    purpose = config.get("purpose", "")
+    if not config.get("require_consent"):
+        return ("consent enforcement turned off by the requester: rows are used without checking "
+                "each subject's consent")
+    spec = BUILTIN_SPECS.get(dataset or config.get("dataset", ""))
+    if spec is not None and not spec.id_column:
+        return (f"consent enforced where it can be checked: {spec.name} has no subject id "
+                "column, so its rows cannot be checked (the records will say so)")
+    return f"consent enforced: rows without a valid consent for {purpose} are excluded"
+
+
+SECURE_AGGREGATION_UNAVAILABLE = (
+    "secure_aggregation: secure aggregation (SecAgg+) is not available on Flower's deployment "
+    "engine, which runs this coordinator's jobs: the job bundle holds fedpact's plain apps, so the "
+    "coordinator would see each partner's update. Request the job without secure_aggregation "
+    "(each partner's update is then DP-protected but visible to the coordinator)")
 
 
 class GovernanceError(FedpactError):
@@ -68,11 +100,20 @@ class JobView:
     def model_ref(self) -> str | None:
         return f"{self.model_name}@{self.model_version}" if self.model_version else None
 
+    @property
+    def dp(self) -> bool:
+        return bool(self.config.get("dp", True))
+
     def summary(self) -> dict:
         return {"job_id": self.job_id, "status": self.status, "partners": self.partners,
                 "dataset": self.request.get("dataset"), "task": self.request.get("task"),
                 "purpose": self.request.get("purpose"), "planned_rounds": self.request.get("rounds"),
-                "target_epsilon": self.request.get("target_epsilon"),
+                "dp": self.dp,
+                "target_epsilon": self.config.get("target_epsilon") if self.dp else None,
+                "privacy": privacy_text(self.config),
+                "require_consent": bool(self.config.get("require_consent")),
+                "consent": consent_text(self.config, self.request.get("dataset")),
+                "secure_aggregation": bool(self.config.get("secure_aggregation")),
                 "submitted_by": self.submitted_by, "created_at": self.created_at,
                 "updated_at": self.updated_at, "reason": self.reason, "model": self.model_ref}
 
@@ -87,10 +128,14 @@ def _view(row) -> JobView:
 class JobBoard:
     """Job requests and partner decisions, kept in the service DB and written to the ledger."""
 
-    def __init__(self, store: ServiceStore, ledger: Ledger):
+    def __init__(self, store: ServiceStore, ledger: Ledger, *,
+                 supports_secure_aggregation: bool = True):
         self.store = store
         self.ledger = ledger
         self.on_queued: Callable[[str], None] = lambda job_id: None
+        self.supports_secure_aggregation = supports_secure_aggregation
+        """False when jobs run on an engine without SecAgg+ (the deployment engine): such
+        requests are refused instead of running the plain apps."""
 
     # ---- reading
 
@@ -147,12 +192,19 @@ class JobBoard:
         out = []
         for name in job.partners:
             b = budgets.get(name)
-            requested = job.config.get("target_epsilon") if job.config.get("dp") else 0.0
             remaining = b.epsilon_remaining if b and b.epsilon_max > 0 else None
-            out.append({"dataset": name, "requested_epsilon": requested,
-                        "epsilon_max": b.epsilon_max if b else None, "epsilon_remaining": remaining,
-                        "ok": (not job.config.get("dp")) or (remaining is not None
-                                                             and requested <= remaining + 1e-9)})
+            entry = {"dataset": name, "epsilon_max": b.epsilon_max if b else None,
+                     "epsilon_remaining": remaining}
+            if not job.dp:
+                # No ε is charged because none is bounded: not "ε 0", and nothing "fits".
+                entry.update(requested_epsilon=None, requested=NO_PRIVACY_GUARANTEE, ok=None,
+                             no_privacy=True)
+            else:
+                requested = job.config.get("target_epsilon")
+                entry.update(requested_epsilon=requested, requested=privacy_text(job.config),
+                             no_privacy=False,
+                             ok=remaining is not None and requested <= remaining + 1e-9)
+            out.append(entry)
         return out
 
     def log(self, job_id: str, message: str, level: str = "info") -> None:
@@ -180,11 +232,15 @@ class JobBoard:
                 f"features: {detail}. Jobs read every feature column of {spec.name} in its declared "
                 f"order (feature subsets are not supported yet); omit `features` to accept: "
                 f"{', '.join(features)}", 422)
+        if req.secure_aggregation and not self.supports_secure_aggregation:
+            raise GovernanceError(SECURE_AGGREGATION_UNAVAILABLE, 422)
         job = JobConfig(dataset=req.dataset, partitioning=req.partitioning,
                         num_partitions=req.partners, rounds=req.rounds, local_epochs=req.local_epochs,
                         batch_size=req.batch_size, learning_rate=req.learning_rate, model=req.model,
                         dp=req.dp, target_epsilon=req.target_epsilon, target_delta=req.target_delta,
-                        max_grad_norm=req.max_grad_norm, seed=req.seed, purpose=req.purpose, home=home)
+                        max_grad_norm=req.max_grad_norm, seed=req.seed, purpose=req.purpose,
+                        require_consent=bool(req.require_consent),
+                        secure_aggregation=bool(req.secure_aggregation), home=home)
         try:
             job.validate()
         except ConfigurationError as exc:
@@ -192,11 +248,15 @@ class JobBoard:
         partners = partner_datasets(job)
         model_name = req.model_name or f"{spec.task}-{req.dataset}"
         request = {**req.model_dump(), "task": spec.task, "features": features}
+        if not req.dp:  # no (ε, δ) is promised: don't keep the form's defaults as if it were
+            request.update(target_epsilon=None, target_delta=None)
         event = self.ledger.append(
             EventType.JOB_REQUESTED,
             {"task": spec.task, "dataset": spec.name, "partners": partners, "purpose": req.purpose,
              "features": features, "target_epsilon": req.target_epsilon if req.dp else None,
              "target_delta": req.target_delta if req.dp else None, "dp": req.dp,
+             "require_consent": job.require_consent,
+             "secure_aggregation": job.secure_aggregation,
              "rounds": req.rounds, "partitioning": req.partitioning, "model": model_name,
              "requested_by": principal.username},
             actor=principal.actor, job_id=job.job_id)
@@ -208,13 +268,20 @@ class JobBoard:
                 created_at=now, updated_at=now, request_event_id=event.event_id))
         self.log(job.job_id, f"requested by {principal.username}; waiting for the approval of "
                              f"{', '.join(partners)}")
+        config = job.as_dict()
+        self.log(job.job_id, f"privacy: {privacy_text(config)}; {consent_text(config)}"
+                 + ("; secure aggregation (SecAgg+)" if job.secure_aggregation else ""),
+                 "info" if req.dp and job.require_consent else "warning")
         return self.get(job.job_id)
 
     # ---- deciding
 
     def decide(self, principal: Principal, job_id: str, partner: str, decision: str,
-               reason: str | None = None) -> JobView:
-        """`approved`, `rejected` or `revoked` for one partner dataset the caller administers."""
+               reason: str | None = None, *, acknowledge_no_privacy: bool = False) -> JobView:
+        """`approved`, `rejected` or `revoked` for one partner dataset the caller administers.
+
+        Approving a job without DP needs `acknowledge_no_privacy`: the admin confirms that it
+        gives no formal privacy guarantee (ε = ∞) for the partner's rows."""
         if decision not in ("approved", "rejected", "revoked"):
             raise GovernanceError(f"unknown decision {decision!r}", 422)
         if not principal.has("partner_admin"):
@@ -245,8 +312,16 @@ class JobBoard:
             if decision == "revoked" and previous != "approved":
                 raise GovernanceError(f"{partner} has not approved job {job_id}; nothing to revoke "
                                       "(use reject to refuse it)", 409)
+            if decision == "approved" and not job.dp and not acknowledge_no_privacy:
+                raise GovernanceError(
+                    f"job {job_id} trains without differential privacy: it gives "
+                    f"{NO_PRIVACY_GUARANTEE} for the rows of {partner}. To approve it anyway, "
+                    "confirm that explicitly with acknowledge_no_privacy: true (console: tick the "
+                    "confirmation box; CLI: --acknowledge-no-privacy), or reject it", 422)
             payload = {"partner": partner, "dataset": partner, "decided_by": principal.username,
                        "purpose": job.request.get("purpose", "")}
+            if decision == "approved" and not job.dp:
+                payload["acknowledged_no_privacy"] = True
             if reason:
                 payload["reason"] = reason
             try:
@@ -277,7 +352,9 @@ class JobBoard:
                 conn.execute(update(job_requests).where(job_requests.c.job_id == job_id).values(
                     status=new_status, updated_at=now,
                     reason=(f"{decision} by {partner}: {reason}" if decision != "approved" else None)))
-        self.log(job_id, f"{partner}: {decision} by {principal.username}" + (f" ({reason})" if reason else ""))
+        self.log(job_id, f"{partner}: {decision} by {principal.username}" + (f" ({reason})" if reason else "")
+                 + (f", confirming {NO_PRIVACY_GUARANTEE}" if decision == "approved" and not job.dp
+                    else ""))
         if queued:
             self.log(job_id, "every partner approved: queued to run")
             self.on_queued(job_id)
@@ -411,6 +488,16 @@ class JobRunner:
         view = board.get(job_id)
         job = JobConfig(**view.config)
         engine = getattr(self.run, "engine", "flower-simulation")
+        if job.secure_aggregation and not getattr(self.run, "supports_secure_aggregation", True):
+            # Admission: e.g. a job queued before the service was restarted with --superlink.
+            # Refused before job.started: no node is contacted, no row is read.
+            from fedpact.federation.coordinator import refuse
+
+            reason = SECURE_AGGREGATION_UNAVAILABLE
+            refuse(job, ledger, FedpactError(reason))
+            board.finish(job_id, REFUSED, reason=reason)
+            board.log(job_id, f"refused: {reason}", "error")
+            return
         approvals = [d["event_id"] for d in board.decisions(job_id).values()]
         ledger.append(EventType.JOB_STARTED,
                       {"purpose": job.purpose, "partners": view.partners, "approvals": approvals,
@@ -421,9 +508,11 @@ class JobRunner:
                           f"{job.rounds} rounds")
 
         def on_round(rnd: int, entry: dict) -> None:
+            if not job.dp:  # the run reports ε 0.0 without DP; no ε bounds it
+                entry = {**entry, "epsilon": None}
             board.record_round(job_id, rnd, entry)
             board.log(job_id, f"round {rnd}/{job.rounds}: pooled ROC-AUC {entry.get('roc_auc', float('nan')):.3f}, "
-                              f"ε {entry.get('epsilon', 0.0):.3f}")
+                              + (f"ε {entry.get('epsilon') or 0.0:.3f}" if job.dp else NO_PRIVACY_GUARANTEE))
 
         try:
             result = self.run(job, on_round)
@@ -441,7 +530,7 @@ class JobRunner:
             return
         board.finish(job_id, FINISHED, result=result)
         board.log(job_id, f"finished in {result.seconds:.0f} s: ROC-AUC {result.final.get('roc_auc', float('nan')):.3f}, "
-                          f"ε {result.epsilon:.3f}")
+                          + (f"ε {result.epsilon:.3f}" if job.dp else NO_PRIVACY_GUARANTEE))
         try:
             version = self.on_finished(job, result, board.get(job_id))
         except Exception as exc:

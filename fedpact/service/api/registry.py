@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from fedpact.audit import EventType, Ledger
+from fedpact.audit.records import NO_PRIVACY_GUARANTEE, secure_aggregation_ran
 from fedpact.errors import FedpactError
 from fedpact.federation.coordinator import JobResult
 from fedpact.federation.job import JobConfig
@@ -394,8 +395,14 @@ class ModelRegistry:
               requested_by: str, partners: list[str]) -> dict:
         spec = BUILTIN_SPECS.get(job.dataset)
         lineage: dict[str, list[str]] = {}
-        for ev in self.ledger.events(job_id=job.job_id):
+        events = self.ledger.events(job_id=job.job_id)
+        for ev in events:
             lineage.setdefault(ev.event_type, []).append(ev.event_id)
+        created = [ev.payload.get("config") or {} for ev in events
+                   if ev.event_type == EventType.JOB_CREATED.value]
+        # what the job's events show ran, never the setting alone (None: no event records it)
+        secure_aggregation = secure_aggregation_ran(
+            events, created[0] if created else {"secure_aggregation": job.secure_aggregation})
         pooled = scores.metrics()
         final = {k: v for k, v in result.final.items() if k != "round"}
         return {
@@ -420,6 +427,7 @@ class ModelRegistry:
             "curves_source": f"pooled {scores.bins}-bin score histograms ({scores.source})",
             "privacy": {
                 "dp": job.dp, "unit": "one row of a partner dataset",
+                "guarantee": _guarantee(job, result),
                 "target_epsilon": job.target_epsilon if job.dp else None,
                 "target_delta": job.target_delta if job.dp else None,
                 "epsilon_spent": result.epsilon if job.dp else None,
@@ -432,7 +440,8 @@ class ModelRegistry:
                                          "sample_rate": p.sample_rate, "steps": p.steps}
                                 for p in result.partners} if job.dp else {},
                 "central_dp": result.central_dp or None,
-                "secure_aggregation": job.secure_aggregation,
+                "secure_aggregation": secure_aggregation,
+                "secure_aggregation_requested": job.secure_aggregation,
             },
             "membership_inference": {
                 "attack": "loss-threshold (Yeom et al. 2018) on each partner's train vs held-out rows",
@@ -465,6 +474,10 @@ class ModelRegistry:
                 "job_id": row.job_id, "task": card.get("task"), "dataset": card.get("dataset"),
                 "partners": card.get("consortium", []), "roc_auc": card["metrics"].get("roc_auc"),
                 "epsilon_spent": card["privacy"].get("epsilon_spent"),
+                "dp": bool(card["privacy"].get("dp")),
+                "privacy": card["privacy"].get("guarantee") or (
+                    NO_PRIVACY_GUARANTEE if not card["privacy"].get("dp") else
+                    f"differentially private, ε spent {card['privacy'].get('epsilon_spent')}"),
                 "created_at": row.created_at, "card_sha256": row.card_sha256,
                 "delivery_event_id": row.delivery_event_id}
 

@@ -41,7 +41,18 @@ class JobRequestIn(BaseModel):
     target_epsilon: float = Field(1.0, gt=0, le=100, description="ε per partner dataset for the job.")
     target_delta: float = Field(1e-5, gt=0, lt=1, description="δ per partner dataset for the job.")
     rounds: int = Field(3, ge=1, le=200)
-    dp: bool = Field(True, description="Record-level DP-SGD on every partner (recommended).")
+    dp: bool = Field(True, description="Record-level DP-SGD on every partner (recommended). "
+                     "Without it the job gives no formal privacy guarantee (ε = ∞), and every "
+                     "partner admin must confirm that explicitly to approve it.")
+    require_consent: bool = Field(
+        True, description="Consent enforcement (on by default): each partner's data loader drops "
+        "the rows of subjects without a valid consent for `purpose` before any feature is "
+        "computed. Turning it off (false) is recorded in the ledger and stated in the job's "
+        "record of processing.")
+    secure_aggregation: bool = Field(
+        False, description="Flower SecAgg+: the coordinator sees only the sum of the partners' "
+        "updates (needs at least 2 partners). Not available on Flower's deployment engine yet: a "
+        "coordinator running jobs on a SuperLink refuses it.")
     model: ModelKind = "logreg"
     local_epochs: int = Field(1, ge=1, le=50)
     batch_size: int = Field(512, ge=1, le=65536)
@@ -60,6 +71,10 @@ class DecisionIn(BaseModel):
     partner: str = Field(pattern=PARTNER, description="The partner dataset, e.g. telco-churn/dsl.")
     reason: str | None = Field(None, max_length=500,
                                description="Why (required to reject or revoke); no personal data.")
+    acknowledge_no_privacy: bool = Field(
+        False, description="Required (true) to approve a job without differential privacy: the "
+        "admin confirms the job gives no formal privacy guarantee (ε = ∞) for the partner's rows. "
+        "Ignored for jobs with DP.")
 
 
 class BudgetIn(BaseModel):
