@@ -149,10 +149,12 @@ def export_torchscript(model_path: str | Path, out: str | Path, *, card: dict | 
     check_layout(layout, str(model_path))
     calibration = calibration or Calibration()
     contract = input_contract(layout, calibration, kind)
-    module = torch.jit.script(ScoringModule(net, layout, calibration))
-    torch.jit.save(module, str(out), _extra_files={
-        "fedpact.json": json.dumps(contract), "layout.json": json.dumps(layout),
-        "card.json": json.dumps(card or {})})
+    with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; torch and libtorch load it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.script(ScoringModule(net, layout, calibration))
+        torch.jit.save(module, str(out), _extra_files={
+            "fedpact.json": json.dumps(contract), "layout.json": json.dumps(layout),
+            "card.json": json.dumps(card or {})})
     return contract
 
 
