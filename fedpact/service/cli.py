@@ -152,8 +152,11 @@ def data_check(
     csv: Annotated[Path, typer.Argument(help="The partner's CSV file.")],
     mapping: Annotated[Path, typer.Option("--mapping", "-m", help="TOML or YAML mapping file.")],
 ) -> None:
-    """Validate a partner CSV against its mapping file and summarise it (nothing leaves this machine)."""
+    """Validate a partner CSV against its mapping file, show the feature layout a node announces,
+    and suggest what the mapping must still declare (nothing leaves this machine)."""
     from fedpact.models.datasets import load_partner_csv
+    from fedpact.models.features import FeaturePipeline, undeclared_settings
+    from fedpact.models.layout import format_layout, render_suggestion, suggest_declarations
 
     data = load_partner_csv(csv, mapping)
     table = Table(title=f"{csv}: valid", title_justify="left")
@@ -166,9 +169,93 @@ def data_check(
     table.add_row("categorical columns", ", ".join(data.spec.categorical) or "–")
     table.add_row("numeric columns", ", ".join(data.spec.numeric) or "–")
     table.add_row("id column", data.spec.id_column or "–")
-    for note in data.notes:
-        table.add_row("note", note)
+    table.add_row("dropped columns", ", ".join(data.spec.drop) or "–")
     console.print(table)
+
+    def plain(text: str = "") -> None:  # no rich markup ("[bounds]"), no wrapping (copy-paste)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    if data.notes:
+        plain("notes:")
+        for note in data.notes:
+            plain(f"  - {note}")
+    missing = undeclared_settings(data.spec)
+    if not missing:
+        pipeline = FeaturePipeline.public(data.spec)
+        plain()
+        plain(f"Layout a node announces for this mapping ({pipeline.n_features} model inputs; "
+              "declared settings only, no statistic of your rows):")
+        plain("# BEGIN LAYOUT")
+        plain(format_layout(pipeline.layout()))
+        plain("# END LAYOUT")
+        return
+    plain()
+    plain(f"a node will refuse this mapping in a federated job until it declares ({len(missing)}):")
+    for problem in missing:
+        plain(f"  - {problem}")
+    block = render_suggestion(suggest_declarations(data), len(data))
+    if block:
+        plain()
+        plain("# BEGIN SUGGESTED")
+        plain(block)
+        plain("# END SUGGESTED")
+
+
+@data_app.command("compare")
+def data_compare(
+    mappings: Annotated[list[Path], typer.Argument(help="Two or more TOML or YAML mapping files.")],
+) -> None:
+    """Compare the feature layouts several partners' mappings would announce: exit 0 when they are
+    identical, 1 naming the mapping, the column and the value where they differ."""
+    from fedpact.errors import DataValidationError
+    from fedpact.models.datasets import load_mapping
+    from fedpact.models.features import FeaturePipeline, PreprocessingNotPublic
+    from fedpact.models.layout import layout_differences
+
+    if len(mappings) < 2:
+        raise FedpactError("give two or more mapping files to compare")
+    specs, unreadable = {}, []
+    for path in mappings:
+        try:
+            specs[path] = load_mapping(path)
+        except FedpactError as exc:
+            unreadable.append(str(exc))
+    if unreadable:
+        raise FedpactError(f"{len(unreadable)} of {len(mappings)} mapping files cannot be read:\n"
+                           + "\n".join(unreadable))
+    counts: dict[str, int] = {}
+    for spec in specs.values():
+        counts[spec.name] = counts.get(spec.name, 0) + 1
+    names = {path: spec.name if counts[spec.name] == 1 else f"{spec.name} ({path.name})"
+             for path, spec in specs.items()}
+    if len(set(names.values())) < len(names):
+        names = {path: f"{spec.name} ({path})" for path, spec in specs.items()}
+    layouts, refused = {}, {}
+    for path, spec in specs.items():
+        try:
+            layouts[names[path]] = FeaturePipeline.public(spec).layout()
+        except PreprocessingNotPublic as exc:
+            refused[names[path]] = exc.problems
+        except DataValidationError as exc:  # pragma: no cover - load_mapping validated it
+            refused[names[path]] = exc.problems
+
+    def plain(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    for name, problems in refused.items():
+        plain(f"{name}: a node will refuse this mapping (no layout to compare) until it declares:")
+        for problem in problems:
+            plain(f"  - {problem}")
+    diffs = layout_differences(layouts)
+    if diffs:
+        plain(f"the layouts of {', '.join(layouts)} differ ({len(diffs)}):")
+        for diff in diffs:
+            plain(f"  - {diff}")
+    if refused or diffs:
+        raise typer.Exit(1)
+    first = next(iter(layouts.values()))
+    width = sum(len(v) for v in first["categorical"].values()) + len(first["numeric"])
+    plain(f"identical: {', '.join(layouts)} announce the same layout ({width} model inputs)")
 
 
 @data_app.command("list")
