@@ -173,13 +173,13 @@ def test_scoring_is_recorded_as_a_data_access(tmp_path):
     import numpy as np
     import torch
 
-    from fedpact.models.datasets import load_dataset
+    from fedpact.models.datasets import TELCO_CHURN, load_dataset
     from fedpact.models.features import FeaturePipeline
     from fedpact.models.networks import build_model
     from fedpact.service.api.registry import export_torchscript
 
     data = load_dataset("telco")
-    layout = FeaturePipeline.fit(data).layout()
+    layout = FeaturePipeline.public(TELCO_CHURN).layout()
     width = sum(len(v) for v in layout["categorical"].values()) + len(layout["numeric"])
     torch.save({"state_dict": build_model("logreg", width, seed=1).state_dict(), "model": "logreg",
                 "layout": layout}, tmp_path / "model.pt")
@@ -187,7 +187,6 @@ def test_scoring_is_recorded_as_a_data_access(tmp_path):
     frame = data.features.head(150).copy()
     frame.insert(0, "customerID", data.ids.head(150))
     frame.to_csv(tmp_path / "rows.csv", index=False)
-    from fedpact.models.datasets import TELCO_CHURN
     from fedpact.service.api.testing import write_mapping
 
     mapping = write_mapping(TELCO_CHURN, tmp_path / "telco.toml")

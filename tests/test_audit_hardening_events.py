@@ -213,13 +213,13 @@ def test_consent_import_creates_keys_only_for_good_rows(ledger: Ledger, tmp_path
 def telco_job(tmp_path_factory, shared_data):
     """A small simulated federated job on telco (has subject ids), no DP, no consent enforcement."""
     from fedpact.federation.job import JobConfig
-    from fedpact.federation.simulation import run_simulated_job
+    from fedpact.federation.simulation import allow_without_dp, run_simulated_job
 
     home = tmp_path_factory.mktemp("hardening-home")
     job = JobConfig(dataset="telco", partitioning="segment", rounds=1, batch_size=512,
                     learning_rate=0.3, dp=False, membership_audit=False, home=str(home),
                     purpose="churn_model", require_consent=False)
-    run_simulated_job(job)
+    run_simulated_job(job, node_policy=allow_without_dp(job, "erasure test"))
     return job
 
 

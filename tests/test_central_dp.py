@@ -37,7 +37,14 @@ def flat(arrays) -> np.ndarray:
 
 
 def node_configs(job):
-    return [{"partition-id": i, "num-partitions": job.num_partitions} for i in range(job.num_partitions)]
+    """Simulated nodes whose own policy allows this job's non-private (central-DP only) updates."""
+    from pathlib import Path
+
+    from fedpact.federation.simulation import allow_without_dp
+
+    policy = allow_without_dp(job, "test of server-side DP").write(Path(job.home) / "policy.toml")
+    return [{"partition-id": i, "num-partitions": job.num_partitions, "policy": str(policy)}
+            for i in range(job.num_partitions)]
 
 
 def check_noise(released: list[np.ndarray], averaged: list[np.ndarray], job: JobConfig) -> float:

@@ -199,7 +199,8 @@ def test_model_page_shows_card_plots_and_records_exports(env, tmp_path):
     pos, neg, sq = score_histogram(y, np.clip(0.3 + 0.3 * (y - 0.3) + rng.normal(0, 0.15, 2000), 0, 1))
     job = JobConfig(dataset="telco", rounds=1, home=str(tmp_path), purpose="churn_model_training")
     job.job_dir.mkdir(parents=True)
-    layout = {"categorical": {"Contract": ["Month-to-month", "One year", "Two year"]}, "numeric": ["tenure"]}
+    layout = {"categorical": {"Contract": ["Month-to-month", "One year", "Two year"]}, "numeric": ["tenure"],
+              "bounds": {"tenure": [0.0, 72.0]}}
     torch.save({"state_dict": build_model("logreg", 4).state_dict(), "model": "logreg", "layout": layout},
                job.job_dir / "model.pt")
     from fedpact.models.metrics import metrics_from_histograms

@@ -146,7 +146,8 @@ def registered_model(service: CoordinatorService, home: Path) -> str:
     pos, neg, sq = score_histogram(y, 1 / (1 + np.exp(-(rng.normal(-1.3, 1.0, 3000) + 1.6 * y))))
     job = JobConfig(dataset="telco", rounds=2, home=str(home), purpose="churn_model_training")
     job.job_dir.mkdir(parents=True)
-    layout = {"categorical": {"Contract": ["Month-to-month", "One year", "Two year"]}, "numeric": ["tenure"]}
+    layout = {"categorical": {"Contract": ["Month-to-month", "One year", "Two year"]}, "numeric": ["tenure"],
+              "bounds": {"tenure": [0.0, 72.0]}}
     torch.save({"state_dict": build_model("logreg", 4).state_dict(), "model": "logreg", "layout": layout},
                job.job_dir / "model.pt")
     final = {"round": 2, **metrics_from_histograms(pos, neg, sq), "epsilon": 0.8}

@@ -3,6 +3,7 @@ with the training validation rules, and versioned registration with a card and a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from fedpact.models.datasets import TELCO_CHURN, load_dataset
 from fedpact.models.features import FeaturePipeline
 from fedpact.models.metrics import score_histogram
 from fedpact.models.networks import build_model
+from fedpact.models.scoring import ScoringMismatch
 from fedpact.service.api.registry import (
-    DataFileMismatch,
     ModelRegistry,
     PooledScores,
     RegistryError,
@@ -128,7 +129,7 @@ def telco_files(tmp_path_factory):
     frame.head(400).drop(columns=["Churn"]).to_csv(folder / "unlabelled.csv", index=False)
     frame.head(30).drop(columns=["Churn"]).to_csv(folder / "small.csv", index=False)
     mapping = telco_mapping(folder / "telco.toml")
-    layout = FeaturePipeline.fit(data).layout()
+    layout = FeaturePipeline.public(TELCO_CHURN).layout()
     net = build_model("logreg", sum(len(v) for v in layout["categorical"].values()) + len(layout["numeric"]), seed=3)
     with torch.no_grad():
         net[0].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
@@ -142,10 +143,13 @@ def test_torchscript_export_scores_like_the_saved_weights(telco_files):
     scorer = load_torchscript(folder / "model.ts.pt")
     assert scorer.label == "test-model@1" and scorer.layout["numeric"] == list(TELCO_CHURN.numeric)
     data = read_scoring_rows(folder / "labelled.csv", mapping)
-    X = FeaturePipeline.fit(data).transform(data)
+    X = FeaturePipeline.from_layout(scorer.layout).transform(data)
     with torch.no_grad():
         expected = torch.sigmoid(net(torch.from_numpy(X))).squeeze(-1).numpy()
-    np.testing.assert_allclose(scorer(X), expected, atol=1e-6)
+    from fedpact.models.scoring import encode_inputs
+
+    np.testing.assert_allclose(scorer.score(*encode_inputs(data.features, scorer.layout)), expected,
+                               atol=1e-6)
 
 
 def test_scoring_with_and_without_labels_gives_the_same_scores(telco_files):
@@ -153,23 +157,38 @@ def test_scoring_with_and_without_labels_gives_the_same_scores(telco_files):
     scorer = load_torchscript(folder / "model.ts.pt")
     labelled = read_scoring_rows(folder / "labelled.csv", mapping)
     unlabelled = read_scoring_rows(folder / "unlabelled.csv", mapping)
-    assert np.isnan(unlabelled.labels).all() and not np.isnan(labelled.labels).any()
+    # Scoring ignores the label column: both read as unlabelled rows.
+    assert np.isnan(unlabelled.labels).all() and np.isnan(labelled.labels).all()
     a, _ = score_rows(scorer, labelled)
     b, notes = score_rows(scorer, unlabelled)
     assert list(a.columns) == ["customerID", "score"] and len(a) == 400
     pd.testing.assert_frame_equal(a, b)
     assert any("without labels" in n for n in notes)
     assert a["score"].between(0, 1).all() and a["score"].std() > 0.01
-    _, small_notes = score_rows(scorer, read_scoring_rows(folder / "small.csv", mapping))
-    assert any("only 30 rows" in n for n in small_notes)
+    # No statistic of the batch: the first 30 rows alone score exactly as inside the 400.
+    small, _ = score_rows(scorer, read_scoring_rows(folder / "small.csv", mapping))
+    pd.testing.assert_frame_equal(small, b.head(30))
 
 
-def test_scoring_refuses_a_layout_that_differs_from_the_model(telco_files, tmp_path):
-    folder, _, _ = telco_files
+def test_scoring_uses_the_models_encoding_whatever_the_mappings_categories(telco_files, tmp_path):
+    """The model embeds its categories: a mapping declaring others changes no score (a note says
+    so); a mapping that makes a model column the other kind is refused."""
+    folder, mapping, _ = telco_files
     scorer = load_torchscript(folder / "model.ts.pt")
     other = telco_mapping(tmp_path / "other.toml", drop_category="Two year")
-    with pytest.raises(DataFileMismatch, match="column 'Contract': categories"):
-        score_rows(scorer, read_scoring_rows(folder / "unlabelled.csv", other))
+    rows = read_scoring_rows(folder / "unlabelled.csv", other, scorer.layout)
+    assert any("Contract: the mapping declares other categories than the model" in n for n in rows.notes)
+    a, _ = score_rows(scorer, rows)
+    b, _ = score_rows(scorer, read_scoring_rows(folder / "unlabelled.csv", mapping, scorer.layout))
+    pd.testing.assert_frame_equal(a, b)
+    moved = write_mapping(dataclasses.replace(
+        TELCO_CHURN, numeric=tuple(c for c in TELCO_CHURN.numeric if c != "tenure"),
+        categorical=TELCO_CHURN.categorical + ("tenure",),
+        bounds={k: v for k, v in TELCO_CHURN.bounds.items() if k != "tenure"},
+        categories={**TELCO_CHURN.categories, "tenure": tuple(str(i) for i in range(73))}),
+        tmp_path / "moved.toml")
+    with pytest.raises(ScoringMismatch, match="'tenure' is categorical in the mapping but numeric"):
+        read_scoring_rows(folder / "unlabelled.csv", moved, scorer.layout)
 
 
 def test_scoring_applies_the_training_validation_rules(telco_files, tmp_path):
@@ -250,17 +269,18 @@ def registry_is_empty(store: ServiceStore) -> bool:
         return conn.execute(models.select()).first() is None
 
 
-def test_register_refuses_a_job_without_histograms_that_it_cannot_rescore(tmp_path, telco_files, synthetic):
+def test_register_refuses_a_job_without_released_histograms(tmp_path, telco_files, synthetic):
     folder, *_ = telco_files
     store = ServiceStore(tmp_path)
     with Ledger.open(tmp_path / "ledger.db") as ledger:
         job, result = fake_finished_job(tmp_path, folder / "model.pt", synthetic)
         result.histograms = {}  # a result that carries no histograms
-        # The saved weights are not the job's: re-scoring the simulated partners gives another AUC.
-        with pytest.raises(RegistryError, match="differs from the job's final"):
+        # Re-scoring the partners' rows for the card would be a release outside the privacy
+        # account: the registry refuses instead.
+        with pytest.raises(RegistryError, match="carries no released score histograms"):
             ModelRegistry(store, ledger).register(job, result, name="churn-telco", requested_by="dana",
                                                   partners=[])
         rescored = ledger.events(job_id=job.job_id, event_type=EventType.DATA_ACCESSED)
-        assert {e.payload["phase"] for e in rescored} == {"model_card"} and len(rescored) == 3
+        assert rescored == []  # no partner row was touched for the card
         assert registry_is_empty(store)
     store.close()

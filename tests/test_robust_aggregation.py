@@ -9,7 +9,7 @@ from fedpact.audit import EventType, Ledger
 from fedpact.errors import FedpactError
 from fedpact.federation.coordinator import JobFailed
 from fedpact.federation.job import JobConfig
-from fedpact.federation.simulation import run_simulated_job
+from fedpact.federation.simulation import allow_without_dp, run_simulated_job
 from fedpact.federation.strategy import check_update
 
 GLOBAL = {"0.weight": np.zeros((1, 4), np.float32), "0.bias": np.zeros(1, np.float32)}
@@ -38,7 +38,7 @@ def _run(tmp_path, name, monkeypatch, chaos="", **kw):
     monkeypatch.setenv("FEDPACT_CHAOS", chaos)
     job = JobConfig(dataset="telco", partitioning="segment", rounds=3, dp=False, batch_size=256,
                     learning_rate=0.3, home=str(tmp_path / name), require_consent=False, **kw)
-    return job, run_simulated_job(job)
+    return job, run_simulated_job(job, node_policy=allow_without_dp(job, "robust-aggregation test"))
 
 
 @pytest.mark.slow

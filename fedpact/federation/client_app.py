@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedpact.errors import FedpactError
-from fedpact.privacy.node_policy import NodePolicy, spent_by_dataset
+from fedpact.privacy.node_policy import NodePolicy, simulated_policy_path, spent_by_dataset
 from fedpact.privacy.releases import MEMBERSHIP_AUDIT, check_reply
 
 from .job import JobConfig
@@ -58,7 +58,10 @@ def _refuse(msg: Message, exc: Exception) -> Message:
 def admit_on_node(node: NodeData, job: JobConfig, context: Context) -> NodePolicy:
     """This node's policy applied to the job: its planned ε, the dataset's ε over all jobs, its
     rows, and the non-private releases the job needs. Raises PolicyRefusal with the reason."""
-    policy = NodePolicy.for_node(context.node_config)
+    config = dict(context.node_config)
+    simulated = not any(k in config for k in ("data-csv", "state-dir", "policy"))
+    policy = NodePolicy.for_node(config, simulated_policy_path(job.home, job.job_id)
+                                 if simulated else None)
     planned = 0.0
     if job.dp:
         from fedpact.privacy.accounting import epsilon_of

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from fedpact.errors import FedpactError
 from fedpact.models.datasets import BUILTIN_SPECS, load_dataset
+from fedpact.privacy.node_policy import NodePolicy, simulated_policy_path
+from fedpact.privacy.releases import NON_PRIVATE_MODEL
 
 from .coordinator import JobFailed, JobResult
 from .job import JobConfig
@@ -33,9 +35,19 @@ def prepare_flower_env(home: str | Path) -> None:
     os.environ["FLWR_HOME"] = str(flwr_home)
 
 
+def allow_without_dp(job: JobConfig, who: str) -> NodePolicy:
+    """The simulated nodes' policy for a job without DP: the default limits, plus the
+    non-private model release, allowed by `who` (recorded in the file it is written to)."""
+    return NodePolicy().allowing(NON_PRIVATE_MODEL, source=f"written for job {job.job_id}: {who}")
+
+
 def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | None = None,
-                      *, quiet: bool = True) -> JobResult:
-    """Run `job` with one simulated SuperNode per partition; return the coordinator's result."""
+                      *, quiet: bool = True, node_policy: NodePolicy | None = None) -> JobResult:
+    """Run `job` with one simulated SuperNode per partition; return the coordinator's result.
+
+    The operator of a simulation runs every simulated node: `node_policy`, when given, is the
+    policy those nodes apply to this job (written to `simulated_policy_path`); a job without
+    DP needs one that allows the non-private model release (`allow_without_dp`)."""
     from fedpact.audit import Ledger
 
     from .coordinator import admit_job, resumable
@@ -48,6 +60,8 @@ def run_simulated_job(job: JobConfig, on_round: Callable[[int, dict], None] | No
     with Ledger.open(job.ledger_path) as ledger:
         if not resumable(job, ledger):  # a resumed job was admitted when it was created
             admit_job(job, ledger)
+    if node_policy is not None:
+        node_policy.write(simulated_policy_path(job.home, job.job_id))
     prepare_flower_env(job.home)
     from flwr.simulation import run_simulation
 

@@ -6,7 +6,8 @@ past `max_epsilon_total` (the sum of every job's ε kept in the node's own accou
 basic composition, a safe upper bound), that would train on fewer than `min_rows` rows, or whose
 replies need a non-private release (`releases.POLICY_RELEASES`) that `allow` does not list.
 
-    # policy.toml (node-config `policy`, else $FEDPACT_NODE_POLICY)
+    # policy.toml (node-config `policy`, else $FEDPACT_NODE_POLICY; a simulated node without
+    # either reads the file its operator wrote for the run: `simulated_policy_path`)
     max_epsilon_per_job = 3.0
     max_epsilon_total = 10.0
     min_rows = 200
@@ -80,10 +81,33 @@ class NodePolicy:
         return cls(**values, allow=frozenset(allow), source=str(path))
 
     @classmethod
-    def for_node(cls, node_config) -> NodePolicy:
-        """The node's policy: node-config `policy`, else $FEDPACT_NODE_POLICY, else the default."""
+    def for_node(cls, node_config, simulated_file: str | Path | None = None) -> NodePolicy:
+        """The node's policy: node-config `policy`, else $FEDPACT_NODE_POLICY, else (a simulated
+        node) `simulated_file` when its operator wrote one for the run, else the default."""
         configured = dict(node_config).get("policy") or os.environ.get(POLICY_ENV)
+        if not configured and simulated_file and Path(simulated_file).is_file():
+            configured = simulated_file
         return cls.load(configured) if configured else cls()
+
+    def allowing(self, *releases: str, source: str) -> NodePolicy:
+        """This policy with `releases` (names in POLICY_RELEASES) allowed too."""
+        unknown = [r for r in releases if r not in POLICY_RELEASES]
+        if unknown:
+            raise ConfigurationError(f"unknown release {unknown[0]!r}; known: {sorted(POLICY_RELEASES)}")
+        return NodePolicy(self.max_epsilon_per_job, self.max_epsilon_total, self.min_rows,
+                          self.allow | frozenset(releases), source)
+
+    def to_toml(self) -> str:
+        allow = ", ".join(f'"{a}"' for a in sorted(self.allow))
+        return (f"# {self.source}\nmax_epsilon_per_job = {self.max_epsilon_per_job!r}\n"
+                f"max_epsilon_total = {self.max_epsilon_total!r}\nmin_rows = {self.min_rows}\n"
+                f"allow = [{allow}]\n")
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_toml(), encoding="utf-8")
+        return path
 
     def check_job(self, *, dataset: str, dp: bool, planned_epsilon: float, rows: int,
                   spent_elsewhere: float) -> None:
@@ -111,6 +135,12 @@ class NodePolicy:
         return {"max_epsilon_per_job": self.max_epsilon_per_job,
                 "max_epsilon_total": self.max_epsilon_total, "min_rows": self.min_rows,
                 "allow": sorted(self.allow), "source": self.source}
+
+
+def simulated_policy_path(home: str | Path, job_id: str) -> Path:
+    """Where the operator of a simulation (who runs every simulated node on one machine) puts
+    the simulated nodes' policy for one job: `<home>/nodes/policy-<job id>.toml`."""
+    return Path(home) / "nodes" / f"policy-{job_id}.toml"
 
 
 def spent_by_dataset(accountant_folder: str | Path, dataset: str, *, except_job: str = "") -> float:

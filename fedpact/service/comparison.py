@@ -49,9 +49,10 @@ def private_local_fit(job: JobConfig) -> Callable[[np.ndarray, np.ndarray], nn.M
 
 
 def run_with_baselines(job: JobConfig, on_round: Callable[[int, dict], None] | None = None,
-                       on_baselines: Callable[[], None] | None = None) -> JobComparison:
+                       on_baselines: Callable[[], None] | None = None, *,
+                       node_policy=None) -> JobComparison:
     """Run `job` in simulation, then train the references on exactly the partners' own splits."""
-    result = run_simulated_job(job, on_round)
+    result = run_simulated_job(job, on_round, node_policy=node_policy)
     nodes = [load_node_data({"partition-id": i}, job) for i in range(job.num_partitions)]
     # Non-private references use plain-SGD defaults (tuned for it), not the DP job's settings;
     # the private partner-alone references use exactly the job's DP settings.

@@ -15,6 +15,25 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def round_status(rnd: int, total: int, entry: dict, *, dp: bool = True) -> str:
+    """One line per finished round: the pooled AUC where the round was an evaluation round (the
+    others release no metric), and ε spent so far (or the absence of any guarantee)."""
+    parts = [f"round {rnd}/{total}"]
+    auc = entry.get("roc_auc")
+    if isinstance(auc, int | float) and not math.isnan(auc):
+        parts.append(f"pooled ROC-AUC {auc:.3f}")
+    else:
+        parts.append("trained (no evaluation this round)")
+    epsilon = entry.get("epsilon")
+    if not dp:
+        from fedpact.audit.records import NO_PRIVACY_GUARANTEE
+
+        parts.append(NO_PRIVACY_GUARANTEE)
+    elif isinstance(epsilon, int | float):
+        parts.append(f"ε {epsilon:.3f}")
+    return ", ".join(parts)
+
+
 def comparison_table(cmp: JobComparison, *, title: str) -> Table:
     """Federated model vs partner-alone (same ε), centralised and local references, pooled test rows."""
     job, res, base = cmp.job, cmp.result, cmp.baselines

@@ -27,6 +27,7 @@ from fedpact.federation.coordinator import JobResult, partner_datasets
 from fedpact.federation.job import JobConfig
 from fedpact.models.datasets import BUILTIN_SPECS
 from fedpact.privacy.budget import PrivacyBudgets
+from fedpact.service.reporting import round_status
 
 from .auth import Principal
 from .schemas import JobRequestIn
@@ -413,10 +414,14 @@ JobRun = Callable[[JobConfig, Callable[[int, dict], None]], JobResult]
 
 
 def simulated_run(job: JobConfig, on_round: Callable[[int, dict], None]) -> JobResult:
-    """Flower's simulation engine: one virtual SuperNode per partner on this machine."""
-    from fedpact.federation.simulation import run_simulated_job
+    """Flower's simulation engine: one virtual SuperNode per partner on this machine. A job
+    without DP runs only after every partner's admin acknowledged that at approval
+    (`acknowledge_no_privacy`); the simulated nodes' policy then allows its model release."""
+    from fedpact.federation.simulation import allow_without_dp, run_simulated_job
 
-    return run_simulated_job(job, on_round)
+    policy = None if job.dp else allow_without_dp(
+        job, "every partner's admin approved it acknowledging no formal privacy guarantee")
+    return run_simulated_job(job, on_round, node_policy=policy)
 
 
 class JobRunner:
@@ -511,8 +516,7 @@ class JobRunner:
             if not job.dp:  # the run reports ε 0.0 without DP; no ε bounds it
                 entry = {**entry, "epsilon": None}
             board.record_round(job_id, rnd, entry)
-            board.log(job_id, f"round {rnd}/{job.rounds}: pooled ROC-AUC {entry.get('roc_auc', float('nan')):.3f}, "
-                              + (f"ε {entry.get('epsilon') or 0.0:.3f}" if job.dp else NO_PRIVACY_GUARANTEE))
+            board.log(job_id, round_status(rnd, job.rounds, entry, dp=job.dp))
 
         try:
             result = self.run(job, on_round)
@@ -529,7 +533,8 @@ class JobRunner:
             board.log(job_id, reason, "error")
             return
         board.finish(job_id, FINISHED, result=result)
-        board.log(job_id, f"finished in {result.seconds:.0f} s: ROC-AUC {result.final.get('roc_auc', float('nan')):.3f}, "
+        board.log(job_id, f"finished in {result.seconds:.0f} s: ROC-AUC {result.final.get('roc_auc', float('nan')):.3f}"
+                          f"{'' if result.private or not job.dp else ' (not private: ' + '; '.join(result.not_private_reasons) + ')'}, "
                           + (f"ε {result.epsilon:.3f}" if job.dp else NO_PRIVACY_GUARANTEE))
         try:
             version = self.on_finished(job, result, board.get(job_id))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import shutil
 import threading
 from dataclasses import dataclass
@@ -90,101 +89,86 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 @dataclass
 class PooledScores:
-    """Summed per-partner histograms of held-out scores by label (bins over [0, 1])."""
+    """The partners' released held-out score histograms, summed (noisy counts clipped at 0:
+    post-processing, no extra ε), over the bins `edges` (probabilities, 0 and 1 at the ends)."""
 
     pos: np.ndarray
     neg: np.ndarray
     sq_error: float
     source: str
+    edges: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.pos = np.clip(np.asarray(self.pos, float), 0, None)
+        self.neg = np.clip(np.asarray(self.neg, float), 0, None)
+        if self.edges is None:
+            self.edges = np.linspace(0.0, 1.0, len(self.pos) + 1)
+        self.edges = np.asarray(self.edges, float)
 
     @property
     def bins(self) -> int:
         return len(self.pos)
+
+    @property
+    def centres(self) -> np.ndarray:
+        return (self.edges[:-1] + self.edges[1:]) / 2
 
     def metrics(self) -> dict:
         return metrics_from_histograms(self.pos, self.neg, self.sq_error)
 
     def roc(self) -> tuple[np.ndarray, np.ndarray]:
         """(FPR, TPR) at each bin threshold, from the highest score down."""
-        p, q = self.pos[::-1].astype(float), self.neg[::-1].astype(float)
+        p, q = self.pos[::-1], self.neg[::-1]
         tpr = np.concatenate([[0.0], np.cumsum(p) / max(p.sum(), 1)])
         fpr = np.concatenate([[0.0], np.cumsum(q) / max(q.sum(), 1)])
         return fpr, tpr
 
     def gains(self) -> tuple[np.ndarray, np.ndarray]:
         """(share of customers targeted, share of all positives captured), best scores first."""
-        p, q = self.pos[::-1].astype(float), self.neg[::-1].astype(float)
+        p, q = self.pos[::-1], self.neg[::-1]
         n = p.sum() + q.sum()
         targeted = np.concatenate([[0.0], np.cumsum(p + q) / max(n, 1)])
         captured = np.concatenate([[0.0], np.cumsum(p) / max(p.sum(), 1)])
         return targeted, captured
 
     def calibration(self, groups: int = CALIBRATION_BINS) -> dict:
-        """Reliability table over `groups` equal-width score ranges and the expected calibration error.
-
-        Within a histogram bin the mean score is taken as the bin centre (bin width 1/1000).
-        """
-        centres = (np.arange(self.bins) + 0.5) / self.bins
-        edges = np.linspace(0, self.bins, groups + 1).astype(int)
+        """Reliability table, one row per released bin (the finest grouping the release allows;
+        more than `groups` bins are merged into `groups` groups of adjacent bins), and the
+        expected calibration error. Within a bin the mean score is taken as the bin centre."""
+        cuts = np.linspace(0, self.bins, min(groups, self.bins) + 1).astype(int)
+        centres = self.centres
         n = float(self.pos.sum() + self.neg.sum())
         rows, ece = [], 0.0
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-            pos, neg = self.pos[lo:hi].astype(float), self.neg[lo:hi].astype(float)
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            pos, neg = self.pos[lo:hi], self.neg[lo:hi]
             count = pos.sum() + neg.sum()
-            if count == 0:
-                rows.append({"lo": lo / self.bins, "hi": hi / self.bins, "rows": 0,
-                             "predicted": None, "observed": None})
+            low, high = float(self.edges[lo]), float(self.edges[hi])
+            if count <= 0:
+                rows.append({"lo": low, "hi": high, "rows": 0, "predicted": None, "observed": None})
                 continue
             predicted = float(((pos + neg) * centres[lo:hi]).sum() / count)
             observed = float(pos.sum() / count)
             ece += count / n * abs(predicted - observed)
-            rows.append({"lo": lo / self.bins, "hi": hi / self.bins, "rows": int(count),
+            rows.append({"lo": low, "hi": high, "rows": int(round(count)),
                          "predicted": predicted, "observed": observed})
         return {"expected_calibration_error": ece, "brier": self.sq_error / n if n else None,
                 "bins": rows}
 
 
 def pooled_scores(job: JobConfig, result: JobResult, ledger: Ledger) -> PooledScores:
-    """The final pooled histograms of `result`.
-
-    Taken from the job result when it carries them (`histograms`: pos, neg, sq_error). The current
-    `JobResult` does not, so for simulated jobs each simulated partner node re-scores its own
-    held-out rows with the delivered model (exactly its last evaluate step, which is
-    deterministic) and only the histogram is summed here; each re-scoring is written to the
-    ledger as that node's data access. The pooled ROC-AUC must equal the job's final one, which
-    proves the curves belong to the delivered model.
-    """
+    """The final pooled histograms of `result`: what the partners released in the job's last
+    evaluation (DP histograms when the job had DP), summed by the coordinator. Nothing is
+    re-scored on the partners' rows for the card."""
     hist = getattr(result, "histograms", None) or result.to_dict().get("histograms")
     if hist:
-        return PooledScores(np.asarray(hist["pos"], np.int64), np.asarray(hist["neg"], np.int64),
-                            float(hist["sq_error"]), "job result")
-    if job.dataset not in BUILTIN_SPECS:
-        raise RegistryError(f"job {job.job_id}: the result carries no score histograms", 409)
-    from fedpact.federation.local_round import evaluate_round
-    from fedpact.federation.node_data import load_node_data
-
-    saved = torch.load(result.model_path, weights_only=False)
-    weights = {k: v.numpy() for k, v in saved["state_dict"].items()}
-    pos = neg = None
-    sq_error = 0.0
-    for index in range(job.num_partitions):
-        node = load_node_data({"partition-id": index}, job)
-        ev = evaluate_round(node, weights, job)
-        ledger.append(EventType.DATA_ACCESSED,
-                      {"node": node.partner, "dataset": node.train.spec.name, "rows": int(ev.rows),
-                       "columns": node.columns, "purpose": job.purpose, "phase": "model_card"},
-                      actor=f"node:{node.partner}", job_id=job.job_id)
-        pos = ev.pos if pos is None else pos + ev.pos
-        neg = ev.neg if neg is None else neg + ev.neg
-        sq_error += ev.sq_error
-    scores = PooledScores(np.asarray(pos, np.int64), np.asarray(neg, np.int64), sq_error,
-                          "simulated partners re-scored their held-out rows")
-    expected = result.final.get("roc_auc")
-    got = scores.metrics()["roc_auc"]
-    if expected is not None and not (math.isnan(expected) and math.isnan(got)) and abs(got - expected) > 1e-9:
-        raise RegistryError(f"job {job.job_id}: re-scored pooled ROC-AUC {got:.6f} differs from the "
-                            f"job's final {expected:.6f}; the curves would not describe this model", 409)
-    return scores
+        return PooledScores(np.asarray(hist["pos"], float), np.asarray(hist["neg"], float),
+                            float(hist["sq_error"]),
+                            "released (DP) held-out histograms" if hist.get("dp") else
+                            "released held-out histograms (no DP)", hist.get("edges"))
+    # No fallback that re-scores the partners' rows: that would be a release outside the
+    # privacy account. A result without its released histograms gets no curves.
+    raise RegistryError(f"job {job.job_id}: the result carries no released score histograms "
+                        "(a job from before they were kept); it cannot be registered with curves", 409)
 
 
 # --------------------------------------------------------------------------- plots
