@@ -79,9 +79,11 @@ def test_ledger_holds_the_governed_lineage_and_verifies(finished):
     assert kinds[4] == "job.started" and kinds[5] == "job.created"
     assert kinds.index("job.finished") < kinds.index("model.delivered")
     assert kinds.count("round.aggregated") == ROUNDS
-    # train + evaluate reads per node and round; the model card's curves come from the job's own
-    # pooled histograms, so no node re-reads its rows for it
-    assert sum(1 for k in kinds if k == "data.accessed") == 2 * 3 * ROUNDS
+    # a train read per node and round, an evaluate read per node in each evaluation round (the
+    # last only, by default); the model card's curves come from the job's own released
+    # histograms, so no node re-reads its rows for it
+    evals = len(JobConfig(rounds=ROUNDS).evaluation_rounds())
+    assert sum(1 for k in kinds if k == "data.accessed") == 3 * (ROUNDS + evals)
 
 
 def test_model_card_is_complete_and_consistent_with_the_run(finished):
@@ -95,7 +97,8 @@ def test_model_card_is_complete_and_consistent_with_the_run(finished):
     assert card["metrics"]["from_histograms"]["roc_auc"] == pytest.approx(card["metrics"]["roc_auc"], abs=1e-9)
     assert card["metrics"]["from_histograms"]["lift_at_10"] == pytest.approx(result["final"]["lift_at_10"], abs=1e-9)
     cal = card["calibration"]
-    assert sum(b["rows"] for b in cal["bins"]) == int(result["final"]["n"])
+    # Noisy released counts, rounded per bin: the total within half a row per bin.
+    assert abs(sum(b["rows"] for b in cal["bins"]) - result["final"]["n"]) <= len(cal["bins"]) / 2 + 1
     assert cal["brier"] == pytest.approx(result["final"]["brier"], abs=1e-9)
     for name, pp in card["privacy"]["per_partner"].items():
         assert 0 < pp["epsilon_opacus_rdp"] <= 1.0

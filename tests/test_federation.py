@@ -24,10 +24,11 @@ ROUNDS = 5
 
 @pytest.fixture(scope="module")
 def bank_job(tmp_path_factory, shared_data):
-    """One federated DP job (3 partners by job segment, ε=1) shared by the tests below."""
+    """One federated DP job (3 partners by job segment, ε=1, a DP evaluation after every round,
+    charged in the same account) shared by the tests below."""
     home = tmp_path_factory.mktemp("fedpact-home")
     job = JobConfig(dataset="bank", partitioning="segment", num_partitions=3, rounds=ROUNDS,
-                    batch_size=512, learning_rate=0.3, target_epsilon=1.0, target_delta=1e-5,
+                    eval_every=1, batch_size=512, learning_rate=0.3, target_epsilon=1.0, target_delta=1e-5,
                     home=str(home))
     with Ledger.open(job.ledger_path) as ledger:
         for name in partner_datasets(job):

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpact.errors import FedpactError
+from fedpact.errors import FedpactError, node_safe_reason
 from fedpact.privacy.node_policy import NodePolicy, simulated_policy_path, spent_by_dataset
 from fedpact.privacy.releases import MEMBERSHIP_AUDIT, check_reply
 
@@ -51,8 +52,17 @@ def _access_record(node: NodeData, job: JobConfig, phase: str, rows: int) -> Con
     })
 
 
-def _refuse(msg: Message, exc: Exception) -> Message:
-    return Message(Error(code=ERROR_CODE_REFUSED, reason=str(exc)), reply_to=msg)
+def _refuse(msg: Message, exc: Exception, context: Context | None = None) -> Message:
+    """A refusal whose reason may leave the node: file paths replaced by the dataset's name, no
+    line numbers, no cell values (`errors.node_safe_reason`); the full report stays local."""
+    logging.getLogger(__name__).warning("this node refused a job message: %s", exc)  # local log
+    config = dict(context.node_config) if context is not None else {}
+    name = str(config.get("partner") or (Path(str(config["data-csv"])).stem if "data-csv" in config
+                                         else "dataset"))
+    reason = node_safe_reason(exc, name)
+    if reason.startswith(f"{name}: ") and not str(exc).startswith(name):
+        reason = reason[len(name) + 2:]
+    return Message(Error(code=ERROR_CODE_REFUSED, reason=reason), reply_to=msg)
 
 
 def admit_on_node(node: NodeData, job: JobConfig, context: Context) -> NodePolicy:
@@ -118,7 +128,7 @@ def describe(msg: Message, context: Context) -> Message:
         })
         return _send(msg, "query", content, policy, job)
     except FedpactError as exc:
-        return _refuse(msg, exc)
+        return _refuse(msg, exc, context)
 
 
 @app.train()
@@ -138,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         })
         return _send(msg, "train", content, policy, job)
     except FedpactError as exc:
-        return _refuse(msg, exc)
+        return _refuse(msg, exc, context)
 
 
 @app.evaluate()
@@ -163,4 +173,4 @@ def evaluate(msg: Message, context: Context) -> Message:
         })
         return _send(msg, "evaluate", content, policy, job)
     except FedpactError as exc:
-        return _refuse(msg, exc)
+        return _refuse(msg, exc, context)

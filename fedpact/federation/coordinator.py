@@ -112,17 +112,22 @@ def _enlist(grid: Grid, job: JobConfig, timeout: float):
                             + (f": {', '.join(sorted(answered))}" if answered else ""))
         time.sleep(0.5)
     chosen = [answered[name] for name in sorted(answered)[:job.num_partitions]]
-    names, partners, layouts = {}, [], set()
+    names, partners, layouts = {}, [], {}
     for reply in chosen:
         rec = reply.content["layout"]
         names[reply.metadata.src_node_id] = str(rec["partner"])
         partners.append(PartnerSummary(str(rec["partner"]), int(rec["train-rows"]), int(rec["test-rows"])))
-        layouts.add(str(rec["layout"]))
-    if len(layouts) != 1:
-        raise JobFailed("partners disagree on the feature layout (columns or categories differ); "
-                        "declare the same categories in every partner's mapping")
+        layouts[str(rec["partner"])] = str(rec["layout"])
+    if len(set(layouts.values())) != 1:
+        from fedpact.models.layout import layout_differences
+
+        diffs = layout_differences({n: json.loads(v) for n, v in sorted(layouts.items())})
+        raise JobFailed("partners announce different feature layouts, so their models cannot be "
+                        "averaged: " + "; ".join(diffs or ["the layouts differ"]) + " — declare the "
+                        "same columns, categories and bounds in every partner's mapping (fedpact "
+                        "data compare)")
     partners.sort(key=lambda p: p.name)
-    return names, partners, json.loads(layouts.pop())
+    return names, partners, json.loads(next(iter(layouts.values())))
 
 
 def _json_safe(config: dict) -> dict:
@@ -132,6 +137,8 @@ def _json_safe(config: dict) -> dict:
 
 def partner_datasets(job: JobConfig) -> list[str]:
     """The dataset names this job will touch, known before any row is read."""
+    if job.own_data:
+        return job.partner_list
     return partition_names(BUILTIN_SPECS[job.dataset].name, job.partitioning, job.num_partitions)
 
 

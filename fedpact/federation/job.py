@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fedpact.errors import ConfigurationError
-from fedpact.models.datasets import BUILTIN_SPECS
+from fedpact.models.datasets import BUILTIN_SPECS, TASKS
 from fedpact.models.networks import MODEL_KINDS
 from fedpact.privacy.accounting import ACCOUNTANTS
 from fedpact.privacy.dp_sgd import GRAD_SAMPLE_MODES
 
 from .partition import SCHEMES
 
+OWN = "own"  # `partitioning` of a job on the partners' own datasets (no split)
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PARTNER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
+
 
 @dataclass
 class JobConfig:
     """Everything the coordinator and the partner nodes must agree on for one training job."""
 
+    # A built-in public data set split into simulated partners (`partitioning`), or, with
+    # `partners`, the name of the consortium's joint dataset (any name) held by those partners.
     dataset: str = "bank"
     partitioning: str = "segment"
     num_partitions: int = 3
+    # The partner datasets a job on the consortium's own data names, comma-separated (each one
+    # a partner's own CSV, registered by its node); empty for a built-in data set's split.
+    partners: str = ""
+    # propensity | churn: what the label means (a built-in data set says it itself).
+    task: str = ""
     rounds: int = 8
     local_epochs: int = 1
     batch_size: int = 256
@@ -75,15 +87,46 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not self.job_id:
             self.job_id = "job-" + uuid.uuid4().hex[:12]
+        if isinstance(self.partners, list | tuple):
+            self.partners = ",".join(str(p) for p in self.partners)
+        if self.partners:
+            self.partitioning = OWN
+        elif not self.task and self.dataset in BUILTIN_SPECS:
+            self.task = BUILTIN_SPECS[self.dataset].task
+        if self.partners:
+            self.num_partitions = len(self.partner_list)
+
+    @property
+    def partner_list(self) -> list[str]:
+        """The partner datasets named by a job on the consortium's own data ([] for a split)."""
+        return [p.strip() for p in self.partners.split(",") if p.strip()]
+
+    @property
+    def own_data(self) -> bool:
+        return bool(self.partners)
 
     def validate(self) -> JobConfig:
         """Reject settings that cannot work, naming the parameter and what is allowed."""
         def bad(name: str, why: str):
             raise ConfigurationError(f"job setting {name} = {getattr(self, name)!r}: {why}")
 
-        if self.dataset not in BUILTIN_SPECS:
-            bad("dataset", f"choose one of {', '.join(BUILTIN_SPECS)}")
-        if self.partitioning not in SCHEMES:
+        if self.own_data:
+            if not DATASET_NAME.fullmatch(self.dataset):
+                bad("dataset", "name the consortium's dataset with letters, digits and . _ - "
+                    "(at most 64 characters)")
+            names = self.partner_list
+            for name in names:
+                if not PARTNER_NAME.fullmatch(name):
+                    bad("partners", f"partner dataset name {name!r}: use letters, digits and "
+                        ". _ - / (at most 100 characters)")
+            if len(set(names)) != len(names):
+                bad("partners", "each partner dataset may be named once")
+            if self.task not in TASKS:
+                bad("task", f"name the partners' task: {' or '.join(TASKS)}")
+        elif self.dataset not in BUILTIN_SPECS:
+            bad("dataset", f"choose one of {', '.join(BUILTIN_SPECS)}, or name the partner "
+                "datasets of the consortium's own data (partners)")
+        elif self.partitioning not in SCHEMES:
             bad("partitioning", f"choose one of {', '.join(SCHEMES)}")
         if self.model not in MODEL_KINDS:
             bad("model", f"choose one of {', '.join(MODEL_KINDS)}")

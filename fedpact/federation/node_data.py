@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -87,6 +89,9 @@ def load_node_data(node_config, job: JobConfig) -> NodeData:
     on-disk arrays (`fedpact.models.streaming`) and trained from there in bounded memory.
     """
     node_config = dict(node_config)
+    if "data-csv" not in node_config and job.own_data:
+        node_config = {**simulated_own_config(job, int(node_config.get("partition-id", 0))),
+                       **node_config}
     if "data-csv" in node_config:
         csv, mapping = str(node_config["data-csv"]), str(node_config["mapping"])
         name = str(node_config.get("partner", ""))
@@ -123,6 +128,43 @@ CONSENT_OFF = "off: the job set require_consent=false, rows were used without a 
 CONSENT_NOT_CHECKABLE = ("not checkable: the dataset has no subject id column, rows were used "
                          "without a consent check")
 """What each node's `data.subjects_used` says about consent (field `consent`)."""
+
+
+SIMULATED_NODE_FILE = "node.toml"
+
+
+def simulated_node_path(home: str | Path, partner: str) -> Path:
+    """A simulated partner's node settings on its own disk: `<home>/nodes/<partner>/node.toml`."""
+    from .local_round import node_state_dir  # local_round imports this module
+
+    return node_state_dir({}, JobConfig(home=str(home), job_id="-"), partner) / SIMULATED_NODE_FILE
+
+
+def write_simulated_node(home: str | Path, partner: str, csv: str | Path, mapping: str | Path) -> Path:
+    """Set up simulated partner `partner` to serve its own CSV (what `flower-supernode
+    --node-config "data-csv=... mapping=..."` does for a real node): paths stay in this file."""
+    path = simulated_node_path(home, partner)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"partner": partner, "data-csv": str(Path(csv).resolve()), "mapping": str(Path(mapping).resolve())}
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in doc.items()), encoding="utf-8")
+    return path
+
+
+def simulated_own_config(job: JobConfig, index: int) -> dict:
+    """The node settings of simulated partner `index` of a job on the partners' own data."""
+    names = job.partner_list
+    if not 0 <= index < len(names):
+        raise ConfigurationError(f"simulated node {index}: job {job.job_id} names {len(names)} "
+                                 "partner datasets")
+    path = simulated_node_path(job.home, names[index])
+    if not path.is_file():
+        raise ConfigurationError(f"{names[index]}: this simulated partner has no data set up; give "
+                                 f"it with fedpact train --partner {names[index]}=FILE.csv:MAPPING.toml")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"{names[index]}: simulated node settings unreadable: {exc}") from None
+    return {k: doc[k] for k in ("partner", "data-csv", "mapping") if k in doc}
 
 
 def simulated_partner(job: JobConfig, index: int, data_dir=None) -> NodeData:

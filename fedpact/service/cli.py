@@ -16,6 +16,7 @@ from fedpact.audit import Ledger, LedgerError
 from fedpact.errors import FedpactError
 
 from .cli_audit import audit_app
+from .cli_datasets import dataset_app
 from .cli_jobs import admin_app, job_app, model_app, serve
 from .cli_match import match_app
 from .cli_node import node_app, superlink_app
@@ -35,6 +36,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(match_app, name="match")
 app.add_typer(job_app, name="job")
+app.add_typer(dataset_app, name="dataset")
 app.add_typer(model_app, name="model")
 app.add_typer(admin_app, name="admin")
 app.add_typer(node_app, name="node")
@@ -98,20 +100,42 @@ def train(
         help="A round goes on with at least this many acceptable updates (0: all).")] = 0,
     purpose: Annotated[str, typer.Option(help="Processing purpose, recorded and used for consent.")] = "model_training",
     require_consent: Annotated[bool, typer.Option(
-        "--require-consent", help="Only rows whose subject consented to --purpose take part.")] = False,
+        "--require-consent/--no-require-consent",
+        help="Only rows whose subject consented to --purpose in its partner's own registry take "
+             "part (on by default; off is recorded in the job's events).")] = True,
     compare: Annotated[bool, typer.Option(help="Also train the centralised and local references.")] = True,
+    partner: Annotated[list[str] | None, typer.Option(
+        "--partner", metavar="NAME=FILE.csv:MAPPING.toml",
+        help="A partner's own CSV and mapping (repeat, one per partner): rehearse a job on the "
+             "consortium's own data instead of a built-in data set.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="With --partner: the consortium dataset's name (default: the mappings' common name).")] = None,
+    model_name: Annotated[str | None, typer.Option(
+        help="Register the model under this name in --home's model registry: card, plots, "
+             "TorchScript and ONNX exports (fedpact model card NAME --home HOME).")] = None,
     seed: int = 0,
     home: HomeOption = ".fedpact",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Run one federated job in Flower's simulation engine on a built-in public data set."""
+    """Run one federated job in Flower's simulation engine: on a built-in public data set split
+    into partners, or on the partners' own CSVs (--partner, repeated)."""
+    from fedpact.audit.records import NO_PRIVACY_GUARANTEE
     from fedpact.federation.job import JobConfig
     from fedpact.federation.simulation import run_simulated_job
 
     from .comparison import run_with_baselines
-    from .reporting import comparison_table, partners_table, rounds_table
+    from .reporting import comparison_table, partners_table, round_status, rounds_table
 
+    rehearsal = None
+    if partner:
+        from .own_data import parse_partner, prepare
+
+        rehearsal = prepare([parse_partner(p) for p in partner], home=home, dataset=name,
+                            purpose=purpose, require_consent=require_consent)
+        dataset = rehearsal.dataset
     job = JobConfig(dataset=dataset, partitioning=partitioning, num_partitions=partners,
+                    partners=",".join(p.name for p in rehearsal.partners) if rehearsal else "",
+                    task=rehearsal.task if rehearsal else "",
                     rounds=rounds, target_epsilon=epsilon, target_delta=delta, dp=not no_dp,
                     model=model, batch_size=batch_size, learning_rate=learning_rate,
                     max_grad_norm=max_grad_norm, seed=seed, home=home,
@@ -119,19 +143,42 @@ def train(
                     central_dp_noise=central_dp_noise, central_dp_clip=central_dp_clip,
                     aggregation=aggregation, update_norm_bound=update_norm_bound,
                     min_partners=min_partners, purpose=purpose, require_consent=require_consent)
-    if not as_json:
+    job.validate()
+    if rehearsal and not as_json:
+        console.print(f"job {job.job_id}: {rehearsal.task} on {job.dataset}, {len(rehearsal.partners)} "
+                      "partners' own files (nothing is copied; each simulated node reads its own)")
+        for p in rehearsal.partners:
+            console.print(f"  {p.name}: {rehearsal.rows[p.name]:,} rows; consent "
+                          f"{rehearsal.consented[p.name]}", highlight=False)
+    elif not as_json:
         console.print(f"job {job.job_id}: {dataset} split by {partitioning} into {partners} partners")
+    from .demo import ensure_budgets
+
+    if job.dp:  # a simulation's operator plays every partner's admin; a set budget is kept
+        ensure_budgets(home, job, None if as_json else console, actor="operator:fedpact train",
+                       who="you (playing each partner's admin in this simulation)")
+    if require_consent and not rehearsal:
+        from .demo import ensure_consents
+
+        ensure_consents(job, None if as_json else console)
 
     def on_round(rnd: int, entry: dict) -> None:
         if not as_json:
-            console.print(f"  round {rnd}/{rounds}: pooled ROC-AUC {entry['roc_auc']:.3f}, "
-                          f"ε {entry['epsilon']:.3f}")
+            console.print(f"  {round_status(rnd, rounds, entry, dp=job.dp)}")
 
+    policy = None
+    if no_dp:
+        from fedpact.federation.simulation import allow_without_dp
+
+        policy = allow_without_dp(job, "fedpact train --no-dp (the operator runs every simulated node)")
+        if not as_json:
+            console.print("  --no-dp: no formal privacy guarantee (ε = ∞); the simulated nodes' "
+                          "policy allows the non-private model release for this job only")
     if compare:
-        cmp = run_with_baselines(job, on_round)
+        cmp = run_with_baselines(job, on_round, node_policy=policy)
         result = cmp.result
     else:
-        cmp, result = None, run_simulated_job(job, on_round)
+        cmp, result = None, run_simulated_job(job, on_round, node_policy=policy)
     if as_json:
         doc = result.to_dict()
         if cmp:
@@ -144,7 +191,38 @@ def train(
     if cmp:
         console.print(partners_table(cmp))
         console.print(comparison_table(cmp, title=f"job {job.job_id}"))
-    console.print(f"model saved to {result.model_path}; ε={result.epsilon:.3f}, δ={result.delta:g}")
+    if not job.dp:
+        guarantee = NO_PRIVACY_GUARANTEE
+    elif not result.private:
+        guarantee = (f"ε={result.epsilon:.3f}, δ={result.delta:g} NOT delivered: "
+                     + "; ".join(result.not_private_reasons))
+    else:
+        guarantee = f"ε={result.epsilon:.3f}, δ={result.delta:g} per partner dataset"
+    console.print(f"model saved to {result.model_path}; {guarantee}", highlight=False)
+    if model_name:
+        ref = register_local(job, result, model_name)
+        console.print(f"registered as {ref}: fedpact model card {ref} --home {home}", highlight=False)
+
+
+def register_local(job, result, model_name: str) -> str:
+    """Register a finished simulation's model in the local registry under `job.home`."""
+    import getpass
+
+    from fedpact.audit import Ledger
+
+    from .api.registry import ModelRegistry
+    from .api.store import ServiceStore
+
+    store = ServiceStore(job.home)
+    try:
+        with Ledger.open(job.ledger_path) as ledger:
+            partners = [p.name for p in result.partners]
+            version = ModelRegistry(store, ledger).register(
+                job, result, name=model_name, requested_by=f"{getpass.getuser()} (fedpact train)",
+                partners=partners)
+    finally:
+        store.close()
+    return f"{model_name}@{version}"
 
 
 @data_app.command("check")
@@ -199,6 +277,27 @@ def data_check(
         plain("# BEGIN SUGGESTED")
         plain(block)
         plain("# END SUGGESTED")
+
+
+@data_app.command("example")
+def data_example(
+    out: Annotated[Path, typer.Argument(help="Folder for the partner CSVs and mappings.")],
+    dataset: Annotated[str, typer.Option(help="Public data set to split: bank | telco | caravan | cdnow")] = "telco",
+    partners: Annotated[str, typer.Option(help="Comma-separated partner names.")] = "north,south,west",
+    seed: int = 0,
+) -> None:
+    """Write partner files made from a public data set (one CSV and one mapping per partner,
+    uneven shares): the worked example of docs/data.md, to try the own-data path end to end."""
+    from fedpact.models.examples import write_partner_files
+
+    written = write_partner_files(dataset, [p.strip() for p in partners.split(",") if p.strip()], out,
+                                  seed=seed)
+    for name, csv, mapping in written:
+        rows = sum(1 for _ in csv.open(encoding="utf-8")) - 1
+        console.print(f"{name}: {csv} ({rows:,} rows), mapping {mapping}", highlight=False)
+    flags = " ".join(f"--partner {n}={c}:{m}" for n, c, m in written)
+    console.print(f"next: fedpact data check {written[0][1]} --mapping {written[0][2]}\n"
+                  f"      fedpact train {flags} --no-require-consent", highlight=False, soft_wrap=True)
 
 
 @data_app.command("compare")

@@ -375,9 +375,15 @@ def model_list(url: UrlOption = DEFAULT_URL, token: TokenOption = None, as_json:
 
 @model_app.command("card")
 def model_card(ref: Annotated[str, typer.Argument(help="NAME@VERSION or NAME (latest).")],
-               url: UrlOption = DEFAULT_URL, token: TokenOption = None, as_json: JsonOption = False) -> None:
+               url: UrlOption = DEFAULT_URL, token: TokenOption = None, as_json: JsonOption = False,
+               home: Annotated[str | None, typer.Option(
+                   "--home", help="Read the local registry of this run folder (a model registered "
+                                  "by fedpact train --model-name) instead of the service.")] = None) -> None:
     """The model card: data, metrics, calibration, privacy spent, membership attack, lineage."""
-    entry = Api(url, token).json("GET", f"/models/{ref}")
+    if home is not None:
+        entry = _local_model(home, ref)
+    else:
+        entry = Api(url, token).json("GET", f"/models/{ref}")
     card = entry["card"]
     if as_json:
         _print_json(card)
@@ -408,7 +414,32 @@ def model_card(ref: Annotated[str, typer.Argument(help="NAME@VERSION or NAME (la
     table.add_row("lineage", ", ".join(f"{t} ×{len(ids)}" for t, ids in card["lineage"]["ledger_events"].items()))
     table.add_row("card SHA-256", entry["card_sha256"])
     table.add_row("delivered", f"ledger event {entry['delivery_event_id']}")
+    for kind, path in entry.get("files", {}).items() if home is not None else ():
+        table.add_row(kind, path)
     console.print(table)
+
+
+def _local_model(home: str, ref: str) -> dict:
+    from pathlib import Path
+
+    from fedpact.audit import Ledger
+
+    from .api.registry import ModelRegistry
+    from .api.store import ServiceStore
+
+    if not (Path(home) / "ledger.db").exists():
+        raise FedpactError(f"{home}: no run folder here (no ledger.db)")
+    store = ServiceStore(home)
+    try:
+        with Ledger.open(Path(home) / "ledger.db") as ledger:
+            entry = ModelRegistry(store, ledger).get(ref)
+    finally:
+        store.close()
+    print_files = {k: str(Path(entry["folder"]) / f) for k, f in (
+        ("torchscript", "model.torchscript.pt"), ("onnx", "model.onnx"), ("card", "card.json"))
+        if (Path(entry["folder"]) / f).exists()}
+    entry.setdefault("files", print_files)
+    return entry
 
 
 @model_app.command("export")

@@ -106,6 +106,31 @@ def register(
     console.print(f"registered {public_key} ({fingerprint}) as node {node_id}")
 
 
+def _check_own_data(data_csv: Path, mapping: Path, partner: str) -> None:
+    """The report a job's handshake would give, here on the partner's machine before the node
+    starts: every problem of the CSV and its mapping at once (nothing is sent anywhere)."""
+    from fedpact.errors import DataValidationError
+    from fedpact.models.datasets import load_partner_csv
+    from fedpact.models.features import FeaturePipeline, undeclared_settings
+
+    try:
+        data = load_partner_csv(data_csv, mapping)
+    except DataValidationError as exc:
+        _fail(f"this node will not start: its data cannot be used (nothing was sent):\n{exc}")
+    missing = undeclared_settings(data.spec)
+    if missing:
+        _fail(f"this node will not start: {mapping} leaves the feature encoding to the data, "
+              "which would release statistics of the rows; declare:\n"
+              + "\n".join(f"  - {m}" for m in missing)
+              + f"\n(fedpact data check {data_csv} --mapping {mapping} suggests the declarations)")
+    width = FeaturePipeline.public(data.spec).n_features
+    console.print(f"data: {partner}: {len(data):,} valid rows of {data_csv.name}, "
+                  f"{len(data.spec.features)} feature columns → {width} model inputs "
+                  "(declared encoding, no statistic of the rows)", highlight=False)
+    for note in data.notes:
+        console.print(f"  note: {note}", highlight=False, markup=False)
+
+
 @node_app.command("start")
 def start(
     superlink: SuperLinkOption = "127.0.0.1:9093",
@@ -123,6 +148,9 @@ def start(
                                                  "replies, Runtime API secret.")] = Path(".fedpact/node"),
     consent_ledger: Annotated[Path | None, typer.Option(help="Ledger holding this partner's "
                                                             "consent records.")] = None,
+    policy: Annotated[Path | None, typer.Option(
+        help="This node's release policy (TOML: max_epsilon_per_job, max_epsilon_total, "
+             "min_rows, allow; docs/privacy.md). Default: the built-in policy.")] = None,
     runtime_port: Annotated[int, typer.Option(help="Loopback port of the SuperNode's Runtime "
                                                    "API (one per node on a machine).")] = 9094,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls of the SuperLink "
@@ -143,6 +171,15 @@ def start(
         _fail("--data-csv and --mapping go together")
     if data_csv is None and partition_id is None:
         _fail("say which rows this node serves: --data-csv FILE --mapping FILE, or --partition-id")
+    if policy is not None:
+        from fedpact.privacy.node_policy import NodePolicy
+
+        try:
+            NodePolicy.load(policy)
+        except FedpactError as exc:
+            _fail(f"this node will not start: {exc}")
+    if data_csv is not None:
+        _check_own_data(data_csv, mapping, partner or data_csv.stem)
     entries = {"state-dir": str(state_dir.resolve())}
     if data_csv is not None:
         entries.update({"data-csv": str(data_csv.resolve()), "mapping": str(mapping.resolve()),
@@ -153,6 +190,8 @@ def start(
             entries["data-dir"] = str(data_dir.resolve())
     if consent_ledger is not None:
         entries["consent-ledger"] = str(consent_ledger.resolve())
+    if policy is not None:
+        entries["policy"] = str(policy.resolve())
     node_config = " ".join(f'{k}={v}' if isinstance(v, int) else f'{k}="{v}"'
                            for k, v in entries.items())
     config = NodeProcessConfig(superlink=superlink, node_config=node_config,

@@ -25,16 +25,17 @@ DEMO_DEFAULTS = {"rounds": 10, "batch_size": 512, "learning_rate": 0.3, "max_gra
 DEMO_BUDGET = {"epsilon": 10.0, "delta": 1e-4}
 
 
-def ensure_budgets(home: str, job: JobConfig, console: Console | None = None) -> None:
+def ensure_budgets(home: str, job: JobConfig, console: Console | None = None, *,
+                   actor: str = "partner_admin:demo", who: str = "the partner admin") -> None:
     """Set a budget for each partner dataset of `job` that has none (as its partner admin would)."""
     with Ledger.open(f"{home}/ledger.db") as ledger:
         budgets = PrivacyBudgets(ledger)
         for name in partner_datasets(job):
             if budgets.get(name) is None:
-                budgets.set(name, DEMO_BUDGET["epsilon"], DEMO_BUDGET["delta"], actor="partner_admin:demo")
+                budgets.set(name, DEMO_BUDGET["epsilon"], DEMO_BUDGET["delta"], actor=actor)
                 if console:
-                    console.print(f"  budget set by the partner admin: {name} ε ≤ {DEMO_BUDGET['epsilon']:g}, "
-                                  f"δ ≤ {DEMO_BUDGET['delta']:g}")
+                    console.print(f"  budget set by {who}: {name} ε ≤ {DEMO_BUDGET['epsilon']:g}, "
+                                  f"δ ≤ {DEMO_BUDGET['delta']:g} over all jobs", highlight=False)
 
 
 DEMO_CONSENT = {"channel": "demo import", "legal_basis": "consent", "notice_version": "demo",

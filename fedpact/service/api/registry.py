@@ -392,7 +392,8 @@ class ModelRegistry:
         return {
             "model": f"{name}@{version}", "name": name, "version": version,
             "created_at": _iso(self.store.now()), "job_id": job.job_id,
-            "task": spec.task if spec else None, "dataset": spec.name if spec else job.dataset,
+            "task": spec.task if spec and not job.own_data else (job.task or None),
+            "dataset": spec.name if spec and not job.own_data else job.dataset,
             "partitioning": job.partitioning, "purpose": job.purpose, "requested_by": requested_by,
             "model_kind": job.model, "rounds": job.rounds, "local_epochs": job.local_epochs,
             "partners": [{"dataset": p.name, "train_rows": p.train_rows, "test_rows": p.test_rows,
