@@ -38,6 +38,8 @@ class EventType(str, enum.Enum):  # noqa: UP042 - the documented (str, Enum) for
     JOB_APPROVED = "job.approved"
     JOB_REJECTED = "job.rejected"
     JOB_REVOKED = "job.revoked"
+    # the consortium's dataset registry (service/api/datasets.py): a partner's public layout
+    DATASET_REGISTERED = "dataset.registered"
     TOKEN_ISSUED = "admin.token_issued"
     TOKEN_REVOKED = "admin.token_revoked"
     USER_CREATED = "admin.user_created"
@@ -174,6 +176,12 @@ FIELD_KINDS: dict[EventType, dict[str, str]] = {
     },
     EventType.JOB_REVOKED: {
         "partner": STR, "dataset": STR, "decided_by": STR, "purpose": STR, "reason": STR,
+    },
+    # a partner dataset registered (or registered again) by its partner admin: names, the task,
+    # the label column, and a digest of the public layout; never a path, a row or a statistic
+    EventType.DATASET_REGISTERED: {
+        "dataset": STR, "group": STR, "task": STR, "label": STR, "purpose": STR,
+        "layout_sha256": STR, "features": COUNT, "registered_by": STR, "replaces": OPT_STR,
     },
     # accounts and sign-in (service/api/auth.py); principals are handles, never e-mail addresses
     EventType.TOKEN_ISSUED: {

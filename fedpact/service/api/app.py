@@ -31,9 +31,10 @@ from fedpact.errors import FedpactError
 from fedpact.privacy.budget import BudgetError, PrivacyBudgets
 
 from .auth import AccountError, Accounts, AuthError, Principal
+from .datasets import DatasetError, DatasetRegistry
 from .governance import OPEN, GovernanceError, JobBoard, JobRun, JobRunner, JobView, simulated_run
 from .registry import PLOTS, ModelRegistry, RegistryError
-from .schemas import SLUG, BudgetIn, DecisionIn, JobRequestIn
+from .schemas import GROUP, PARTNER_DATASET, SLUG, BudgetIn, DatasetIn, DecisionIn, JobRequestIn
 from .store import ServiceStore, _finite
 
 API = "/api/v1"
@@ -51,6 +52,7 @@ class CoordinatorService:
         self.board = JobBoard(self.store, self.ledger, supports_secure_aggregation=bool(
             getattr(run, "supports_secure_aggregation", True)))
         self.registry = ModelRegistry(self.store, self.ledger)
+        self.datasets = DatasetRegistry(self.store, self.ledger)
         self.runner = JobRunner(self.board, self._register, run)
         self.start_worker = start_worker
         self.audit_slots = anyio.Semaphore(AUDIT_QUERY_SLOTS)
@@ -136,6 +138,25 @@ class CoordinatorService:
                                   f"{principal.username} holds {principal.describe()}", 403)
         PrivacyBudgets(self.ledger).set(dataset, epsilon, delta, actor=principal.actor)
         return next(b for b in self.budgets_for(principal) if b["dataset"] == dataset)
+
+    def register_dataset(self, principal: Principal, body: DatasetIn) -> dict:
+        """A partner admin registers (or registers again) its own partner dataset's layout."""
+        if not principal.admins(body.name):
+            raise GovernanceError(f"role partner_admin for {body.name} required to register it; "
+                                  f"{principal.username} holds {principal.describe()}", 403)
+        entry = self.datasets.register(
+            name=body.name, group=body.group, task=body.task, label=body.label,
+            positive=body.positive, purpose=body.purpose, layout=body.layout.as_layout(),
+            registered_by=principal.username, actor=principal.actor)
+        return entry.to_dict()
+
+    def dataset_for(self, name: str) -> dict:
+        entry = self.datasets.get(name)
+        if entry is None:
+            raise DatasetError(f"no partner dataset {name!r} is registered (GET /api/v1/datasets "
+                               "lists them)", 404)
+        return {**entry.to_dict(), "admins": self.datasets.admins(name),
+                "open_jobs": self.datasets.open_jobs(name)}
 
     def audit_page(self, principal: Principal, *, types: list[str], job_id: str | None,
                    partner: str | None, dataset: str | None, purpose: str | None,
@@ -390,6 +411,32 @@ def model_export(ref: ModelRef, principal: Annotated[Principal, Depends(require(
     return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
 
+@router.post("/datasets", status_code=201, tags=["datasets"],
+             responses={409: {"description": "named by an open job"}})
+def register_dataset(body: DatasetIn, principal: PartnerAdmin, service: Service) -> dict:
+    """Register a partner dataset (partner_admin for that dataset): its group, task, label,
+    purpose and the public layout its node announces; no rows, no path. Written to the ledger
+    as `dataset.registered`. Registering it again replaces it, unless a job naming it is open
+    and the layout, group, task or label would change (409)."""
+    return _finite(service.register_dataset(principal, body))
+
+
+@router.get("/datasets", tags=["datasets"])
+def list_datasets(principal: AnyRole, service: Service,
+                  group: Annotated[str | None, Query(pattern=GROUP, description="Only this group.")]
+                  = None) -> list[dict]:
+    """The registered partner datasets (optionally of one group), with their layouts."""
+    return _finite([e.to_dict() for e in service.datasets.list(group)])
+
+
+@router.get("/datasets/{dataset:path}", tags=["datasets"],
+            responses={404: {"description": "not registered"}})
+def get_dataset(dataset: Annotated[str, PathParam(pattern=PARTNER_DATASET, max_length=100)],
+                principal: AnyRole, service: Service) -> dict:
+    """One registered partner dataset, its partner admins and the open jobs naming it."""
+    return _finite(service.dataset_for(dataset))
+
+
 @router.get("/budgets", tags=["privacy"])
 def list_budgets(principal: People, service: Service) -> list[dict]:
     """Privacy budget and spend per partner dataset (partner admins: their datasets)."""
@@ -462,6 +509,14 @@ def _field(loc: Any) -> str:
                     else parts) or "request"
 
 
+def _message(error: dict) -> str:
+    loc = error.get("loc") or ["?"]
+    msg = str(error.get("msg", "")).removeprefix("Value error, ")
+    if len(loc) == 1 and loc[0] == "body":  # a check of the whole body: the message names fields
+        return f"body: {msg}"
+    return f"{loc[0]} field {_field(loc)}: {msg}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation(_request: Request, exc: RequestValidationError):
@@ -469,13 +524,12 @@ def install_error_handlers(app: FastAPI) -> None:
         for e in errors:
             e.pop("input", None)
             e.pop("url", None)
-        message = "; ".join(f"{e.get('loc', ['?'])[0]} field {_field(e.get('loc', []))}: {e.get('msg')}"
-                            for e in errors[:10])
+        message = "; ".join(_message(e) for e in errors[:10])
         return JSONResponse({"detail": message or "malformed request", "errors": errors},
                             status_code=422)
 
     def status_of(exc: Exception) -> int:
-        if isinstance(exc, GovernanceError | RegistryError):
+        if isinstance(exc, GovernanceError | RegistryError | DatasetError):
             return exc.status
         if isinstance(exc, AuthError):
             return 401

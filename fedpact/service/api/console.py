@@ -4,8 +4,9 @@ Sign-in with password + TOTP gives an HttpOnly, SameSite=Strict session cookie; 
 for 15 minutes ends (checked on the server at every request). Every form carries the session's
 CSRF token. Pages: job list and detail (decisions, budgets, rounds, logs, model and plots) with
 approve / reject / revoke buttons for partner admins, a job request form for data scientists,
-model cards, audit search and chain verification for compliance officers, and the privacy
-budget per dataset (partner admins set their own datasets' budgets there).
+model cards, audit search and chain verification for compliance officers, the privacy budget
+per dataset (partner admins set their own datasets' budgets there), and the registered partner
+datasets (read-only).
 """
 
 from __future__ import annotations
@@ -343,6 +344,15 @@ def install_console(app: FastAPI) -> None:
         return page(request, "audit.html", principal, q=query, events=result["events"],
                     next_link=next_link, error=error, verification=verification,
                     event_types=[t.value for t in EventType], status_code=422 if error else 200)
+
+    # ---- registered partner datasets (read-only)
+
+    @app.get("/console/datasets", include_in_schema=False)
+    def datasets_page(request: Request) -> HTMLResponse:
+        principal = signed_in(request)
+        need(principal, "data_scientist", "compliance_officer", "partner_admin")
+        return page(request, "datasets.html", principal,
+                    datasets=[e.to_dict() for e in _service(request).datasets.list()])
 
     # ---- privacy budgets
 

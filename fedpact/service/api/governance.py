@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from fedpact.privacy.budget import PrivacyBudgets
 from fedpact.service.reporting import round_status
 
 from .auth import Principal
+from .datasets import CheckedRequest, DatasetError, DatasetRegistry
 from .schemas import JobRequestIn
 from .store import ServiceStore, decisions, dumps, job_logs, job_requests, job_rounds
 
@@ -58,6 +60,10 @@ def consent_text(config: dict, dataset: str | None = None) -> str:
     if not config.get("require_consent"):
         return ("consent enforcement turned off by the requester: rows are used without checking "
                 "each subject's consent")
+    if config.get("partners"):  # registered partner datasets: their id columns stay at home
+        return (f"consent enforced where the partner's dataset has a subject id column: rows "
+                f"without a valid consent for {purpose} are excluded; a dataset without one cannot "
+                "be checked (the records will say so)")
     spec = BUILTIN_SPECS.get(dataset or config.get("dataset", ""))
     if spec is not None and not spec.id_column:
         return (f"consent enforced where it can be checked: {spec.name} has no subject id "
@@ -70,6 +76,12 @@ SECURE_AGGREGATION_UNAVAILABLE = (
     "engine, which runs this coordinator's jobs: the job bundle holds fedpact's plain apps, so the "
     "coordinator would see each partner's update. Request the job without secure_aggregation "
     "(each partner's update is then DP-protected but visible to the coordinator)")
+
+
+def default_model_name(task: str, dataset: str) -> str:
+    """TASK-DATASET as a registry name (lower case, letters, digits and '-', at most 48)."""
+    name = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{task}-{dataset}".lower()))
+    return name.strip("-")[:48].rstrip("-")
 
 
 class GovernanceError(FedpactError):
@@ -216,12 +228,28 @@ class JobBoard:
     # ---- requesting
 
     def submit(self, principal: Principal, req: JobRequestIn, *, home: str) -> JobView:
-        """Record a data team's request; partners' admins then decide on it."""
-        spec = BUILTIN_SPECS[req.dataset]
-        if req.task is not None and req.task != spec.task:
-            raise GovernanceError(f"task = {req.task!r} does not match dataset {req.dataset!r}, "
-                                  f"which is a {spec.task} data set", 422)
-        features = list(spec.features)
+        """Record a data team's request; partners' admins then decide on it.
+
+        A request naming registered partner datasets (`partner_datasets`) is checked against the
+        dataset registry first (`DatasetRegistry.check_request`): nobody is asked to approve a
+        job whose datasets are unknown, of another group, task, label or layout, without a
+        partner admin or, with DP, without a privacy budget."""
+        checked: CheckedRequest | None = None
+        if req.partner_datasets is not None:
+            try:
+                checked = DatasetRegistry(self.store, self.ledger).check_request(
+                    req.dataset, list(req.partner_datasets), task=req.task, dp=req.dp)
+            except DatasetError as exc:
+                raise GovernanceError(str(exc), exc.status) from None
+            task, dataset_name, features = checked.task, req.dataset, checked.features
+            what = f"the layout registered for {', '.join(checked.names)}"
+        else:
+            spec = BUILTIN_SPECS[req.dataset]
+            if req.task is not None and req.task != spec.task:
+                raise GovernanceError(f"task = {req.task!r} does not match dataset {req.dataset!r}, "
+                                      f"which is a {spec.task} data set", 422)
+            task, dataset_name, features = spec.task, spec.name, list(spec.features)
+            what = spec.name
         if req.features is not None and list(req.features) != features:
             unknown = [f for f in req.features if f not in features]
             left_out = [f for f in features if f not in req.features]
@@ -230,13 +258,14 @@ class JobBoard:
                 f"columns left out {left_out}" if left_out else "",
                 "same columns in another order" if not unknown and not left_out else "") if x)
             raise GovernanceError(
-                f"features: {detail}. Jobs read every feature column of {spec.name} in its declared "
+                f"features: {detail}. Jobs read every feature column of {what} in its declared "
                 f"order (feature subsets are not supported yet); omit `features` to accept: "
                 f"{', '.join(features)}", 422)
         if req.secure_aggregation and not self.supports_secure_aggregation:
             raise GovernanceError(SECURE_AGGREGATION_UNAVAILABLE, 422)
-        job = JobConfig(dataset=req.dataset, partitioning=req.partitioning,
-                        num_partitions=req.partners, rounds=req.rounds, local_epochs=req.local_epochs,
+        split = ({"partners": ",".join(checked.names), "task": task} if checked is not None else
+                 {"partitioning": req.partitioning, "num_partitions": req.partners})
+        job = JobConfig(dataset=req.dataset, **split, rounds=req.rounds, local_epochs=req.local_epochs,
                         batch_size=req.batch_size, learning_rate=req.learning_rate, model=req.model,
                         dp=req.dp, target_epsilon=req.target_epsilon, target_delta=req.target_delta,
                         max_grad_norm=req.max_grad_norm, seed=req.seed, purpose=req.purpose,
@@ -247,19 +276,25 @@ class JobBoard:
         except ConfigurationError as exc:
             raise GovernanceError(str(exc), 422) from None
         partners = partner_datasets(job)
-        model_name = req.model_name or f"{spec.task}-{req.dataset}"
-        request = {**req.model_dump(), "task": spec.task, "features": features}
+        model_name = req.model_name or default_model_name(task, req.dataset)
+        request = {**req.model_dump(), "task": task, "features": features}
+        registered = {}
+        if checked is not None:  # what the partners approve: these datasets, this layout
+            registered = {"group": checked.group, "layout_sha256": checked.layout_sha256}
+            request.update(partitioning=job.partitioning, partners=len(partners), **registered)
+        else:
+            request.pop("partner_datasets", None)  # a built-in request stays as it always was
         if not req.dp:  # no (ε, δ) is promised: don't keep the form's defaults as if it were
             request.update(target_epsilon=None, target_delta=None)
         event = self.ledger.append(
             EventType.JOB_REQUESTED,
-            {"task": spec.task, "dataset": spec.name, "partners": partners, "purpose": req.purpose,
+            {"task": task, "dataset": dataset_name, "partners": partners, "purpose": req.purpose,
              "features": features, "target_epsilon": req.target_epsilon if req.dp else None,
              "target_delta": req.target_delta if req.dp else None, "dp": req.dp,
              "require_consent": job.require_consent,
              "secure_aggregation": job.secure_aggregation,
-             "rounds": req.rounds, "partitioning": req.partitioning, "model": model_name,
-             "requested_by": principal.username},
+             "rounds": req.rounds, "partitioning": job.partitioning, "model": model_name,
+             "requested_by": principal.username, **registered},
             actor=principal.actor, job_id=job.job_id)
         now = self.store.now()
         with self.store.write_lock, self.store.engine.begin() as conn:

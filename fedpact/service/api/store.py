@@ -1,8 +1,8 @@
 """The service's own state, in `HOME/service.db` (SQLite via SQLAlchemy), never in the ledger.
 
 People and machine identities, their role grants, API tokens (only a digest is stored), console
-sessions, job requests with each partner's decision, per-round metrics and logs, and the model
-registry's index. Everything a regulator needs to see about these is *also* written to the audit
+sessions, job requests with each partner's decision, per-round metrics and logs, the model
+registry's index, and the consortium's registered partner datasets (their public layouts). Everything a regulator needs to see about these is *also* written to the audit
 ledger (requests, decisions, runs, deliveries, accounts, tokens, sign-ins); this database is the
 working copy the service reads and updates.
 """
@@ -140,6 +140,22 @@ models = Table(
     Column("created_at", Float, nullable=False),
     Column("delivery_event_id", String(64), nullable=True),
     PrimaryKeyConstraint("name", "version"),
+)
+
+datasets = Table(
+    "datasets", metadata,
+    Column("name", String(100), primary_key=True),  # the partner dataset, e.g. north or telco-churn/dsl
+    Column("dataset_group", String(64), nullable=False, index=True),  # the consortium's dataset
+    Column("task", String(16), nullable=False),
+    Column("label", String(200), nullable=False),
+    Column("positive", Text, nullable=True),  # JSON list of the label values marking a positive row
+    Column("purpose", String(64), nullable=False),
+    Column("layout", Text, nullable=False),  # JSON: FeaturePipeline.public(spec).layout()
+    Column("layout_sha256", String(64), nullable=False),
+    Column("features", Integer, nullable=False),  # feature columns in the layout
+    Column("registered_by", String(64), nullable=False),
+    Column("registered_at", Float, nullable=False),
+    Column("event_id", String(64), nullable=False),
 )
 
 

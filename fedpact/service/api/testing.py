@@ -3,7 +3,8 @@
 `seed_consortium(service, partners)` creates a data scientist, a compliance officer, one partner
 admin per partner dataset, one node identity per partner, and an "all-roles" person (data
 scientist + compliance officer + every partner's admin) for API fuzzing; it returns their tokens
-and TOTP secrets. `Clock` is a settable clock for the service (token expiry, idle sessions).
+and TOTP secrets. `register_builtin_datasets` registers a built-in split's partner datasets in the
+dataset registry. `Clock` is a settable clock for the service (token expiry, idle sessions).
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ def seed_consortium(service: CoordinatorService, partners: list[str], *, passwor
     everyone = person("root-of-all", ("data_scientist", ""), ("compliance_officer", ""),
                       *[("partner_admin", p) for p in partners])
     return Consortium(scientist, compliance, admins, nodes, everyone, list(partners))
+
+
+def register_builtin_datasets(service: CoordinatorService, dataset: str = "telco",
+                              partitioning: str = "segment", partners: int = 3) -> list[str]:
+    """Register a built-in data set's split partners as ordinary partner datasets (group: the data
+    set's name, e.g. telco-churn), as their admins would; return their names."""
+    from .datasets import register_builtin_partners
+
+    return [e.name for e in register_builtin_partners(service.datasets, dataset, partitioning,
+                                                       partners)]
 
 
 def write_mapping(spec, path, *, name: str = "acme-telco", categories: dict | None = None):
