@@ -236,3 +236,71 @@ def test_coordinator_killed_between_rounds_resumes_with_the_same_epsilon(deploym
         if ev.event_type == EventType.PRIVACY_SPENT.value:
             charged[ev.payload["dataset"]] = charged.get(ev.payload["dataset"], 0) + ev.payload["epsilon"]
     assert {k: pytest.approx(v, rel=1e-9) for k, v in charged.items()} == spent
+
+
+def test_partners_own_files_through_the_service_on_the_deployment_engine(deployment, tmp_path):
+    """Three more nodes serve their partners' own CSVs under their own names (no built-in name):
+    each admin registers the dataset, a data team requests a job naming them, every admin
+    approves, it runs on those nodes while the public-data nodes, also connected, stay out of
+    it; the model card names them; a row scores the same alone and in a batch, ONNX = TorchScript."""
+    import numpy as np
+    import pandas as pd
+
+    from fedpact.models.examples import write_partner_files
+    from fedpact.models.export import load_exported
+    from fedpact.models.scoring import read_scoring_rows, score_rows
+    from fedpact.service.cli_datasets import registration_payload
+
+    d = deployment
+    names = ["north", "south", "west"]
+    files = write_partner_files("telco", names, tmp_path / "files", seed=5)
+    indices = [10, 11, 12]
+    app = create_app(d.home, run=DeploymentRun(d.connection, timeout=600))
+    service = app.state.service
+    people = seed_consortium(service, names)
+    with Ledger.open(d.home / "ledger.db") as ledger:
+        for name in names:
+            PrivacyBudgets(ledger).set(name, 5.0, 1e-4, actor=f"partner_admin:{name}")
+    try:
+        for index, (name, csv, mapping) in zip(indices, files, strict=True):
+            d.register(name)
+            d.start_node(index, key=name, own=(name, csv, mapping))
+        for index in indices:
+            d.wait_node_up(index)
+        with TestClient(app) as client:
+            for name, csv, mapping in files:
+                r = client.post("/api/v1/datasets", headers=people.admins[name].headers,
+                                json=registration_payload(csv, mapping, name=name, group="acme-churn"))
+                assert r.status_code == 201, r.text
+            r = client.post("/api/v1/jobs", headers=people.scientist.headers, json={
+                "dataset": "acme-churn", "partner_datasets": names, "purpose": "churn_model",
+                "rounds": 2, "target_epsilon": 1.0, "require_consent": False})
+            assert r.status_code in (200, 201), r.text
+            job_id = r.json()["job_id"]
+            approve_and_wait(client, service, people, job_id, names, timeout=600)
+            view = client.get(f"/api/v1/jobs/{job_id}", headers=people.scientist.headers).json()
+            assert view["status"] == "finished", view.get("reason")
+            entry = client.get(f"/api/v1/models/{view['model']}", headers=people.scientist.headers)
+            assert entry.status_code == 200, entry.text
+            card = entry.json()["card"]
+    finally:
+        for index in indices:
+            if index in d.nodes:
+                d.kill_node(index)
+    assert card["dataset"] == "acme-churn" and card["task"] == "churn"
+    assert [p["dataset"] for p in card["partners"]] == names
+    assert "telco" not in str(card).lower()
+    accessed = {e.payload["node"] for e in _events(d, job_id, EventType.DATA_ACCESSED)}
+    assert accessed == set(names)  # no public-data node touched a row for this job
+    assert str(files[0][1]) not in str([e.payload for e in _events(d, job_id, EventType.JOB_FINISHED)])
+    folder = Path(service.registry.get(view["model"])["folder"])
+    ts, onnx = load_exported(folder / "model.torchscript.pt"), load_exported(folder / "model.onnx")
+    rows = read_scoring_rows(files[2][1], files[2][2], ts.layout)
+    batch, _ = score_rows(ts, rows)
+    np.testing.assert_allclose(score_rows(onnx, rows)[0]["score"], batch["score"], atol=1e-6)
+    frame = pd.read_csv(files[2][1], dtype=str)
+    for i in (0, len(frame) // 2):
+        one = tmp_path / f"row{i}.csv"
+        frame.iloc[[i]].to_csv(one, index=False)
+        alone, _ = score_rows(ts, read_scoring_rows(one, files[2][2], ts.layout))
+        assert alone["score"].iloc[0] == pytest.approx(batch["score"].iloc[i], abs=1e-12)

@@ -35,6 +35,33 @@ from .local_round import (
 from .node_data import NodeData, load_node_data
 
 ERROR_CODE_REFUSED = 4001  # the node refused the request (budget, layout, bad data)
+ERROR_CODE_NOT_IN_JOB = 4002  # the job names other partner datasets than the one this node serves
+
+
+def serves_other_dataset(job: JobConfig, node_config) -> str | None:
+    """For a job on named partner datasets: why this deployed node is not one of them (None when
+    it is, or when it cannot tell before reading its data)."""
+    config = dict(node_config)
+    if not job.own_data:
+        if "data-csv" in config and "partner" in config:
+            from fedpact.models.datasets import BUILTIN_SPECS
+
+            from .partition import partition_names
+
+            spec = BUILTIN_SPECS.get(job.dataset)
+            names = partition_names(spec.name, job.partitioning, job.num_partitions) if spec else []
+            if str(config["partner"]) not in names:
+                return (f"this node serves {config['partner']!r}, not one of the partner datasets "
+                        f"of job {job.job_id}")
+        return None
+    if "data-csv" in config:
+        mine = str(config.get("partner") or Path(str(config["data-csv"])).stem)
+        if mine not in job.partner_list:
+            return f"this node serves {mine!r}, which job {job.job_id} does not name"
+        return None
+    if "state-dir" in config:  # a deployed node serving a public data set's partition
+        return f"this node serves a public data set's partition; job {job.job_id} names partner datasets"
+    return None
 
 app = ClientApp()
 logging.getLogger("opacus").setLevel(logging.ERROR)
@@ -118,6 +145,9 @@ def describe(msg: Message, context: Context) -> Message:
     """Share the feature layout (column order and categories, no statistics) and row counts."""
     try:
         job = JobConfig.from_config(msg.content["config"])
+        other = serves_other_dataset(job, context.node_config)
+        if other:
+            return Message(Error(code=ERROR_CODE_NOT_IN_JOB, reason=other), reply_to=msg)
         node = load_node_data(context.node_config, job)
         layout = pipeline_for(node).layout()
         policy = admit_on_node(node, job, context)

@@ -24,7 +24,7 @@ from fedpact.privacy.budget import PrivacyBudgets
 from fedpact.privacy.crosscheck import cross_check
 
 from .central_dp import client_level_privacy, with_central_dp
-from .client_app import ERROR_CODE_REFUSED
+from .client_app import ERROR_CODE_NOT_IN_JOB, ERROR_CODE_REFUSED
 from .job import JobConfig
 from .local_round import plan_for
 from .partition import partition_names
@@ -100,6 +100,10 @@ def _enlist(grid: Grid, job: JobConfig, timeout: float):
             refusals = [r for r in replies if r.has_error() and r.error.code == ERROR_CODE_REFUSED]
             if refusals:
                 raise JobFailed("handshake failed: " + "; ".join(r.error.reason for r in refusals))
+            others = [r for r in replies if r.has_error() and r.error.code == ERROR_CODE_NOT_IN_JOB]
+            if len(nodes) - len(others) < job.num_partitions and time.monotonic() <= deadline:
+                time.sleep(0.5)  # nodes of other datasets do not count: wait for this job's
+                continue
             answered = {}
             for reply in sorted((r for r in replies if not r.has_error()),
                                 key=lambda r: r.metadata.src_node_id):
@@ -107,9 +111,11 @@ def _enlist(grid: Grid, job: JobConfig, timeout: float):
             if len(answered) >= job.num_partitions:
                 break
         if time.monotonic() > deadline:
+            missing = [p for p in job.partner_list if p not in answered]
             raise JobFailed(f"only {len(answered)} of {job.num_partitions} partner nodes answered "
                             f"within {timeout:.0f} s ({len(nodes)} connected)"
-                            + (f": {', '.join(sorted(answered))}" if answered else ""))
+                            + (f": {', '.join(sorted(answered))}" if answered else "")
+                            + (f"; no node serving {', '.join(missing)} is connected" if missing else ""))
         time.sleep(0.5)
     chosen = [answered[name] for name in sorted(answered)[:job.num_partitions]]
     names, partners, layouts = {}, [], {}

@@ -66,9 +66,10 @@ class LoopbackDeployment:
         return self.root / f"node{index}"
 
     def start_node(self, index: int, *, key: str | None = None, data_dir: str | Path | None = None,
-                   stock: bool = False, track: bool = True,
-                   admission_wait: float = 120) -> subprocess.Popen:
-        """Partner node `index` serving partition `index` of the job's data set."""
+                   stock: bool = False, track: bool = True, admission_wait: float = 120,
+                   own: tuple[str, str | Path, str | Path] | None = None) -> subprocess.Popen:
+        """Partner node `index` serving partition `index` of the job's data set, or, with
+        `own` = (partner name, CSV, mapping), that partner's own file."""
         name = key or f"p{index}"
         log = open(self.root / f"node{index}.log", "ab")  # noqa: SIM115
         state = self.node_dir(index)
@@ -82,10 +83,12 @@ class LoopbackDeployment:
                     "--port", str(free_port())]
         else:
             argv = [FEDPACT, "node", "start", "--superlink", self.address, "--root-certificates",
-                    str(self.pki / "ca.crt"), "--key", str(self.key(name)), "--partition-id",
-                    str(index), "--state-dir", str(state), "--runtime-port", str(free_port()),
-                    "--admission-wait", str(admission_wait)]
-            if data_dir:
+                    str(self.pki / "ca.crt"), "--key", str(self.key(name)), "--state-dir",
+                    str(state), "--runtime-port", str(free_port()), "--admission-wait",
+                    str(admission_wait)]
+            argv += (["--data-csv", str(own[1]), "--mapping", str(own[2]), "--partner", own[0]]
+                     if own else ["--partition-id", str(index)])
+            if data_dir and not own:
                 argv += ["--data-dir", str(data_dir)]
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=flower_env())

@@ -130,9 +130,13 @@ def _print_json(doc: Any) -> None:
 @job_app.command("submit")
 def job_submit(
     purpose: Annotated[str, typer.Option(help="Purpose of processing, a slug, e.g. churn_model_training.")],
-    dataset: Annotated[str, typer.Option(help="bank | telco | caravan | cdnow")] = "telco",
+    dataset: Annotated[str, typer.Option(help="A built-in data set (bank | telco | caravan | cdnow), or "
+                                              "with --partner-dataset the registered group's name.")] = "telco",
     partitioning: Annotated[str, typer.Option(help="segment | period | iid | dirichlet (label-skewed, any number of partners)")] = "segment",
     partners: Annotated[int, typer.Option(help="Number of partner datasets.")] = 3,
+    partner_dataset: Annotated[list[str] | None, typer.Option(
+        "--partner-dataset", help="A registered partner dataset of --dataset's group (repeat); "
+                                  "see fedpact dataset list.")] = None,
     epsilon: Annotated[float, typer.Option(help="Target ε per partner dataset for the job.")] = 1.0,
     delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
@@ -152,10 +156,13 @@ def job_submit(
     url: UrlOption = DEFAULT_URL, token: TokenOption = None, as_json: JsonOption = False,
 ) -> None:
     """Request a joint model (data_scientist); it runs once every partner admin approved it."""
-    body = {"dataset": dataset, "partitioning": partitioning, "partners": partners, "purpose": purpose,
-            "target_epsilon": epsilon, "target_delta": delta, "rounds": rounds, "dp": not no_dp,
+    body = {"dataset": dataset, "purpose": purpose, "target_epsilon": epsilon, "target_delta": delta, "rounds": rounds, "dp": not no_dp,
             "require_consent": not no_consent, "secure_aggregation": secure_aggregation,
             "model": model, "batch_size": batch_size, "learning_rate": learning_rate}
+    if partner_dataset:
+        body["partner_datasets"] = list(partner_dataset)
+    else:
+        body.update(partitioning=partitioning, partners=partners)
     if task:
         body["task"] = task
     if model_name:
