@@ -255,12 +255,12 @@ def test_partners_own_files_through_the_service_on_the_deployment_engine(deploym
     names = ["north", "south", "west"]
     files = write_partner_files("telco", names, tmp_path / "files", seed=5)
     indices = [10, 11, 12]
-    app = create_app(d.home, run=DeploymentRun(d.connection, timeout=600))
+    home = tmp_path / "service"  # this consortium's own coordinator service on the same SuperLink
+    app = create_app(home, run=DeploymentRun(d.connection, timeout=600))
     service = app.state.service
     people = seed_consortium(service, names)
-    with Ledger.open(d.home / "ledger.db") as ledger:
-        for name in names:
-            PrivacyBudgets(ledger).set(name, 5.0, 1e-4, actor=f"partner_admin:{name}")
+    for name in names:
+        PrivacyBudgets(service.ledger).set(name, 5.0, 1e-4, actor=f"partner_admin:{name}")
     try:
         for index, (name, csv, mapping) in zip(indices, files, strict=True):
             d.register(name)
@@ -290,9 +290,10 @@ def test_partners_own_files_through_the_service_on_the_deployment_engine(deploym
     assert card["dataset"] == "acme-churn" and card["task"] == "churn"
     assert [p["dataset"] for p in card["partners"]] == names
     assert "telco" not in str(card).lower()
-    accessed = {e.payload["node"] for e in _events(d, job_id, EventType.DATA_ACCESSED)}
+    events = service.ledger.events(job_id=job_id)
+    accessed = {e.payload["node"] for e in events if e.event_type == EventType.DATA_ACCESSED.value}
     assert accessed == set(names)  # no public-data node touched a row for this job
-    assert str(files[0][1]) not in str([e.payload for e in _events(d, job_id, EventType.JOB_FINISHED)])
+    assert str(files[0][1]) not in str([e.payload for e in events])
     folder = Path(service.registry.get(view["model"])["folder"])
     ts, onnx = load_exported(folder / "model.torchscript.pt"), load_exported(folder / "model.onnx")
     rows = read_scoring_rows(files[2][1], files[2][2], ts.layout)

@@ -94,6 +94,7 @@ def test_ledger_records_the_job_and_verifies(bank_job):
         assert e.payload["rows"] > 0
     finished = events[-1].payload
     assert finished["epsilon"] == pytest.approx(result.epsilon)
+    assert finished["secure_aggregation"] is False and finished["private"] is False  # test mode
     assert result.ledger_events == len(events)
 
 

@@ -219,6 +219,21 @@ def test_job_settings_for_own_data_are_validated():
     assert roundtrip.partner_list == job.partner_list and roundtrip.task == "churn"
 
 
+def test_a_consent_export_given_with_the_partner_is_imported_and_enforced(files, tmp_path):
+    from fedpact.service.own_data import parse_partner, prepare
+
+    partners = [parse_partner(f"{n}={c}:{m}:{Path(c).with_name(n + '-consents.csv')}")
+                for n, c, m in files]
+    rehearsal = prepare(partners, home=str(tmp_path), dataset="acme-churn", purpose="churn_model",
+                        require_consent=True)
+    for name, csv, _ in files:
+        rows = len(pd.read_csv(csv))
+        withdrawn = round(rows * 0.05)
+        assert rehearsal.consented[name] == (f"{rows - withdrawn:,} of {rows:,} subjects consented; "
+                                             "the others are excluded")
+        assert "0 rejected" in rehearsal.imported[name]
+
+
 def test_example_files_are_what_a_partner_brings(files):
     sizes = [len(pd.read_csv(c)) for _, c, _ in files]
     assert len(set(sizes)) == 3 and sum(sizes) == 7043

@@ -301,6 +301,9 @@ def test_secagg_ledger_and_privacy_accounting(runs):
     assert kinds[0] == EventType.JOB_CREATED.value and kinds[-1] == EventType.JOB_FINISHED.value
     assert events[0].payload["config"]["secure_aggregation"] is True
     assert kinds.count(EventType.ROUND_AGGREGATED.value) == ROUNDS
+    # The ledger states what ran (the records read it from here), round by round and at the end.
+    assert all(e.payload["secure_aggregation"] is True for e in events
+               if e.event_type in (EventType.ROUND_AGGREGATED.value, EventType.JOB_FINISHED.value))
     access = [e for e in events if e.event_type == EventType.DATA_ACCESSED.value]
     # Training every round; evaluation (a DP release) only in the job's evaluation rounds.
     evals = job.evaluation_rounds()

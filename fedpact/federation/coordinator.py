@@ -320,7 +320,9 @@ def run_job(grid: Grid, job: JobConfig, ledger: Ledger,
                                                 "google_pld": p.epsilon_google_pld}
                                        for p in partners},
                 "membership_auc": membership_auc, "model": str(model_path),
-                "private": not reasons, "not_private_reasons": reasons}
+                "private": not reasons, "not_private_reasons": reasons,
+                # What ran, not what was asked: SecAgg+ rounds set this on their strategy.
+                "secure_aggregation": bool(getattr(strategy, "secure_aggregation", False))}
     if central:
         finished["central_dp"] = central
     ledger.append(EventType.JOB_FINISHED, finished, actor="coordinator", job_id=job.job_id)

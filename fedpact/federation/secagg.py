@@ -265,6 +265,7 @@ class SecAggFedAvg(LegacyFedAvg):
         self.names = names
         self.max_weight = max_weight
         self.audit = AuditedFedAvg(job, ledger, names, on_round)
+        self.audit.secure_aggregation = True  # what ran: the ledger states it from this
         self.aggregated_rounds: set[int] = set()
         super().__init__(
             fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n, min_evaluate_clients=n,

@@ -52,6 +52,8 @@ def check_update(global_arrays: dict[str, np.ndarray], update: dict[str, np.ndar
 class AuditedStrategyMixin:
     """Ledger bookkeeping, update checks and pooled metrics around a Flower aggregation strategy."""
 
+    secure_aggregation = False  # True only where the rounds ran under SecAgg+ (federation.secagg)
+
     def __init__(self, job: JobConfig, ledger: Ledger, node_names: dict[int, str],
                  on_round: Callable[[int, dict], None] | None = None, **strategy_kwargs):
         n = job.min_partners or job.num_partitions
@@ -266,6 +268,7 @@ class AuditedStrategyMixin:
                 EventType.ROUND_AGGREGATED,
                 {"round": server_round, "nodes": nodes,
                  "strategy": self.job.aggregation, "metrics": {k: v for k, v in entry.items() if k != "round"},
+                 "secure_aggregation": self.secure_aggregation,
                  "missing": self.missing.get(server_round, {})},
                 actor="coordinator",
                 job_id=self.job.job_id,

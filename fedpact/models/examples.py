@@ -19,6 +19,8 @@ from fedpact.errors import ConfigurationError
 from .datasets import BUILTIN_SPECS, load_dataset, render_mapping
 
 SHARES = (0.5, 0.3, 0.2)
+EXAMPLE_PURPOSE = "churn_model"
+CONSENT_SHARE = 0.95  # the example's consent exports: 95 % granted, the others withdrawn
 
 
 def write_partner_files(dataset: str, names: list[str], out: str | Path, *, seed: int = 0,
@@ -51,8 +53,26 @@ def write_partner_files(dataset: str, names: list[str], out: str | Path, *, seed
         frame.iloc[np.sort(rows)].to_csv(csv, index=False)
         mapping = out / f"{name}.toml"
         mapping.write_text(render_mapping(mapping_spec, name=name), encoding="utf-8")
+        _write_consents(out / f"{name}-consents.csv", frame.iloc[np.sort(rows)][id_column], seed)
         written.append((name, csv, mapping))
     return written
+
+
+def _write_consents(path: Path, ids, seed: int) -> None:
+    """A consent-management export for the example partner: each customer granted the example
+    purpose, then a few withdrew (what `fedpact audit consent import` reads)."""
+    import pandas as pd
+
+    ids = list(ids)
+    rng = np.random.default_rng(seed + 1)
+    withdrawn = set(rng.choice(len(ids), size=int(round(len(ids) * (1 - CONSENT_SHARE))), replace=False))
+    rows = [{"subject_id": sid, "purpose": EXAMPLE_PURPOSE, "status": "granted", "channel": "web form",
+             "timestamp": "2026-01-15T09:00:00+00:00", "legal_basis": "consent", "notice_version": "v3"}
+            for sid in ids]
+    rows += [{"subject_id": ids[i], "purpose": EXAMPLE_PURPOSE, "status": "withdrawn",
+              "channel": "web form", "timestamp": "2026-06-01T09:00:00+00:00", "legal_basis": "",
+              "notice_version": ""} for i in sorted(withdrawn)]
+    pd.DataFrame(rows).to_csv(path, index=False)
 
 
 def _with_id(spec, id_column: str):

@@ -106,8 +106,9 @@ def train(
     compare: Annotated[bool, typer.Option(help="Also train the centralised and local references.")] = True,
     partner: Annotated[list[str] | None, typer.Option(
         "--partner", metavar="NAME=FILE.csv:MAPPING.toml",
-        help="A partner's own CSV and mapping (repeat, one per partner): rehearse a job on the "
-             "consortium's own data instead of a built-in data set.")] = None,
+        help="A partner's own CSV and mapping, optionally :CONSENTS.csv (its consent-management "
+             "export, imported into its own registry first); repeat, one per partner: rehearse a "
+             "job on the consortium's own data instead of a built-in data set.")] = None,
     name: Annotated[str | None, typer.Option(
         help="With --partner: the consortium dataset's name (default: the mappings' common name).")] = None,
     model_name: Annotated[str | None, typer.Option(
@@ -148,6 +149,9 @@ def train(
         console.print(f"job {job.job_id}: {rehearsal.task} on {job.dataset}, {len(rehearsal.partners)} "
                       "partners' own files (nothing is copied; each simulated node reads its own)")
         for p in rehearsal.partners:
+            if p.name in rehearsal.imported:
+                console.print(f"  {p.name}: consent export {p.consents} imported into its own "
+                              f"registry: {rehearsal.imported[p.name]}", highlight=False)
             console.print(f"  {p.name}: {rehearsal.rows[p.name]:,} rows; consent "
                           f"{rehearsal.consented[p.name]}", highlight=False)
     elif not as_json:
@@ -286,8 +290,9 @@ def data_example(
     partners: Annotated[str, typer.Option(help="Comma-separated partner names.")] = "north,south,west",
     seed: int = 0,
 ) -> None:
-    """Write partner files made from a public data set (one CSV and one mapping per partner,
-    uneven shares): the worked example of docs/data.md, to try the own-data path end to end."""
+    """Write partner files made from a public data set (one CSV, one mapping and one consent
+    export per partner, uneven shares): the worked example of docs/data.md, to try the own-data
+    path end to end."""
     from fedpact.models.examples import write_partner_files
 
     written = write_partner_files(dataset, [p.strip() for p in partners.split(",") if p.strip()], out,
@@ -295,9 +300,12 @@ def data_example(
     for name, csv, mapping in written:
         rows = sum(1 for _ in csv.open(encoding="utf-8")) - 1
         console.print(f"{name}: {csv} ({rows:,} rows), mapping {mapping}", highlight=False)
-    flags = " ".join(f"--partner {n}={c}:{m}" for n, c, m in written)
+    flags = " ".join(f"--partner {n}={c}:{m}:{c.with_name(n + '-consents.csv')}" for n, c, m in written)
+    console.print(f"consent exports: {', '.join(str(c.with_name(n + '-consents.csv')) for n, c, _ in written)}",
+                  highlight=False)
     console.print(f"next: fedpact data check {written[0][1]} --mapping {written[0][2]}\n"
-                  f"      fedpact train {flags} --no-require-consent", highlight=False, soft_wrap=True)
+                  f"      fedpact train --purpose churn_model --model-name churn-example {flags}",
+                  highlight=False, soft_wrap=True)
 
 
 @data_app.command("compare")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from fedpact.errors import ConfigurationError, DataValidationError, FedpactError
 
-PARTNER_OPTION = re.compile(r"(?P<name>[^=]+)=(?P<csv>.+?):(?P<mapping>[^:]+\.(?:toml|ya?ml))")
+PARTNER_OPTION = re.compile(r"(?P<name>[^=]+)=(?P<csv>.+?):(?P<mapping>[^:]+\.(?:toml|ya?ml))"
+                            r"(?::(?P<consents>.+\.csv))?")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class PartnerFile:
     name: str
     csv: Path
     mapping: Path
+    consents: Path | None = None
 
 
 @dataclass
@@ -34,15 +36,36 @@ class Rehearsal:
     partners: list[PartnerFile]
     rows: dict[str, int]
     consented: dict[str, str]
+    imported: dict[str, str]
 
 
 def parse_partner(value: str) -> PartnerFile:
-    """`NAME=FILE.csv:MAPPING.toml` (or .yaml)."""
+    """`NAME=FILE.csv:MAPPING.toml` (or .yaml), optionally `:CONSENTS.csv` (the partner's
+    consent-management export, imported into its own registry before the job)."""
     match = PARTNER_OPTION.fullmatch(value.strip())
     if not match:
-        raise ConfigurationError(f"--partner {value!r}: expected NAME=FILE.csv:MAPPING.toml "
+        raise ConfigurationError(f"--partner {value!r}: expected NAME=FILE.csv:MAPPING.toml[:CONSENTS.csv] "
                                  "(e.g. --partner france=france.csv:france.toml)")
-    return PartnerFile(match["name"].strip(), Path(match["csv"]), Path(match["mapping"]))
+    return PartnerFile(match["name"].strip(), Path(match["csv"]), Path(match["mapping"]),
+                       Path(match["consents"]) if match["consents"] else None)
+
+
+def import_consents(partner: PartnerFile, home: str) -> str:
+    """The partner's consent export, recorded in its own registry (as its admin would with
+    `fedpact audit consent import`); bad rows stop the rehearsal with the import's report."""
+    from fedpact.audit import Ledger
+    from fedpact.audit.consent import ConsentRegistry
+    from fedpact.federation.job import JobConfig
+    from fedpact.federation.node_data import partner_registry_path
+
+    path = partner_registry_path({}, JobConfig(home=home, job_id="-"), partner.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Ledger.open(path) as ledger:
+        report = ConsentRegistry(ledger, actor=f"partner_admin:{partner.name}").import_csv(partner.consents)
+    if not report.ok:
+        raise FedpactError(f"{partner.name}: consent import from {partner.consents} failed:\n"
+                           + report.summary())
+    return report.summary()
 
 
 def _consent_state(partner: PartnerFile, data, home: str, purpose: str) -> str:
@@ -88,8 +111,8 @@ def prepare(partners: list[PartnerFile], *, home: str, dataset: str | None, purp
     for p in partners:
         if not PARTNER_NAME.fullmatch(p.name):
             problems.append(f"{p.name}: a partner name uses letters, digits and . _ - /")
-        for what, path in (("CSV", p.csv), ("mapping", p.mapping)):
-            if not path.is_file():
+        for what, path in (("CSV", p.csv), ("mapping", p.mapping), ("consents", p.consents)):
+            if path is not None and not path.is_file():
                 problems.append(f"{p.name}: {what} file {path} not found")
     if problems:
         raise ConfigurationError("cannot rehearse this job:\n" + "\n".join(f"  - {x}" for x in problems))
@@ -129,10 +152,15 @@ def prepare(partners: list[PartnerFile], *, home: str, dataset: str | None, purp
         dataset = re.sub(r"[^A-Za-z0-9._-]", "-", dataset)[:64].strip("-.") or "consortium"
     if not DATASET_NAME.fullmatch(dataset):
         raise ConfigurationError(f"--name {dataset!r}: use letters, digits and . _ - (at most 64)")
+    imported = {}
+    for p in partners:
+        if p.consents is not None:
+            imported[p.name] = import_consents(p, home)
     consented = {}
     for p in partners:
         consented[p.name] = (_consent_state(p, loaded[p.name], home, purpose) if require_consent
                              else "off: rows used without a consent check (recorded)")
     for p in partners:
         write_simulated_node(home, p.name, p.csv, p.mapping)
-    return Rehearsal(dataset, tasks.pop(), partners, {n: len(d) for n, d in loaded.items()}, consented)
+    return Rehearsal(dataset, tasks.pop(), partners, {n: len(d) for n, d in loaded.items()},
+                     consented, imported)
