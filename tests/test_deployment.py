@@ -95,7 +95,7 @@ def uninterrupted(deployment):
 
 
 def test_supernode_poll_shim_matches_flower_layout():
-    """node_runtime caps the sleeps of this module of flwr 1.41; fail loudly if it moved."""
+    """node_runtime caps the sleeps of this module of flwr 1.42; fail loudly if it moved."""
     from flwr.supernode import start_client_internal
 
     assert start_client_internal.time.__name__ == "time" or isinstance(

@@ -16,7 +16,7 @@ silos that protects little and costs a lot of accuracy; see docs/secure-aggregat
 Flower's wrappers add noise of std `noise * clip / partners`, calibrated for an *unweighted* mean.
 fedpact averages by row count, so one partner moves the aggregate by up to `clip * w_max / W`; the
 client-level ε reported here uses that sensitivity (`client_level_privacy`), not Flower's nominal
-noise multiplier. Flower 1.41's own accountant for these wrappers refuses weighted or subclassed
+noise multiplier. Flower 1.42's own accountant for these wrappers refuses weighted or subclassed
 FedAvg, so it is not used.
 """
 

@@ -1,10 +1,10 @@
-"""Latency settings for Flower 1.41's deployment engine that its CLI does not expose.
+"""Latency settings for Flower 1.42's deployment engine that its CLI does not expose.
 
 Flower retries an object that is not yet available (a message whose content is still being
 transferred between SuperLink, SuperNode and app) after 1 s, doubling up to 10 s. On a LAN the
 content is there milliseconds later, so each hop of a round waited ≈ 1 s for nothing. fedpact's
 processes (ServerApp, SuperNode, node executor) start retrying after 20 ms instead, capped at
-0.5 s. The defaults live in the keyword defaults of two functions of flwr 1.41; a test fails if
+0.5 s. The defaults live in the keyword defaults of two functions of flwr 1.42; a test fails if
 they move.
 """
 

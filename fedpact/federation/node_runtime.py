@@ -88,7 +88,7 @@ class _CappedSleep:
 
 def run_supernode(argv: list[str], poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
     """Flower's `flower-supernode` with its fixed 3 s / 0.5 s polling sleeps capped at
-    `poll_interval` (pinned to flwr 1.41's module layout; checked in tests/test_deployment.py)."""
+    `poll_interval` (pinned to flwr 1.42's module layout; checked in tests/test_deployment.py)."""
     from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
@@ -160,7 +160,7 @@ def _fab_client_app(fab_content: bytes) -> str:
 
 
 def _pull_task_input(client, max_time: float):
-    """flwr 1.41's `run_clientapp.pull_task_input` with a bound on the object pulls: a task whose
+    """flwr 1.42's `run_clientapp.pull_task_input` with a bound on the object pulls: a task whose
     message belongs to a run that ended meanwhile would otherwise block for PULL_MAX_TIME (2 h)."""
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto

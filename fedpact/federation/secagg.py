@@ -1,6 +1,6 @@
 """Secure aggregation (Flower SecAgg+): the coordinator sees only the sum of the partners' updates.
 
-Flower 1.41 offers SecAgg+ on its older API only, so this module holds a second pair of apps:
+Flower 1.42 offers SecAgg+ on its older API only, so this module holds a second pair of apps:
 
 - **Server** (`make_secagg_server_app`): the same `coordinator.run_job` (admission, handshake,
   `job.created`, result, `job.finished`), whose rounds run in Flower's `DefaultWorkflow` with a

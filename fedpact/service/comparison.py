@@ -27,6 +27,22 @@ class JobComparison:
     baselines: BaselineReport
     partner_names: list[str]
     partner_positive_rates: list[float]
+    # The delivered model scored on every partner's held-out rows, as the references are: only
+    # a simulation's operator, who holds every partner's rows, can compute it (the job itself
+    # releases DP histograms, `result.final`). Empty if it could not be computed.
+    federated_exact: dict | None = None
+
+
+def exact_pooled_metrics(job: JobConfig, result: JobResult, nodes) -> dict:
+    """The delivered model's metrics on the pooled held-out rows (no release: local measurement)."""
+    from fedpact.federation.local_round import _scores, model_from_weights, pipeline_for
+    from fedpact.models.metrics import evaluate_scores
+
+    saved = torch.load(result.model_path, weights_only=False)
+    model = model_from_weights(saved["state_dict"], pipeline_for(nodes[0]).n_features, job)
+    y = np.concatenate([n.test.labels for n in nodes])
+    scores = np.concatenate([_scores(model, pipeline_for(n), n.test) for n in nodes])
+    return evaluate_scores(y, scores)
 
 
 def private_local_fit(job: JobConfig) -> Callable[[np.ndarray, np.ndarray], nn.Module]:
@@ -62,4 +78,5 @@ def run_with_baselines(job: JobConfig, on_round: Callable[[int, dict], None] | N
     if on_baselines:
         on_baselines()
     return JobComparison(job, result, baselines, [n.partner for n in nodes],
-                         [n.train.positive_rate for n in nodes])
+                         [n.train.positive_rate for n in nodes],
+                         exact_pooled_metrics(job, result, nodes))

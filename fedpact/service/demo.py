@@ -178,10 +178,15 @@ def run_demo(console: Console, *, home: str, epsilon: float = 1.0, delta: float 
             progress.start_task(ref)
             cmp = run_with_baselines(job, on_round, on_baselines)
         console.print(partners_table(cmp))
-        console.print(comparison_table(cmp, title=f"{spec.title} — pooled held-out rows "
-                                              f"({int(cmp.result.final.get('n', 0)):,})"))
+        held_out = sum(p.test_rows for p in cmp.result.partners)
+        console.print(comparison_table(cmp, title=f"{spec.title} — pooled held-out rows ({held_out:,})"))
+        console.print("  federated: the delivered model scored on every partner's held-out rows, like the "
+                      "references (this simulation holds them all); 'as the job released it': from the "
+                      "partners' DP score histograms, all a real coordinator sees", highlight=False)
         console.print(f"  ε spent {cmp.result.epsilon:.3f} ≤ target {epsilon:g} (δ={delta:g}, RDP "
-                      f"accountant composed over {job.rounds} rounds)  ·  ledger events written: "
+                      f"accountant composed over {job.rounds} rounds and the DP evaluation"
+                      f"{'' if cmp.result.private else '; NOT delivered: ' + '; '.join(cmp.result.not_private_reasons)})"
+                      f"  ·  ledger events written: "
                       f"{cmp.result.ledger_events}  ·  {cmp.result.seconds:.0f} s\n")
         results.append(cmp)
     with Ledger.open(f"{home}/ledger.db") as ledger:

@@ -48,8 +48,14 @@ def comparison_table(cmp: JobComparison, *, title: str) -> Table:
 
     eps = f"{res.epsilon:.3f}" if job.dp else "∞ (no DP)"
     short = [n.split("/")[-1] for n in cmp.partner_names]
-    row("federated" + (" + DP-SGD" if job.dp else ""),
-        f"{len(res.partners)} partners, {job.rounds} rounds", res.final, eps, bold=True)
+    if cmp.federated_exact:
+        row("federated" + (" + DP-SGD" if job.dp else ""),
+            f"{len(res.partners)} partners, {job.rounds} rounds", cmp.federated_exact, eps, bold=True)
+        row("  as the job released it", "partners' DP score histograms" if job.dp
+            else "partners' score histograms", res.final, "in ε" if job.dp else "∞")
+    else:
+        row("federated" + (" + DP-SGD" if job.dp else ""),
+            f"{len(res.partners)} partners, {job.rounds} rounds", res.final, eps, bold=True)
     if base.local_private is not None:
         row("local DP models averaged", f"each partner alone at ε={job.target_epsilon:g}",
             base.local_private.ensemble, f"{job.target_epsilon:g}")
