@@ -76,10 +76,11 @@ _SAFE_PROBLEMS = 20
 _SAFE_CHARS = 300
 
 
-def _scrub(text: str, dataset: str, paths: tuple[str, ...] = ()) -> str:
+def _scrub(text: str, dataset: str, paths: tuple[str, ...] = (), label: str | None = None) -> str:
+    label = dataset if label is None else label
     for path in sorted({p for p in paths if p}, key=len, reverse=True):
-        text = text.replace(path, dataset)
-    text = _ABSOLUTE_PATH.sub(dataset, text)
+        text = text.replace(path, label)
+    text = _ABSOLUTE_PATH.sub(label, text)
     for pattern in _LINE_PARTS:
         text = pattern.sub("", text)
     text = re.sub(r"\s*;\s*(?:;\s*)+", "; ", text)
@@ -87,17 +88,17 @@ def _scrub(text: str, dataset: str, paths: tuple[str, ...] = ()) -> str:
     return text if len(text) <= _SAFE_CHARS else text[:_SAFE_CHARS] + "…"
 
 
-def node_safe_reason(exc: BaseException, dataset: str) -> str:
+def node_safe_reason(exc: BaseException, dataset: str, *, path_label: str | None = None) -> str:
     """`exc` as a message that may leave the partner's node (a refusal reason sent to the
     coordinator): it names `dataset` and the columns and problems, with file paths replaced by
-    `dataset` and without line numbers or cell values (ids, example values)."""
+    `path_label` (default: `dataset`) and without line numbers or cell values (ids, example values)."""
     paths: tuple[str, ...] = ()
     if isinstance(exc, DataValidationError):
         paths = (exc.source, os.path.abspath(exc.source)) if exc.source else ()
         problems = []
         for problem in exc.problems:
             text = problem.safe if isinstance(problem, Problem) else _EXAMPLES.sub("", str(problem))
-            text = _scrub(text, dataset, paths)
+            text = _scrub(text, dataset, paths, path_label)
             if text and text not in problems:
                 problems.append(text)
         more = len(problems) - _SAFE_PROBLEMS
@@ -111,7 +112,7 @@ def node_safe_reason(exc: BaseException, dataset: str) -> str:
         text = str(exc)
     else:
         text = f"{type(exc).__name__}: {exc}"
-    text = _scrub(text, dataset, paths)
+    text = _scrub(text, dataset, paths, path_label)
     if text == dataset or text.startswith(f"{dataset}:"):
         return text
     return f"{dataset}: {text}"

@@ -86,7 +86,7 @@ def _refuse(msg: Message, exc: Exception, context: Context | None = None) -> Mes
     config = dict(context.node_config) if context is not None else {}
     name = str(config.get("partner") or (Path(str(config["data-csv"])).stem if "data-csv" in config
                                          else "dataset"))
-    reason = node_safe_reason(exc, name)
+    reason = node_safe_reason(exc, name, path_label="<a path on the partner's node>")
     if reason.startswith(f"{name}: ") and not str(exc).startswith(name):
         reason = reason[len(name) + 2:]
     return Message(Error(code=ERROR_CODE_REFUSED, reason=reason), reply_to=msg)
