@@ -14,6 +14,7 @@ from fedpact.audit import EventType, Ledger, LedgerError
 from fedpact.audit.chain import canonical_json, event_hash
 from fedpact.audit.checkpoint import CheckpointError, CheckpointSigner, VerifierKey
 from fedpact.audit.merkle import ProofError
+from fedpact.audit.store import SCHEMA_HEAD
 from fedpact.audit.verifier import (
     load_keys,
     main,
@@ -306,7 +307,8 @@ def test_copy_without_keys_still_verifies_and_appends_unsigned(tmp_path: Path) -
     with Ledger.open(copy) as ledger:
         assert ledger.verifier_key is None
         ledger.append(EventType.JOB_FAILED, {"reason": "test"}, actor="server")
-        result = ledger.verify()
+        # no .pub beside the copy: the key comes from elsewhere, never from the database (#15)
+        result = ledger.verify(load_keys((path.parent / "ledger.db.pub").read_text()))
         with pytest.raises(LedgerError, match="no signing key"):
             ledger.checkpoint()
     assert result.ok and "1 newest not yet in a signed checkpoint" in result.reason
@@ -341,4 +343,4 @@ def test_legacy_database_is_migrated_and_checkpointed(tmp_path: Path) -> None:
         result = ledger.verify()
     assert result.ok and result.signed_tree_size == 3
     version = sqlite3.connect(path).execute("SELECT version_num FROM alembic_version").fetchone()
-    assert version == ("0002",)
+    assert version == (SCHEMA_HEAD,)

@@ -380,7 +380,8 @@ def test_forged_event_appended_with_wrong_link_is_detected(ledger: Ledger, db_pa
 
 
 def test_fully_rehashed_chain_needs_an_external_head_anchor(ledger: Ledger, db_path: Path) -> None:
-    """Rewriting every later hash fools the chain alone; a head_hash kept elsewhere still exposes it."""
+    """Rewriting every later hash fools the chain alone; a head_hash kept elsewhere still exposes
+    it, and since issue #15 so do the event ids bound to the records and the writer tags."""
     recorded = _fill(ledger, 3)
     anchored_head = ledger.verify().head_hash
     prev_hash = recorded[0].hash
@@ -402,8 +403,8 @@ def test_fully_rehashed_chain_needs_an_external_head_anchor(ledger: Ledger, db_p
         )
         prev_hash = new_hash
     result = ledger.verify()
-    assert result.ok
-    assert result.head_hash != anchored_head
+    assert not result.ok and result.first_bad_seq == 2 and "event_id" in result.reason
+    assert result.head_hash == recorded[0].hash != anchored_head
 
 
 # --- validation -----------------------------------------------------------------------------

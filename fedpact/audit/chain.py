@@ -9,11 +9,13 @@ an edit, is caught by the signed checkpoints over the Merkle tree of event hashe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from json.encoder import encode_basestring as _quote
 from typing import Any
@@ -27,6 +29,69 @@ _DECODER = json.JSONDecoder()
 
 GENESIS_HASH = "0" * 64
 """The prev_hash of event 1: the chain starts from this fixed value."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _id_prefix(timestamp: str) -> str:
+    """12 hex digits: the milliseconds since 1970 of an event's timestamp ('' if it has none)."""
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except (TypeError, ValueError):
+        return ""
+    if moment.tzinfo is None:
+        return ""
+    return f"{(moment - _EPOCH) // _MILLISECOND:012x}"
+
+
+def id_prefix_of(moment: datetime) -> str:
+    """`_id_prefix` of an aware datetime (the writer's side: no parsing)."""
+    return f"{(moment - _EPOCH) // _MILLISECOND:012x}"
+
+
+def event_id_for(timestamp: str, digest: str) -> str:
+    """The id of an event recorded with `timestamp` whose hash is `digest` (format of ledgers at
+    schema 0003, from the seq in `ledger_meta.ids_bound_from`): the event's millisecond clock
+    (12 hex digits, so ids sort by time and the unique index grows at its right edge) and the
+    first 80 bits of its hash. Anyone can recompute it, so an id cannot be renamed or moved to
+    another event without verification naming it; the record format and its hash are unchanged."""
+    prefix = _id_prefix(timestamp) if isinstance(timestamp, str) else ""
+    return prefix + digest[:20] if prefix and isinstance(digest, str) else ""
+
+
+_STORED_TYPES = {bytes: "a BLOB", bytearray: "a BLOB", memoryview: "a BLOB", int: "an INTEGER",
+                 float: "a REAL", bool: "an INTEGER", type(None): "NULL"}
+_TEXT_COLUMNS = ("event_id", "timestamp", "event_type", "actor", "job_id", "payload",
+                 "prev_hash", "hash")
+
+
+def stored_type_problem(seq: Any, column: str, value: Any) -> str | None:
+    """`event N: <column> is stored as a BLOB, not text` when a stored value has the wrong type
+    (a BLOB holding the same bytes hashes alike in SQL but breaks every reader), else None."""
+    if isinstance(value, str) or (column == "job_id" and value is None):
+        return None
+    if column == "payload" and isinstance(value, Mapping):  # an event given as decoded values
+        return None
+    kind = _STORED_TYPES.get(type(value), f"a {type(value).__name__}")
+    if kind == "NULL":
+        return f"event {seq}: {column} is NULL, not text (altered outside fedpact)"
+    return f"event {seq}: {column} is stored as {kind}, not text (altered outside fedpact)"
+
+
+def stored_types_problem(row: Any) -> str | None:
+    """The first `stored_type_problem` of a row (mapping or object), over the columns it has."""
+    seq = _field(row, "seq")
+    for column in _TEXT_COLUMNS:
+        try:
+            value = _field(row, column)
+        except (KeyError, AttributeError):
+            continue
+        problem = stored_type_problem(seq, column, value)
+        if problem is not None:
+            return problem
+    return None
 
 
 @dataclass(frozen=True)
@@ -267,6 +332,9 @@ def check_row(row: Any, last_seq: int, last_hash: str) -> tuple[int, str] | None
     if seq < expected_seq:
         return seq, f"event {seq} is out of order: it follows event {last_seq}"
 
+    typed = stored_types_problem(row)
+    if typed is not None:
+        return seq, typed
     predecessor = f"event {last_seq}" if last_seq else "the genesis hash"
     if _field(row, "prev_hash") != last_hash:
         return seq, f"event {seq}: prev_hash does not link to {predecessor}"

@@ -190,6 +190,16 @@ class Checkpoint:
                 return line.split(" ", 1)[1]
         return None
 
+    @property
+    def ids_bound_from(self) -> int | None:
+        """The `ids-bound-from <seq>` extension line: from which seq the log's event ids are
+        derived from their records (`chain.event_id_for`); None in notes that do not say."""
+        for line in self.extensions:
+            if line.startswith("ids-bound-from "):
+                value = line.split(" ", 1)[1]
+                return int(value) if value.isdigit() else None
+        return None
+
 
 @dataclass(frozen=True)
 class SignedCheckpoint:

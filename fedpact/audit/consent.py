@@ -1,16 +1,23 @@
 """Consent registry: current consent per subject × purpose, derived from the ledger and enforced.
 
 Every grant, withdrawal and expiry is a ledger event (the subject by pseudonym, the raw id and any
-contact details encrypted under the subject's key). The `consent_state` table, maintained in the
-same transaction as each event, holds the current state per subject × purpose, so a data loader
-asks `allowed(ids, purpose)` once per job and drops rows without a valid, unexpired grant for that
-exact purpose (PIPL Art. 14/23: separate consent per purpose) before computing any feature.
+contact details encrypted under the subject's key). A data loader asks `allowed(ids, purpose)` once
+per job and drops rows without a valid, unexpired grant for that exact purpose (PIPL Art. 14/23:
+separate consent per purpose) before computing any feature.
+
+Consent is decided from the consent events themselves, read after the whole chain was verified in
+the same snapshot (links, hashes, bound ids and every event's writer tag:
+`Ledger.proven_consent_events`), never from the derived `consent_state` table alone: anyone with
+write access to the database could edit a withdrawn subject back to granted there. The table,
+maintained in the same transaction as each event, is compared with what the chain says for the
+subjects asked about; any difference is named (`index_problems`, and a logged warning).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +29,11 @@ import numpy as np
 from sqlalchemy import select
 
 from fedpact.audit.events import EventType, LedgerError, parse_timestamp, validate_payload
-from fedpact.audit.ledger import Ledger, LedgerEvent, utc_iso
+from fedpact.audit.ledger import CONSENT_STATUS, Ledger, LedgerEvent, _consent_row, utc_iso
 from fedpact.audit.store import consent_state, job_subjects
 from fedpact.audit.subjects import SubjectKeys
+
+log = logging.getLogger(__name__)
 
 CONSENT_RETENTION_CLASS = "consent"
 GRANT_WORDS = {"granted", "grant", "given", "opt-in", "optin", "opted-in", "yes", "true", "1", "accepted"}
@@ -118,6 +127,8 @@ class ConsentRegistry:
         self.ledger = ledger
         self.actor = actor
         self.subjects = SubjectKeys.of(ledger)
+        self.index_problems: list[str] = []
+        """Where `consent_state` differed from the chain at the last decision (it was not used)."""
 
     def pseudonym(self, subject_id: Any) -> str:
         return self.subjects.pseudonym(subject_id)
@@ -274,52 +285,94 @@ class ConsentRegistry:
         """Write `consent.expired` for every grant whose expiry has passed, so the ledger shows it."""
         now = (at or datetime.now(UTC)).astimezone(UTC)
         stamp = now.isoformat(timespec="microseconds")
-        with self.ledger.store.read() as connection:
-            due = connection.execute(
-                select(consent_state.c.subject, consent_state.c.purpose, consent_state.c.expires_at)
-                .where(consent_state.c.status == "granted", consent_state.c.expires_at <= stamp)
-                .order_by(consent_state.c.expires_at)
-            ).all()
+        due = sorted(
+            ((r.expires_at, r.subject, r.purpose) for r in self._proven(None).values()
+             if r.status == "granted" and r.expires_at is not None and r.expires_at <= stamp),
+        )
         return self.ledger.append_many(
             (EventType.CONSENT_EXPIRED,
              {"subject": s, "purpose": p, "timestamp": expires}, actor or self.actor, None)
-            for s, p, expires in due
+            for expires, s, p in due
         )
 
     # --- reading ------------------------------------------------------------------------------
 
-    def current(self, subject_id: Any, purpose: str | None = None) -> list[ConsentRecord]:
-        """The current consent records of one subject (all purposes, or one)."""
-        query = select(consent_state).where(consent_state.c.subject == self.pseudonym(subject_id))
-        if purpose is not None:
-            query = query.where(consent_state.c.purpose == purpose)
+    def _proven(self, subjects: set[str] | None) -> dict[tuple[str, str], ConsentRecord]:
+        """Current consent per (subject, purpose) of `subjects` (None: everyone), derived from
+        consent events proven against the chain (see the module docstring); the latest effective
+        time wins, so a late-imported older record does not override a newer one."""
+        state: dict[tuple[str, str], ConsentRecord] = {}
+        for seq, kind, payload in self.ledger.proven_consent_events(subjects):
+            try:
+                row = _consent_row(CONSENT_STATUS[kind], payload, seq)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise LedgerError(f"event {seq} ({kind}) lacks a valid consent field: {exc}") from None
+            key = (row["subject"], row["purpose"])
+            held = state.get(key)
+            if held is None or row["effective_at"] >= held.effective_at:
+                state[key] = ConsentRecord(**row)
+        self._compare_with_index(state, subjects)
+        return state
+
+    def _compare_with_index(self, state: Mapping[tuple[str, str], ConsentRecord],
+                            subjects: set[str] | None) -> None:
+        """Name every way `consent_state` differs from the chain for these subjects."""
+        query = select(consent_state)
+        rows: list[Any] = []
         with self.ledger.store.read() as connection:
-            rows = connection.execute(query.order_by(consent_state.c.purpose)).all()
-        return [ConsentRecord(**row._mapping) for row in rows]
+            if subjects is None or len(subjects) > 2000:
+                rows = list(connection.execute(query))
+            else:
+                unique = sorted(subjects)
+                for start in range(0, len(unique), 500):
+                    rows += connection.execute(
+                        query.where(consent_state.c.subject.in_(unique[start:start + 500])))
+        problems = []
+        stored = {}
+        for row in rows:
+            if subjects is not None and row.subject not in subjects:
+                continue
+            stored[(row.subject, row.purpose)] = row
+        for key in sorted(state.keys() | stored.keys()):
+            want, have = state.get(key), stored.get(key)
+            subject, purpose = key
+            if have is None:
+                problems.append(f"consent_state lacks {subject} / {purpose} (the chain says "
+                                f"{want.status}, event {want.seq})")  # type: ignore[union-attr]
+            elif want is None:
+                problems.append(f"consent_state says {subject} / {purpose} is {have.status} "
+                                f"(event {have.seq}), but the chain holds no consent event for it")
+            elif (have.status, have.effective_at, have.expires_at, have.seq) != (
+                    want.status, want.effective_at, want.expires_at, want.seq):
+                problems.append(f"consent_state says {subject} / {purpose} is {have.status} "
+                                f"(event {have.seq}), but the chain says {want.status} "
+                                f"(event {want.seq})")
+        self.index_problems = problems
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            log.warning(
+                "consent decided from the chain; the derived consent_state table differs from "
+                "it (altered outside fedpact?): %s%s; repair it with `fedpact audit reindex`",
+                "; ".join(problems[:5]), more,
+            )
+
+    def current(self, subject_id: Any, purpose: str | None = None) -> list[ConsentRecord]:
+        """The current consent records of one subject (all purposes, or one), from the chain."""
+        subject = self.pseudonym(subject_id)
+        records = [r for (_, p), r in self._proven({subject}).items()
+                   if purpose is None or p == purpose]
+        return sorted(records, key=lambda r: r.purpose)
 
     def allowed(
         self, subject_ids: Sequence[Any], purpose: str, at: datetime | None = None
     ) -> np.ndarray:
-        """True where that subject has a current, unexpired grant for exactly `purpose` at `at`."""
-        when = (at or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
+        """True where that subject has a current, unexpired grant for exactly `purpose` at `at`,
+        according to consent events proven against the chain (never the derived table alone)."""
+        when = (at or datetime.now(UTC)).astimezone(UTC)
         pseudonyms = self.subjects.pseudonyms(subject_ids)
-        valid: set[str] = set()
-        query = select(consent_state.c.subject).where(
-            consent_state.c.purpose == purpose,
-            consent_state.c.status == "granted",
-            consent_state.c.effective_at <= when,
-            (consent_state.c.expires_at.is_(None)) | (consent_state.c.expires_at > when),
-        )
-        with self.ledger.store.read() as connection:
-            if len(pseudonyms) > 2000:  # one scan of this purpose's grants beats many lookups
-                valid.update(connection.execute(query).scalars())
-            else:
-                unique = sorted(set(pseudonyms))
-                for start in range(0, len(unique), 500):
-                    chunk = unique[start:start + 500]
-                    valid.update(
-                        connection.execute(query.where(consent_state.c.subject.in_(chunk))).scalars()
-                    )
+        state = self._proven(set(pseudonyms))
+        valid = {subject for (subject, p), record in state.items()
+                 if p == purpose and record.valid_at(when)}
         return np.fromiter((p in valid for p in pseudonyms), dtype=bool, count=len(pseudonyms))
 
     # --- enforcement records ------------------------------------------------------------------

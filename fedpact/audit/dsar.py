@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from fedpact.audit.consent import ConsentRecord, ConsentRegistry
+from fedpact.audit.consent import ConsentRegistry
 from fedpact.audit.events import PSEUDONYM, EventType, LedgerError
 from fedpact.audit.ledger import Ledger, LedgerEvent
-from fedpact.audit.store import consent_state, event_index, job_subjects, ledger_events
+from fedpact.audit.store import event_index, job_subjects, ledger_events
 from fedpact.audit.subjects import SubjectKeys
 
 DSAR_KINDS = ("access", "rectification", "erasure")
@@ -210,10 +210,8 @@ class SubjectRequests:
             if label is not None:
                 item["registry"] = label
             events.append(item)
+        consents = ConsentRegistry(ledger).current(subject)  # proven against the chain
         with ledger.store.read() as connection:
-            consents = connection.execute(
-                select(consent_state).where(consent_state.c.subject == subject)
-            ).all()
             jobs = connection.execute(
                 select(job_subjects.c.job_id, job_subjects.c.dataset)
                 .where(job_subjects.c.subject == subject)
@@ -221,8 +219,7 @@ class SubjectRequests:
             ).all()
         extra = {} if label is None else {"registry": label}
         report.events.extend(events)
-        report.consents.extend({**ConsentRecord(**row._mapping).__dict__, **extra}
-                               for row in consents)
+        report.consents.extend({**record.__dict__, **extra} for record in consents)
         known = {(j["job_id"], j["dataset"]) for j in report.jobs}
         report.jobs.extend({"job_id": j, "dataset": d} for j, d in jobs if (j, d) not in known)
         report.jobs.sort(key=lambda j: (j["job_id"], j["dataset"]))

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring as _quote
@@ -50,7 +50,10 @@ from fedpact.audit.chain import (
     canonical_text_and_value,
     check_row,
     event_hash_from_text,
+    event_id_for,
+    id_prefix_of,
     parse_stored_payload,
+    stored_type_problem,
 )
 from fedpact.audit.checkpoint import (
     Checkpoint,
@@ -68,9 +71,13 @@ from fedpact.audit.merkle import (
     fold_right,
     inclusion_proof,
     leaf_hash,
+    node_hash,
+    perfect_subtrees,
+    root_hash,
     verify_consistency,
 )
 from fedpact.audit.store import (
+    IDS_BOUND_FROM,
     INDEXES_PENDING,
     LedgerStore,
     check_schema,
@@ -84,7 +91,9 @@ from fedpact.audit.store import (
     ledger_meta,
     migrate,
     open_store,
+    writer_macs,
 )
+from fedpact.audit.writer import WriterKey, describe, read_writer_key
 
 __all__ = ["APPEND_ATTEMPTS", "Ledger", "LedgerEvent", "ledger_events"]
 
@@ -127,7 +136,15 @@ def _utc_timestamp() -> str:
 
 
 def _row_to_event(row: Any) -> LedgerEvent:
-    """Build a LedgerEvent from a `ledger_events` row, raising LedgerError on a corrupt payload."""
+    """Build a LedgerEvent from a `ledger_events` row, raising LedgerError on a corrupt payload
+    or a column stored with the wrong type (naming the event and the column)."""
+    for column in ("event_id", "timestamp", "event_type", "actor", "job_id", "payload",
+                   "prev_hash", "hash"):
+        problem = stored_type_problem(row.seq, column, getattr(row, column))
+        if problem is not None:
+            raise LedgerError(
+                f"event {row.seq} is corrupt: {problem.split(': ', 1)[1]}; run verify() for details"
+            )
     try:
         payload = parse_stored_payload(row.payload)
     except LedgerError as exc:
@@ -228,6 +245,7 @@ class _Built:
     results: list[LedgerEvent]
     last_seq: int
     last_hash: str
+    mac_rows: list[tuple[str, bytes]]
 
 
 _new_object = object.__new__
@@ -247,16 +265,6 @@ def _make_event(
     return event
 
 
-def _event_ids(count: int) -> list[str]:
-    """`count` new event ids: 32 hex digits, a millisecond clock then 80 random bits.
-
-    Time-ordered, so the unique index on event_id grows at its right edge like seq does.
-    """
-    prefix = f"{time.time_ns() // 1_000_000:012x}"
-    noise = os.urandom(10 * count).hex()
-    return [prefix + noise[i:i + 20] for i in range(0, 20 * count, 20)]
-
-
 _EVENT_COLUMNS = (
     "seq", "event_id", "timestamp", "event_type", "actor", "job_id", "payload", "prev_hash", "hash",
 )
@@ -265,6 +273,7 @@ _INSERT_EVENT = (
     "prev_hash, hash) VALUES ({0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0})"
 )
 _INSERT_INDEX = "INSERT INTO event_index (kind, value, seq) VALUES ({0}, {0}, {0})"
+_INSERT_MAC = "INSERT INTO writer_macs (event_id, mac) VALUES (?, ?)"
 _CONSENT_COLUMNS = (
     "subject", "purpose", "status", "channel", "legal_basis", "notice_version", "source",
     "effective_at", "expires_at", "seq",
@@ -275,19 +284,32 @@ _UPSERT_CONSENT = (
     + ", ".join(f"{c} = excluded.{c}" for c in _CONSENT_COLUMNS if c not in ("subject", "purpose"))
     + " WHERE excluded.effective_at >= consent_state.effective_at"
 )
+IDS_EXTENSION = "ids-bound-from"
+"""Checkpoint note extension line: `ids-bound-from N`, the first seq whose event id is bound."""
+_RECHECK_SQL = (
+    "SELECT e.seq, e.timestamp, e.event_type, e.actor, e.job_id, e.payload, e.prev_hash, e.hash, "
+    "e.event_id, m.mac FROM ledger_events e LEFT JOIN writer_macs m ON m.event_id = e.event_id "
+    "WHERE e.seq > {lo} AND e.seq <= {hi} ORDER BY e.seq"
+)
 _LATEST_CHECKPOINT = (
     "SELECT tree_size, root_hash, timestamp, note FROM ledger_checkpoints "
     "ORDER BY tree_size DESC LIMIT 1"
 )
 
 
-def _build_rows(batch: Sequence[_Pending], seq: int, prev: str) -> _Built:
+def _build_rows(
+    batch: Sequence[_Pending], seq: int, prev: str, writer: WriterKey | None = None
+) -> _Built:
     """Chain `batch` after event `seq` (hash `prev`): the rows to insert and the events recorded.
 
     One timestamp for the whole transaction; each event's hashed record text is assembled from
     its payload's canonical text (encoded once, in `_prepare`) exactly as `chain.record_text` does.
+    Each event's id is derived from its record (`chain.event_id_for`: the millisecond clock of
+    the timestamp, then the first 80 bits of the hash), and with `writer` each event gets its tag.
     """
-    stamp = _utc_timestamp()
+    now = datetime.now(UTC)
+    stamp = now.isoformat(timespec="microseconds")
+    prefix = id_prefix_of(now)
     quoted_stamp = _quote(stamp)
     sha256 = hashlib.sha256
     event_rows: list[tuple[Any, ...]] = []
@@ -295,7 +317,7 @@ def _build_rows(batch: Sequence[_Pending], seq: int, prev: str) -> _Built:
     consent_rows: list[dict[str, Any]] = []
     hashes: list[str] = []
     results: list[LedgerEvent] = []
-    for item, event_id in zip(batch, _event_ids(len(batch)), strict=True):
+    for item in batch:
         seq += 1
         actor, job_id, kind = item.actor, item.job_id, item.kind
         digest = sha256(
@@ -306,6 +328,7 @@ def _build_rows(batch: Sequence[_Pending], seq: int, prev: str) -> _Built:
                 f'"timestamp":{quoted_stamp}}}'
             ).encode()
         ).hexdigest()
+        event_id = prefix + digest[:20]
         event_rows.append(
             (seq, event_id, stamp, kind, actor, job_id, item.payload_text, prev, digest)
         )
@@ -319,7 +342,11 @@ def _build_rows(batch: Sequence[_Pending], seq: int, prev: str) -> _Built:
         if status is not None:
             consent_rows.append(_consent_row(status, item.payload, seq))
         prev = digest
-    return _Built(event_rows, index_rows, consent_rows, hashes, results, seq, prev)
+    macs = (
+        list(zip([row[1] for row in event_rows], writer.macs(hashes), strict=True))
+        if writer else []
+    )
+    return _Built(event_rows, index_rows, consent_rows, hashes, results, seq, prev, macs)
 
 
 class Ledger:
@@ -328,8 +355,9 @@ class Ledger:
     Safe for concurrent appenders in several threads (which share group commits) or processes
     (which serialise on the database's write lock). `Ledger.open(path)` is SQLite; `Ledger(url)`
     takes sqlite:/// or postgresql:// URLs. Keys live in `key_dir` (default: beside a SQLite file):
-    `<name>.signing-key` (private, signs checkpoints), `<name>.pub` (verifier keys to publish) and
-    `<name>.secret` (the deployment secret for pseudonyms and per-subject keys).
+    `<name>.signing-key` (private, signs checkpoints), `<name>.pub` (verifier keys to publish),
+    `<name>.writer-key` (private, tags every event: see `writer.py`) and `<name>.secret` (the
+    deployment secret for pseudonyms and per-subject keys). None of them is kept in the database.
 
     `read_only=True` opens an existing ledger for reading and verification only: nothing is
     created (no database, no key files), no checkpoint is signed (not even on `close()`), and
@@ -393,6 +421,8 @@ class Ledger:
         self._frontier_cache: MerkleFrontier | None = None
         self._key_dir, self._key_base = self._locate_keys(key_dir)
         self._ephemeral_secret: bytes | None = None
+        self._ids_from = self._meta_int(IDS_BOUND_FROM)
+        self._writer_key = self._load_writer_key()
         self._signer = self._load_signer()
         self._last_checkpoint_size = self._latest_checkpoint_size()
         self._last_checkpoint_wall = time.time()
@@ -545,6 +575,69 @@ class Ledger:
             raise LedgerError(f"deployment secret {path} is not 32 bytes of base64")
         return secret
 
+    def _meta_int(self, key: str) -> int | None:
+        with self._store.read() as connection:
+            value = connection.execute(
+                select(ledger_meta.c.value).where(ledger_meta.c.key == key)
+            ).scalar()
+        try:
+            return int(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None  # verify() names the altered row
+
+    def _load_writer_key(self) -> WriterKey | None:
+        """The key that tags this ledger's events: read from `<name>.writer-key`, created on the
+        first read-write opening of a ledger no key has tagged yet (from `ids_bound_from`).
+
+        A ledger whose events carry tags but whose key file is gone gets no new key (that would
+        vouch for whatever was appended meanwhile): events are then appended untagged, and
+        `verify()` names them, until the key is restored; no checkpoint is signed meanwhile."""
+        path = self.key_path("writer-key")
+        if path is None:  # in-memory: the key lives as long as this object (and the database)
+            return WriterKey.generate(self._ledger_id, self._ids_from or 1)
+        key = read_writer_key(path)
+        if key is None and not self._read_only:
+            with self._store.write() as connection:  # no appender runs in between
+                tagged = connection.execute(select(writer_macs.c.event_id).limit(1)).first()
+                if tagged is None:
+                    start = self._ids_from
+                    if start is None:
+                        start = int(connection.exec_driver_sql(
+                            "SELECT coalesce(max(seq), 0) FROM ledger_events").scalar()) + 1
+                    _create_file_once(path, WriterKey.generate(self._ledger_id, start)
+                                      .encode().encode("ascii"))
+            key = read_writer_key(path)
+            if key is None:
+                log.warning(
+                    "ledger %s: no writer key at %s, but its events carry writer tags: events "
+                    "appended now are not authenticated (verify will name them) and no checkpoint "
+                    "is signed until the key is restored", self._display_url, path,
+                )
+        if key is not None and key.ledger_id != self._ledger_id:
+            raise LedgerError(
+                f"writer key {path} belongs to ledger {key.ledger_id}, not to this one "
+                f"({self._ledger_id}): a copied or mixed-up key folder"
+            )
+        return key
+
+    @property
+    def ids_bound_from(self) -> int:
+        """The first seq whose event id is derived from its record (`chain.event_id_for`)."""
+        if self._writer_key is not None:
+            return self._writer_key.from_seq
+        return self._ids_from if self._ids_from is not None else 1
+
+    def _check_event_id(self, event: LedgerEvent) -> None:
+        """Refuse an event whose id is not the one its record gives (renamed or swapped)."""
+        if event.seq < self.ids_bound_from:
+            return
+        expected = event_id_for(event.timestamp, event.hash)
+        if event.event_id != expected:
+            raise LedgerError(
+                f"event {event.seq}: its event_id {event.event_id!r} is not the id its record "
+                f"gives ({expected}): event ids were renamed or swapped; run `fedpact audit verify`"
+            )
+
     def _load_signer(self) -> CheckpointSigner | None:
         if self._read_only:
             return None  # never signs, never creates or registers a key
@@ -596,15 +689,49 @@ class Ledger:
         return None if self._signer is None else self._signer.verifier
 
     def trusted_keys(self) -> list[VerifierKey]:
-        """Keys `verify()` accepts: the `.pub` file beside the ledger, else the keys it recorded."""
+        """Keys `verify()` accepts by default: the `.pub` file beside the ledger and this
+        instance's own signing key. Never the keys recorded in the database (`ledger_keys`):
+        whoever can rewrite the database could put their own key there. Empty when there is
+        neither (pass keys obtained independently, or a kept checkpoint, to `verify`)."""
         pub = self.key_path("pub")
+        keys: list[VerifierKey] = []
         if pub is not None and pub.exists():
             keys = [VerifierKey.parse(line) for line in pub.read_text().split()]
-        else:
-            keys = self._registered_keys()
         if self._signer is not None and self._signer.verifier not in keys:
             keys.append(self._signer.verifier)
         return keys
+
+    def _verification_keys(
+        self, public_keys: Sequence[VerifierKey] | None, kept_note: str | None
+    ) -> list[VerifierKey]:
+        """The keys to verify with: those given; else `trusted_keys()`; else, given a signed
+        checkpoint kept elsewhere, the recorded key(s) that signed that very note (the note
+        vouches for its key; the database alone vouches for nothing)."""
+        if public_keys is not None:
+            return list(public_keys)
+        keys = self.trusted_keys()
+        if keys or kept_note is None:
+            return keys
+        vouched = []
+        for key in self._registered_keys():
+            try:
+                open_checkpoint(kept_note, key)
+            except CheckpointError:
+                continue
+            vouched.append(key)
+        return vouched
+
+    def _no_key_verdict(self, signed: int) -> ChainVerification:
+        pub = self.key_path("pub")
+        where = f"{pub} is missing" if pub is not None else "this in-memory ledger has no .pub file"
+        return ChainVerification(
+            False, 0, None,
+            f"no public key to check the {signed} signed checkpoint"
+            f"{'s' if signed != 1 else ''} with: {where}. Verification never uses the keys "
+            "recorded in the database it checks: pass the verifier key obtained independently "
+            "(--public-key FILE) or a signed checkpoint kept from earlier (--checkpoint FILE)",
+            GENESIS_HASH,
+        )
 
     def rotate_signing_key(self, *, actor: str, reason: str) -> VerifierKey:
         """Sign future checkpoints with a fresh key; the old public key stays trusted for old ones."""
@@ -724,11 +851,11 @@ class Ledger:
             return self.checkpoint()
 
     @contextlib.contextmanager
-    def _connect(self, *, write: bool = False) -> Iterator[Connection]:
+    def _connect(self, *, write: bool = False, snapshot: bool = False) -> Iterator[Connection]:
         """Yield a connection in a transaction; a write transaction takes the write lock at BEGIN."""
         if self._closed:
             raise LedgerError("the ledger is closed")
-        with (self._store.write() if write else self._store.read()) as connection:
+        with (self._store.write() if write else self._store.read(snapshot=snapshot)) as connection:
             yield connection
 
     # --- appending -----------------------------------------------------------------------------
@@ -902,8 +1029,9 @@ class Ledger:
             return
         with self._connect(write=True) as connection:
             last_seq, last_hash = self._chain_tip(connection)
-            built = _build_rows(batch, last_seq, last_hash)
+            built = _build_rows(batch, last_seq, last_hash, self._writer_key)
             self._store.bulk_insert(connection, "ledger_events", _EVENT_COLUMNS, built.event_rows)
+            self._store.bulk_insert(connection, "writer_macs", ("event_id", "mac"), built.mac_rows)
             self._store.bulk_insert(
                 connection, "event_index", ("kind", "value", "seq"), built.index_rows
             )
@@ -969,8 +1097,10 @@ class Ledger:
 
     def _write_once_sqlite(self, batch: list[_Pending]) -> None:
         with self._raw_write() as (connection, state):
-            built = _build_rows(batch, state.tip_seq, state.tip_hash)
+            built = _build_rows(batch, state.tip_seq, state.tip_hash, self._writer_key)
             connection.executemany(_INSERT_EVENT.format("?"), built.event_rows)
+            if built.mac_rows:
+                connection.executemany(_INSERT_MAC, built.mac_rows)
             if built.index_rows:
                 connection.executemany(_INSERT_INDEX.format("?"), built.index_rows)
             if built.consent_rows:
@@ -1039,6 +1169,12 @@ class Ledger:
             raise LedgerError(
                 f"cannot sign a checkpoint: no signing key at {self.key_path('signing-key')}"
             )
+        if self._writer_key is None:
+            raise LedgerError(
+                f"cannot sign a checkpoint: no writer key at {self.key_path('writer-key')}, so "
+                "whether this ledger's writer wrote the new events cannot be checked (restore the "
+                "key file beside the ledger)"
+            )
         for attempt in range(1, APPEND_ATTEMPTS + 1):
             try:
                 return self._checkpoint_once()
@@ -1064,7 +1200,10 @@ class Ledger:
 
     def _checkpoint_once_sqlite(self) -> SignedCheckpointInfo | None:
         """Integrate and sign on the raw writer: the frontier and new hashes come from memory
-        when no other connection has committed since this process wrote them."""
+        when no other connection has committed since this process wrote them (then every new
+        event is one this instance chained and tagged itself); otherwise the stored frontier is
+        checked against the latest signed root, and the new events' chain, ids and writer tags
+        are re-checked from the database, before anything is signed."""
         assert self._signer is not None
         sha256 = hashlib.sha256
         with self._raw_write() as (connection, state):
@@ -1079,6 +1218,7 @@ class Ledger:
                 frontier = self._frontier_cache
                 if frontier is None or frontier.size != old_size:
                     frontier = MerkleFrontier.at(old_size, self._node_source(connection))
+                    self._check_frontier(connection, frontier, latest[3] if latest else None)
                 pending = state.pending
                 if not (
                     pending is not None
@@ -1102,6 +1242,31 @@ class Ledger:
         self._last_checkpoint_wall = time.time()
         return info
 
+    def _check_frontier(
+        self, connection: Connection | sqlite3.Connection, frontier: MerkleFrontier,
+        note: Any,
+    ) -> None:
+        """Before building on the stored Merkle frontier, check it folds to the root of the
+        latest signed checkpoint: a corrupted stored node must be named, not built on (the new
+        checkpoint would sign a wrong root, and the untouched new events would get the blame)."""
+        if not frontier.size:
+            return
+        try:
+            signed = _open_with_any(note, self.trusted_keys()).root_hash
+        except CheckpointError as exc:
+            raise LedgerError(
+                f"refusing to sign a checkpoint: the latest signed checkpoint (tree size "
+                f"{frontier.size}) does not verify with this ledger's keys: {exc}"
+            ) from None
+        if frontier.root() == signed:
+            return
+        raise LedgerError(
+            "refusing to sign a checkpoint: the stored Merkle tree does not match the signed "
+            f"checkpoint at tree size {frontier.size}: "
+            f"{_bad_frontier_node(self._store, connection, frontier)}; "
+            "run `fedpact audit verify --indexes`"
+        )
+
     def _sign_inline(
         self, connection: sqlite3.Connection, state: _WriterState, built: _Built
     ) -> tuple[MerkleFrontier, SignedCheckpointInfo] | None:
@@ -1112,6 +1277,7 @@ class Ledger:
         pending = state.pending
         if (
             self._signer is None
+            or self._writer_key is None
             or pending is None
             or frontier is None
             or frontier.size != state.pending_base
@@ -1128,12 +1294,18 @@ class Ledger:
         connection.executemany("INSERT INTO merkle_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes)
         return extended, self._insert_checkpoint(connection, extended)
 
+    def _checkpoint_body(self, size: int, root: bytes) -> tuple[Checkpoint, str]:
+        """The checkpoint to sign (its note states from which seq event ids are bound, so a third
+        party holding only the public key checks them too) and its timestamp."""
+        stamp = _utc_timestamp()
+        extensions = (f"timestamp {stamp}", f"{IDS_EXTENSION} {self.ids_bound_from}")
+        return Checkpoint(self.origin, size, root, extensions), stamp
+
     def _insert_checkpoint(
         self, connection: sqlite3.Connection, frontier: MerkleFrontier
     ) -> SignedCheckpointInfo:
         assert self._signer is not None
-        stamp = _utc_timestamp()
-        checkpoint = Checkpoint(self.origin, frontier.size, frontier.root(), (f"timestamp {stamp}",))
+        checkpoint, stamp = self._checkpoint_body(frontier.size, frontier.root())
         note = self._signer.sign(checkpoint)
         info = SignedCheckpointInfo(frontier.size, checkpoint.root_hash.hex(), stamp, note)
         connection.execute(
@@ -1143,32 +1315,52 @@ class Ledger:
         )
         return info
 
+    def _recheck_rows(self, rows: Iterable[Sequence[Any]], after: int, start_hash: str,
+                      upto: int) -> list[str]:
+        """Hashes of the rows (`_RECHECK_COLUMNS`) of events after..upto, re-checked: links and
+        hashes (never sign a broken chain), bound ids and writer tags (never sign an event that
+        was renamed or that this ledger's writer key did not write)."""
+        writer = self._writer_key
+        assert writer is not None
+        ids_from = self.ids_bound_from
+        hashes: list[str] = []
+        untagged: list[int] = []
+        last_seq, last_hash = after, start_hash
+        for row in rows:
+            problem = _chain_problem(row[:8], last_seq, last_hash)
+            if problem is not None:
+                raise LedgerError(f"refusing to sign a checkpoint over a broken chain: {problem}")
+            seq, timestamp, digest, event_id, mac = row[0], row[1], row[7], row[8], row[9]
+            if seq >= ids_from and event_id != event_id_for(timestamp, digest):
+                raise LedgerError(
+                    f"refusing to sign a checkpoint: event {seq}: its event_id {event_id!r} is "
+                    "not the id its record gives: event ids were renamed or swapped"
+                )
+            if seq >= writer.from_seq and (mac is None or bytes(mac) != writer.mac(digest)):
+                untagged.append(seq)
+            last_seq, last_hash = seq, digest
+            hashes.append(digest)
+        if last_seq != upto:
+            raise LedgerError(
+                f"refusing to sign a checkpoint over a broken chain: event {last_seq + 1} is missing"
+            )
+        if untagged:
+            raise LedgerError(
+                f"refusing to sign a checkpoint: {describe(untagged, len(untagged))}; run "
+                "`fedpact audit verify`"
+            )
+        return hashes
+
     def _recheck_chain(self, connection: sqlite3.Connection, after: int, upto: int) -> list[str]:
-        """Hashes of events after..upto, re-checked link by link: never sign a broken chain."""
+        """Hashes of events after..upto, re-checked (see `_recheck_rows`)."""
         last_hash = GENESIS_HASH
         if after:
             row = connection.execute(
                 "SELECT hash FROM ledger_events WHERE seq = ?", (after,)
             ).fetchone()
             last_hash = row[0] if row is not None else GENESIS_HASH
-        cursor = connection.execute(
-            f"SELECT {', '.join(_CHAIN_COLUMNS)} FROM ledger_events WHERE seq > ? AND seq <= ? "
-            "ORDER BY seq",
-            (after, upto),
-        )
-        hashes: list[str] = []
-        last_seq = after
-        for row in cursor:
-            problem = _chain_problem(row, last_seq, last_hash)
-            if problem is not None:
-                raise LedgerError(f"refusing to sign a checkpoint over a broken chain: {problem}")
-            last_seq, last_hash = row[0], row[7]
-            hashes.append(last_hash)
-        if last_seq != upto:
-            raise LedgerError(
-                f"refusing to sign a checkpoint over a broken chain: event {last_seq + 1} is missing"
-            )
-        return hashes
+        cursor = connection.execute(_RECHECK_SQL.format(lo="?", hi="?"), (after, upto))
+        return self._recheck_rows(cursor, after, last_hash, upto)
 
     def _checkpoint_once_generic(self) -> SignedCheckpointInfo | None:
         assert self._signer is not None
@@ -1189,40 +1381,20 @@ class Ledger:
                 self._node_source(connection),
                 on_node=lambda level, index, digest: new_nodes.append((level, index, digest)),
             )
+            self._check_frontier(connection, frontier, latest.note if latest else None)
             start_hash = GENESIS_HASH
             if old_size:
                 start_hash = connection.execute(
                     select(ledger_events.c.hash).where(ledger_events.c.seq == old_size)
                 ).scalar_one()
             rows = connection.exec_driver_sql(
-                self._store.paramstyle_named(
-                    "SELECT seq, timestamp, event_type, actor, job_id, payload, prev_hash, hash "
-                    "FROM ledger_events WHERE seq > :lo AND seq <= :hi ORDER BY seq"
-                ),
+                self._store.paramstyle_named(_RECHECK_SQL.format(lo=":lo", hi=":hi")),
                 {"lo": old_size, "hi": tip_seq},
             ).all()
-            last_seq, last_hash = old_size, start_hash
-            for row in rows:
-                # the stored payload text is hashed as-is: a match proves it is the canonical text
-                if not (
-                    row.seq == last_seq + 1
-                    and row.prev_hash == last_hash
-                    and event_hash_from_text(
-                        last_hash, row.seq, row.timestamp, row.event_type, row.actor,
-                        row.job_id, row.payload,
-                    ) == row.hash
-                ):
-                    problem = check_row(row, last_seq, last_hash) or (row.seq, "unexpected row")
-                    raise LedgerError(
-                        f"refusing to sign a checkpoint over a broken chain: {problem[1]}"
-                    )
-                last_seq, last_hash = row.seq, row.hash
-                frontier.append(leaf_hash(bytes.fromhex(row.hash)))
+            for digest in self._recheck_rows(rows, old_size, start_hash, tip_seq):
+                frontier.append(leaf_hash(bytes.fromhex(digest)))
             self._store.bulk_insert(connection, "merkle_nodes", ("level", "idx", "hash"), new_nodes)
-            stamp = _utc_timestamp()
-            checkpoint = Checkpoint(
-                self.origin, tip_seq, frontier.root(), (f"timestamp {stamp}",)
-            )
+            checkpoint, stamp = self._checkpoint_body(tip_seq, frontier.root())
             note = self._signer.sign(checkpoint)
             row = {
                 "tree_size": tip_seq,
@@ -1273,6 +1445,7 @@ class Ledger:
                 if row is None:
                     raise LedgerError(f"no ledger event {event!r}")
                 found = _row_to_event(row)
+                self._check_event_id(found)
                 if tree_size is None:
                     query = (
                         select(ledger_checkpoints)
@@ -1364,7 +1537,9 @@ class Ledger:
             row = connection.execute(select(ledger_events).where(column == ref)).first()
         if row is None:
             raise LedgerError(f"no ledger event {ref!r}")
-        return _row_to_event(row)
+        found = _row_to_event(row)
+        self._check_event_id(found)
+        return found
 
     def events(
         self,
@@ -1411,27 +1586,39 @@ class Ledger:
 
     # --- verification ---------------------------------------------------------------------------
 
-    def verify(self, public_keys: Sequence[VerifierKey] | None = None) -> ChainVerification:
+    def verify(
+        self, public_keys: Sequence[VerifierKey] | None = None, *, kept_note: str | None = None
+    ) -> ChainVerification:
         """Re-check the chain, the Merkle tree and every signed checkpoint from one snapshot.
 
         Detects altered, removed, inserted or reordered events (the chain), a truncated tail or a
-        rewritten history (the Merkle root no longer matches a signed checkpoint), and forged or
-        replaced checkpoint signatures. `public_keys` defaults to `trusted_keys()`; pass the keys
-        you obtained independently for a check that does not trust this machine.
+        rewritten history (the Merkle root no longer matches a signed checkpoint), forged or
+        replaced checkpoint signatures, renamed or swapped event ids, events the writer key did
+        not tag (with the writer key beside the ledger), values stored with the wrong type, and a
+        stored Merkle frontier that does not match the latest signed root.
+
+        `public_keys` defaults to `trusted_keys()` (the `.pub` file, this instance's signing
+        key), else to the recorded key that signed `kept_note`; never to keys the database
+        alone records. Pass keys obtained independently for a check that does not trust this
+        machine. Without any key, a ledger holding signed checkpoints does not verify.
         """
-        keys = list(public_keys) if public_keys is not None else self.trusted_keys()
+        keys = self._verification_keys(public_keys, kept_note)
         with self._connect() as connection:
             checkpoints = connection.execute(
                 select(ledger_checkpoints.c.tree_size, ledger_checkpoints.c.note).order_by(
                     ledger_checkpoints.c.tree_size
                 )
             ).all()
+            if checkpoints and not keys:
+                return self._no_key_verdict(len(checkpoints))
             return verify_log(
                 self._store,
                 connection,
                 [(int(size), note) for size, note in checkpoints],
                 keys,
                 origin=self.origin,
+                writer=self._writer_key,
+                ids_from=self._ids_from,
             )
 
     def verify_against_checkpoint(
@@ -1449,15 +1636,64 @@ class Ledger:
         kept size to the newest signed one (or, without one, the recomputed root) matches.
         `verdict`: the result of a `verify()` already run with the same keys.
         """
-        keys = list(public_keys) if public_keys is not None else self.trusted_keys()
+        keys = self._verification_keys(public_keys, kept_note)
         if verdict is None:
-            verdict = self.verify(keys)
+            verdict = self.verify(keys, kept_note=kept_note)
         if not verdict.ok:
             return verdict
+        if not keys:
+            return ChainVerification(
+                False, verdict.events_checked, None,
+                "the kept checkpoint does not verify with any key: pass the ledger's verifier "
+                "key obtained independently (--public-key FILE)", verdict.head_hash,
+                verdict.checkpoints_checked, verdict.signed_tree_size,
+            )
         with self._connect() as connection:
             return check_kept_checkpoint(
                 self._store, connection, kept_note, keys, verdict, origin=self.origin
             )
+
+    def proven_consent_events(
+        self, subjects: Collection[str] | None = None
+    ) -> list[tuple[int, str, dict[str, Any]]]:
+        """(seq, event type, payload) of every consent event (of `subjects`, if given), in seq
+        order, read only after the whole log was verified in the same snapshot: links and
+        hashes, bound ids, every event's writer tag (with the writer key), and the signed
+        checkpoints (with this ledger's public key; without one, at least that no event a
+        checkpoint covers is gone). What consent enforcement decides from, instead of the
+        derived `consent_state` table, which anyone with write access could edit. Raises
+        LedgerError naming the first event that fails."""
+        keys = self.trusted_keys()
+        with self._connect(snapshot=True) as connection:
+            checkpoints = [(int(size), note) for size, note in connection.execute(
+                select(ledger_checkpoints.c.tree_size, ledger_checkpoints.c.note)
+                .order_by(ledger_checkpoints.c.tree_size))]
+            verdict = verify_log(self._store, connection, checkpoints if keys else [], keys,
+                                 origin=self.origin, writer=self._writer_key,
+                                 ids_from=self._ids_from, parallel=False)
+            if verdict.ok and not keys and checkpoints and checkpoints[-1][0] > verdict.events_checked:
+                size = checkpoints[-1][0]
+                verdict = ChainVerification(
+                    False, verdict.events_checked, verdict.events_checked + 1,
+                    f"truncated: a checkpoint covers {size} events but the ledger holds only "
+                    f"{verdict.events_checked}", verdict.head_hash)
+            if not verdict.ok:
+                where = f" at event {verdict.first_bad_seq}" if verdict.first_bad_seq else ""
+                raise LedgerError(
+                    f"consent cannot be decided: the chain does not verify{where}: "
+                    f"{verdict.reason}; run `fedpact audit verify`"
+                )
+            rows = connection.execute(
+                select(ledger_events.c.seq, ledger_events.c.event_type, ledger_events.c.payload)
+                .where(ledger_events.c.event_type.in_(sorted(CONSENT_STATUS)))
+                .order_by(ledger_events.c.seq)
+            )
+            found = []
+            for seq, kind, text in rows:
+                payload = json.loads(text)
+                if subjects is None or payload.get("subject") in subjects:
+                    found.append((int(seq), str(kind), payload))
+            return found
 
     def check_indexes(self) -> IndexCheck:
         """Compare the derived tables with a recomputation from the chain (read-only).
@@ -1480,7 +1716,7 @@ class Ledger:
         """
         report = self._rebuild_indexes()
         if actor is not None:
-            left = sum(1 for p in report.problems if p.startswith("job_subjects"))
+            left = sum(1 for p in report.problems if p.startswith(UNREPAIRABLE))
             self.append(EventType.INDEXES_REBUILT, {
                 "events": report.events, "index_rows": report.index_rows,
                 "consent_rows": report.consent_rows,
@@ -1500,6 +1736,10 @@ class Ledger:
             if expected_consent:
                 connection.execute(consent_state.insert(), list(expected_consent.values()))
         return dataclasses.replace(report, rebuilt=True)
+
+
+UNREPAIRABLE = ("job_subjects", "merkle_nodes")
+"""Derived tables `rebuild_indexes` checks but cannot rebuild (reported, never repaired)."""
 
 
 @dataclass(frozen=True)
@@ -1584,22 +1824,90 @@ class _Stop(Exception):
     """Verification stops: a signed root did not match (the failure is already recorded)."""
 
 
+class _SoftChecks:
+    """Event ids bound to their records and writer tags, checked on chain-verified rows.
+
+    Their failures are reported only when the chain, the Merkle roots and the signatures hold
+    (a broken chain is the more basic diagnosis), each naming the first event concerned."""
+
+    def __init__(self, ids_from: int, writer: WriterKey | None) -> None:
+        self.ids_from = ids_from
+        self.writer = writer
+        self.mac_from = writer.from_seq if writer is not None else None
+        self.id_problem: tuple[int, str, str] | None = None  # seq, reason, hash before it
+        self.untagged: list[int] = []
+        self.untagged_count = 0
+        self.untagged_head = GENESIS_HASH
+
+    def check(self, seqs: Sequence[int], prevs: Sequence[str], digests: Sequence[str],
+              eids: Sequence[Any], stamps: Sequence[Any], macs: Sequence[Any]) -> None:
+        if not seqs:
+            return
+        last = seqs[-1]
+        if self.id_problem is None and last >= self.ids_from:
+            lo = max(0, self.ids_from - seqs[0])
+            expected = [event_id_for(t, d) for t, d in zip(stamps[lo:], digests[lo:], strict=True)]
+            if list(eids[lo:]) != expected:
+                for i in range(lo, len(seqs)):
+                    if eids[i] != expected[i - lo]:
+                        self.id_problem = (
+                            seqs[i],
+                            f"event {seqs[i]}: its event_id {eids[i]!r} is not the id its record "
+                            f"gives ({expected[i - lo]}): event ids were renamed or swapped "
+                            "(a proof or reference by id would name another event)",
+                            prevs[i],
+                        )
+                        break
+        writer = self.writer
+        if writer is not None and last >= writer.from_seq:
+            lo = max(0, writer.from_seq - seqs[0])
+            expected = writer.macs(digests[lo:])
+            got = [None if m is None else bytes(m) for m in macs[lo:]]
+            if got != expected:
+                for i in range(lo, len(seqs)):
+                    if got[i - lo] != expected[i - lo]:
+                        if not self.untagged:
+                            self.untagged_head = prevs[i]
+                        self.untagged_count += 1
+                        if len(self.untagged) < 6:
+                            self.untagged.append(seqs[i])
+
+    def verdict(self, checked: int, checkpoints_ok: int, signed_size: int) -> ChainVerification | None:
+        if self.id_problem is not None:
+            seq, reason, head = self.id_problem
+            return ChainVerification(False, checked, seq, reason, head, checkpoints_ok, signed_size)
+        if self.untagged:
+            reason = (f"{describe(self.untagged, self.untagged_count)}: it carries no valid writer "
+                      "tag (appended or altered by someone without the writer key)")
+            return ChainVerification(False, checked, self.untagged[0], reason, self.untagged_head,
+                                     checkpoints_ok, signed_size)
+        return None
+
+
 def verify_log(
     store: LedgerStore,
     connection: Connection,
-    checkpoints: Sequence[tuple[int, str]],
+    checkpoints: Sequence[tuple[int, Any]],
     keys: Sequence[VerifierKey],
     *,
     origin: str | None = None,
+    writer: WriterKey | None = None,
+    ids_from: int | None = None,
+    parallel: bool = True,
 ) -> ChainVerification:
-    """Verify the chain, the Merkle roots of every checkpoint and their signatures (see Ledger.verify)."""
+    """Verify the chain, the Merkle roots of every checkpoint and their signatures, then event ids
+    (from the seq signed checkpoints state, else the writer key's, else `ids_from` read from
+    ledger_meta), writer tags (with `writer`) and the stored Merkle frontier (see Ledger.verify)."""
     failures: list[tuple[int, str]] = []
     signed: list[tuple[int, bytes]] = []
-    parallel = _start_parallel_check(store, connection, [size for size, _ in checkpoints])
-    try:
-        previous = 0
-        for size, note in checkpoints:
-            problem = None
+    stated: set[int] = set()
+    previous = 0
+    for size, note in checkpoints:
+        problem = None
+        if not isinstance(note, str):
+            kind = _STORED_KIND.get(type(note), "a non-text value")
+            problem = f"checkpoint at tree size {size} is stored as {kind}, not text (altered outside fedpact)"
+        else:
             try:
                 opened = _open_with_any(note, keys)
                 if opened.tree_size != size:
@@ -1610,30 +1918,90 @@ def verify_log(
                     problem = f"checkpoint at tree size {size} is for another log ({opened.origin})"
             except CheckpointError as exc:
                 problem = str(exc)
-            if problem is not None:
-                failures.append((previous + 1, problem))
-                break
-            signed.append((size, opened.root_hash))
-            previous = size
-        if parallel is not None:
-            verdict = parallel.finish(signed if not failures else None)
-            if verdict is not None:
-                return verdict
-    finally:
-        if parallel is not None:
-            parallel.close()
-    # the sequential check: also the exact diagnosis whenever the parallel one saw an anomaly
+        if problem is not None:
+            failures.append((previous + 1, problem))
+            break
+        signed.append((size, opened.root_hash))
+        bound = opened.ids_bound_from
+        if bound is not None:
+            stated.add(bound)
+        previous = size
 
+    # from which seq event ids are bound: signed notes, else the writer key, else ledger_meta
+    boundary_problem = None
+    if stated:
+        boundary, source = min(stated), "the signed checkpoints state"
+        if len(stated) > 1:
+            boundary_problem = ("the signed checkpoints disagree on the seq from which event ids "
+                                f"are bound ({', '.join(map(str, sorted(stated)))})")
+    elif writer is not None:
+        boundary, source = writer.from_seq, "the writer key says"
+    else:
+        boundary, source = (ids_from if ids_from is not None else 1), ""
+    if boundary_problem is None:
+        if ids_from is None:
+            boundary_problem = (f"ledger_meta lacks {IDS_BOUND_FROM} (removed outside fedpact): "
+                                f"event ids are checked from seq {boundary}")
+        elif ids_from != boundary:
+            boundary_problem = (f"ledger_meta {IDS_BOUND_FROM} says {ids_from}, but {source} "
+                                f"{boundary}: ledger_meta was altered (it would exempt events "
+                                "from the id check)")
+        elif writer is not None and stated and writer.from_seq != boundary:
+            boundary_problem = (f"the writer key tags events from seq {writer.from_seq}, but the "
+                                f"signed checkpoints bind ids from seq {boundary}: a replaced "
+                                "writer key?")
+    soft = _SoftChecks(boundary, writer)
+
+    verdict = None
+    workers = None
+    if parallel and not failures:
+        workers = _start_parallel_check(store, connection, [size for size, _ in signed], soft)
+    try:
+        if workers is not None:
+            verdict = workers.finish(signed)
+    finally:
+        if workers is not None:
+            workers.close()
+    if verdict is None:  # the sequential check: also the exact diagnosis of any anomaly
+        verdict = _verify_sequential(store, connection, signed, failures, soft)
+    if not verdict.ok:
+        return verdict
+    problem = boundary_problem or _frontier_problem(store, connection, signed)
+    if problem is not None:
+        return ChainVerification(False, verdict.events_checked, None, problem, verdict.head_hash,
+                                 verdict.checkpoints_checked, verdict.signed_tree_size)
+    if verdict.events_checked:
+        reason = verdict.reason
+        if writer is not None and verdict.events_checked >= writer.from_seq:
+            reason += f"; every event from seq {writer.from_seq} on carries this ledger's writer tag"
+        elif writer is None and verdict.events_checked >= boundary:
+            reason += "; writer tags not checked (no writer key here: only its holder can)"
+        verdict = dataclasses.replace(verdict, reason=reason)
+    return verdict
+
+
+_STORED_KIND = {bytes: "a BLOB", memoryview: "a BLOB", int: "an INTEGER", float: "a REAL",
+                type(None): "NULL"}
+
+
+def _verify_sequential(
+    store: LedgerStore,
+    connection: Connection,
+    signed: Sequence[tuple[int, bytes]],
+    failures: list[tuple[int, str]],
+    soft: _SoftChecks,
+) -> ChainVerification:
     sha256 = hashlib.sha256
     state = {"seq": 0, "hash": GENESIS_HASH, "checked": 0}
     boundary_hashes: dict[int, str] = {0: GENESIS_HASH}
     frontier = MerkleFrontier()
     next_index = 0
     checkpoints_ok = 0
-    fast_sql = store.record_bytes_sql()
+    fast_sql = store.verify_rows_sql()
     slow_sql = store.paramstyle_named(
-        "SELECT seq, timestamp, event_type, actor, job_id, payload, prev_hash, hash "
-        "FROM ledger_events WHERE seq > :after ORDER BY seq LIMIT 1"
+        "SELECT e.seq, e.event_id, e.timestamp, e.event_type, e.actor, e.job_id, e.payload, "
+        "e.prev_hash, e.hash, m.mac FROM ledger_events e LEFT JOIN writer_macs m "
+        "ON m.event_id = e.event_id WHERE e.seq > :after ORDER BY e.seq LIMIT 1"
     )
 
     def accept(seqs: Sequence[int], hashes: Sequence[str]) -> None:
@@ -1682,7 +2050,7 @@ def verify_log(
                     rows = cursor.fetchmany(_VERIFY_BATCH_ROWS)
                     if not rows:
                         break
-                    seqs, prevs, digests, records = zip(*rows, strict=True)
+                    seqs, prevs, digests, records, eids, stamps, macs = zip(*rows, strict=True)
                     after, last = state["seq"], state["hash"]
                     good = (
                         seqs[0] == after + 1
@@ -1695,14 +2063,15 @@ def verify_log(
                             good = tuple(
                                 [sha256(record.encode("utf-8")).hexdigest() for record in records]
                             ) == digests
-                        except AttributeError:  # a NULL column made the record NULL
+                        except AttributeError:  # a NULL record: a column of the wrong type
                             good = False
                     if good:
                         accept(seqs, digests)
+                        soft.check(seqs, prevs, digests, eids, stamps, macs)
                         continue
                     # find the first row that fails; accept those before it
                     n = 0
-                    for seq, prev, digest, record in rows:
+                    for seq, prev, digest, record, *_ in rows:
                         if not (
                             seq == after + 1
                             and prev == last
@@ -1712,6 +2081,7 @@ def verify_log(
                             break
                         after, last, n = seq, digest, n + 1
                     accept(seqs[:n], digests[:n])
+                    soft.check(seqs[:n], prevs[:n], digests[:n], eids[:n], stamps[:n], macs[:n])
                     mismatch = True
             finally:
                 cursor.close()
@@ -1726,6 +2096,8 @@ def verify_log(
                 state["checked"] += 1
                 raise _Broken(*problem)
             accept((row.seq,), (row.hash,))
+            soft.check((row.seq,), (row.prev_hash,), (row.hash,), (row.event_id,),
+                       (row.timestamp,), (row.mac,))
     except _Broken as broken:
         failures.append((broken.seq, broken.reason))
     except _Stop:
@@ -1741,13 +2113,16 @@ def verify_log(
                 f"but the ledger holds only {size}; events {size + 1}..{claimed} were removed",
             )
         )
+    signed_size = signed[checkpoints_ok - 1][0] if checkpoints_ok else 0
     if failures:
         first_bad, reason = min(failures, key=lambda f: f[0])
         head = boundary_hashes.get(first_bad - 1, state["hash"])
         return ChainVerification(
-            False, state["checked"], first_bad, reason, head, checkpoints_ok,
-            signed[checkpoints_ok - 1][0] if checkpoints_ok else 0,
+            False, state["checked"], first_bad, reason, head, checkpoints_ok, signed_size,
         )
+    soft_verdict = soft.verdict(state["checked"], checkpoints_ok, signed_size)
+    if soft_verdict is not None:
+        return soft_verdict
     return _intact(state["checked"], state["hash"], signed)
 
 
@@ -1768,19 +2143,68 @@ def _intact(checked: int, head: str, signed: Sequence[tuple[int, bytes]]) -> Cha
     return ChainVerification(True, checked, None, summary, head, len(signed), signed_size)
 
 
+def _event_hashes(store: LedgerStore, connection: Connection | sqlite3.Connection,
+                  lo: int, hi: int) -> list[str]:
+    """Hashes of events lo+1..hi in seq order, on a raw or SQLAlchemy connection."""
+    if isinstance(connection, sqlite3.Connection):
+        return [h for (h,) in connection.execute(
+            "SELECT hash FROM ledger_events WHERE seq > ? AND seq <= ? ORDER BY seq", (lo, hi))]
+    return list(connection.exec_driver_sql(store.paramstyle_named(
+        "SELECT hash FROM ledger_events WHERE seq > :lo AND seq <= :hi ORDER BY seq"),
+        {"lo": lo, "hi": hi}).scalars())
+
+
+def _bad_frontier_node(store: LedgerStore, connection: Connection | sqlite3.Connection,
+                       frontier: MerkleFrontier) -> str:
+    """Which stored node of `frontier` differs from the tree the events themselves give."""
+    for (level, index), stored in zip(perfect_subtrees(0, frontier.size), frontier.stack,
+                                      strict=True):
+        lo, hi = index << level, (index + 1) << level
+        hashes = _event_hashes(store, connection, lo, hi)
+        try:
+            expected = root_hash([leaf_hash(bytes.fromhex(h)) for h in hashes])
+        except (TypeError, ValueError):
+            return f"events {lo + 1}..{hi} hold a malformed hash: run `fedpact audit verify`"
+        if len(hashes) != hi - lo or expected != stored:
+            return (f"merkle_nodes (level {level}, index {index}) differs from the hash of events "
+                    f"{lo + 1}..{hi} it stands for (altered outside fedpact)")
+    return "the stored frontier's root differs from the signed root"
+
+
+def _frontier_problem(store: LedgerStore, connection: Connection,
+                      signed: Sequence[tuple[int, bytes]]) -> str | None:
+    """None if the stored frontier at the latest signed size folds to its signed root (what the
+    next writer extends); else what is wrong, naming the stored node. Interior nodes only serve
+    proofs, which are checked against signed roots on use; `check_indexes` checks them all."""
+    if not signed or not signed[-1][0]:
+        return None
+    size, root = signed[-1]
+    try:
+        frontier = MerkleFrontier.at(size, node_source(store, connection))
+    except LedgerError as exc:
+        return f"merkle_nodes: {exc}"
+    if frontier.root() == root:
+        return None
+    return (f"the stored Merkle tree does not match the signed checkpoint at tree size {size}: "
+            f"{_bad_frontier_node(store, connection, frontier)}; a checkpoint built on it would "
+            "sign a wrong root")
+
+
 PARALLEL_VERIFY_MIN_EVENTS = 200_000
 """Below this many events verification runs in this process only."""
 
 
-def _verify_range(job: tuple[str, str, int, int, tuple[int, ...]]) -> tuple[Any, ...]:
+def _verify_range(job: tuple[Any, ...]) -> tuple[Any, ...]:
     """Worker: check events lo+1..hi of a SQLite ledger file; roots are local to the range.
 
     Returns (ok, prev_hash of event lo+1, hash of event hi, [(tree size, local root)] at each
-    signed size in (lo, hi], local root of the whole range). `ok` is False at the first anomaly:
-    the caller then re-runs the sequential check, which names the first bad event.
+    signed size in (lo, hi], local root of the whole range). `ok` is False at the first anomaly
+    (including an unbound id or a missing writer tag): the caller then re-runs the sequential
+    check, which names the first bad event.
     """
-    path, sql, lo, hi, sizes = job
+    path, sql, lo, hi, sizes, ids_from, writer = job
     sha256 = hashlib.sha256
+    soft = _SoftChecks(ids_from, writer)
     connection = sqlite3.connect(path)
     try:
         cursor = connection.execute(sql, (lo, hi))
@@ -1795,7 +2219,7 @@ def _verify_range(job: tuple[str, str, int, int, tuple[int, ...]]) -> tuple[Any,
             rows = cursor.fetchmany(_VERIFY_BATCH_ROWS)
             if not rows:
                 break
-            seqs, prevs, digests, records = zip(*rows, strict=True)
+            seqs, prevs, digests, records, eids, stamps, macs = zip(*rows, strict=True)
             if first_prev is None:
                 first_prev, last = prevs[0], prevs[0]
             try:
@@ -1810,6 +2234,9 @@ def _verify_range(job: tuple[str, str, int, int, tuple[int, ...]]) -> tuple[Any,
                 )
             except AttributeError:  # NULL record
                 good = False
+            if good:
+                soft.check(seqs, prevs, digests, eids, stamps, macs)
+                good = soft.id_problem is None and not soft.untagged
             if not good:
                 return (False,)
             leaves = [sha256(b"\x00" + bytes.fromhex(digest)).digest() for digest in digests]
@@ -1873,7 +2300,7 @@ class _ParallelCheck:
 
 
 def _start_parallel_check(
-    store: LedgerStore, connection: Connection, sizes: Sequence[int]
+    store: LedgerStore, connection: Connection, sizes: Sequence[int], soft: _SoftChecks
 ) -> _ParallelCheck | None:
     """Start the parallel check for a big SQLite file ledger on a multi-core machine, else None.
 
@@ -1888,6 +2315,7 @@ def _start_parallel_check(
     if (
         cores < 2
         or path is None
+        or store.dialect != "sqlite"
         or threading.active_count() != 1
         or "fork" not in multiprocessing.get_all_start_methods()
         or os.environ.get("FEDPACT_AUDIT_VERIFY_PROCESSES") == "1"
@@ -1898,12 +2326,13 @@ def _start_parallel_check(
         return None
     level = max(12, (size // 8).bit_length())
     span = 1 << level
-    sql = store.record_bytes_sql().replace("WHERE seq > ?", "WHERE seq > ? AND seq <= ?")
+    sql = store.verify_rows_sql(bounded=True)
     sizes = sorted(sizes)
     jobs = []
     for lo in range(0, size, span):
         hi = min(lo + span, size)
-        jobs.append((str(path), sql, lo, hi, tuple(s for s in sizes if lo < s <= hi)))
+        jobs.append((str(path), sql, lo, hi, tuple(s for s in sizes if lo < s <= hi),
+                     soft.ids_from, soft.writer))
     workers = min(cores, 2, len(jobs))
     # gc off in the workers: they must never finalise (close) the SQLite connections they
     # inherited; they exit with os._exit and allocate nothing cyclic
@@ -1968,7 +2397,7 @@ def node_source(store: LedgerStore, connection: Connection | sqlite3.Connection)
                     "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", key
                 ).fetchone()
                 if row is not None:
-                    found[(int(key[0]), int(key[1]))] = bytes(row[0])
+                    found[(int(key[0]), int(key[1]))] = _node_bytes(key[0], key[1], row[0])
             return found
 
         return fetch_sqlite
@@ -1986,10 +2415,23 @@ def node_source(store: LedgerStore, connection: Connection | sqlite3.Connection)
                 f"SELECT level, idx, hash FROM merkle_nodes WHERE {condition}"
             )
             for level, index, digest in connection.exec_driver_sql(sql, params):
-                found[(int(level), int(index))] = bytes(digest)
+                found[(int(level), int(index))] = _node_bytes(level, index, digest)
         return found
 
     return fetch
+
+
+def _node_bytes(level: int, index: int, value: Any) -> bytes:
+    """A stored Merkle node's 32 bytes; ProofError naming the node if it holds anything else."""
+    if isinstance(value, bytes | memoryview | bytearray) and len(value) == 32:
+        return bytes(value)
+    kind = _STORED_KIND.get(type(value), f"a {type(value).__name__}")
+    if isinstance(value, str):
+        kind = "TEXT"
+    elif isinstance(value, bytes | memoryview | bytearray):
+        kind = f"{len(value)} bytes"
+    raise ProofError(f"merkle_nodes (level {level}, index {index}) is stored as {kind}, not a "
+                     "32-byte hash (altered outside fedpact)")
 
 
 def check_readable(url: URL) -> None:
@@ -2120,7 +2562,11 @@ def _chain_problem(row: Sequence[Any], last_seq: int, last_hash: str) -> str | N
     if (
         seq == last_seq + 1
         and prev_hash == last_hash
-        and isinstance(text, str)
+        and type(text) is str
+        and type(timestamp) is str
+        and type(kind) is str
+        and type(actor) is str
+        and (job_id is None or type(job_id) is str)
         and event_hash_from_text(last_hash, seq, timestamp, kind, actor, job_id, text) == digest
     ):
         return None
@@ -2208,6 +2654,7 @@ def _compare_indexes(
                 shown = ", ".join(f"{c} {have.get(c)!r} (chain: {want.get(c)!r})" for c in differ)
                 problems.append(f"consent_state: {subject} / {purpose}: stored {shown}")
     problems.extend(_check_job_subjects(connection))
+    problems.extend(_check_merkle_nodes(store, connection))
     last = connection.exec_driver_sql("SELECT coalesce(max(seq), 0) FROM ledger_events").scalar()
     return IndexCheck(int(last or 0), len(expected_index), len(expected_consent), tuple(problems))
 
@@ -2251,6 +2698,96 @@ def _check_job_subjects(connection: Connection) -> list[str]:
         problems.append(f"job_subjects: job {job_id} dataset {dataset} holds {len(subjects)} "
                         f"subjects that do not match the manifest of event {seq} ({count} "
                         "subjects); job_subjects cannot be rebuilt from the chain")
+    return problems
+
+
+def _stream(store: LedgerStore, connection: Connection, sql: str,
+            params: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    cursor = store.raw_cursor(connection)
+    try:
+        cursor.execute(sql.replace("?", store.placeholder), params)
+        while rows := cursor.fetchmany(_VERIFY_BATCH_ROWS):
+            yield from rows
+    finally:
+        cursor.close()
+
+
+def _check_merkle_nodes(store: LedgerStore, connection: Connection,
+                        limit: int = 20) -> list[str]:
+    """Every stored Merkle node against what it stands for: a leaf node against its event's
+    hash, an interior node against its two stored children (so, by induction, against the
+    events). Streams the tree level by level; memory does not grow with the ledger."""
+    problems: list[str] = []
+
+    def bad(level: int, index: int, why: str) -> bool:
+        problems.append(f"merkle_nodes (level {level}, index {index}) {why}")
+        return len(problems) >= limit
+
+    def node(level: int, index: int, value: Any) -> bytes | None:
+        try:
+            return _node_bytes(level, index, value)
+        except ProofError as exc:
+            problems.append(str(exc).replace(" (altered outside fedpact)", ""))
+            return None
+
+    levels = [int(v) for (v,) in _stream(
+        store, connection, "SELECT DISTINCT level FROM merkle_nodes ORDER BY level")]
+    if 0 in levels:
+        events = _stream(store, connection, "SELECT seq, hash FROM ledger_events ORDER BY seq")
+        current = next(events, None)
+        for index, value in _stream(store, connection,
+                                    "SELECT idx, hash FROM merkle_nodes WHERE level = 0 "
+                                    "ORDER BY idx"):
+            while current is not None and current[0] < index + 1:
+                current = next(events, None)
+            stored = node(0, index, value)
+            if stored is None:
+                if len(problems) >= limit:
+                    return problems
+                continue
+            if current is None or current[0] != index + 1:
+                if bad(0, index, f"stands for event {index + 1}, which the ledger does not hold"):
+                    return problems
+                continue
+            try:
+                expected = leaf_hash(bytes.fromhex(current[1]))
+            except (TypeError, ValueError):
+                expected = None
+            if stored != expected and bad(
+                    0, index, f"differs from the leaf hash of event {index + 1} (altered)"):
+                return problems
+    for level in levels:
+        if level == 0:
+            continue
+        children = _stream(store, connection, "SELECT idx, hash FROM merkle_nodes WHERE "
+                           "level = ? ORDER BY idx", (level - 1,))
+        child = next(children, None)
+        for index, value in _stream(store, connection, "SELECT idx, hash FROM merkle_nodes "
+                                    "WHERE level = ? ORDER BY idx", (level,)):
+            pair: dict[int, Any] = {}
+            while child is not None and child[0] <= 2 * index + 1:
+                if child[0] >= 2 * index:
+                    pair[int(child[0])] = child[1]
+                child = next(children, None)
+            stored = node(level, index, value)
+            if stored is None:
+                if len(problems) >= limit:
+                    return problems
+                continue
+            left, right = pair.get(2 * index), pair.get(2 * index + 1)
+            if left is None or right is None:
+                if bad(level, index, f"has no children stored at level {level - 1}"):
+                    return problems
+                continue
+            try:
+                expected = node_hash(_node_bytes(level - 1, 2 * index, left),
+                                     _node_bytes(level - 1, 2 * index + 1, right))
+            except ProofError:
+                continue  # the child itself is reported on its own level
+            if stored != expected and bad(
+                    level, index, f"differs from the hash of its children (altered); it stands "
+                    f"for events {(index << level) + 1}..{(index + 1) << level}"):
+                return problems
     return problems
 
 

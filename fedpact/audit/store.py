@@ -9,8 +9,14 @@ The tables (created and upgraded by the alembic migrations in `audit/migrations/
 - `ledger_keys` — verifier keys that have signed checkpoints; `ledger_meta` — the log's identity;
 - `event_index`, `consent_state` — indexes derived from events in the same transaction that
   appends them (queries by subject, partner, dataset, purpose, channel; current consent);
+- `writer_macs` — one HMAC-SHA-256 tag per event (keyed by event id) under the writer key kept
+  beside the ledger (never in the database): who wrote each event; append-only;
 - `subject_keys`, `job_subjects` — wrapped per-subject data keys (crypto-shredding) and which
   subjects' rows each job used. These two are not part of the chain: erasure destroys keys here.
+
+`ledger_meta` also records from which seq event ids are bound to their records
+(`ids_bound_from`, revision 0003; earlier events keep the random ids they were written with) and
+how subject ids are normalised before pseudonymisation (`subject_id_rule`).
 
 Drivers differ only in how a writer takes the log's write lock, how append-only is enforced and
 the SQL that rebuilds an event's hashed bytes for fast verification.
@@ -48,7 +54,7 @@ from sqlalchemy.pool import StaticPool
 
 from fedpact.audit.events import LedgerError
 
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 """The alembic revision this code expects; older databases are upgraded on open."""
 
 _BEGIN_MODE_OPTION = "fedpact_ledger_begin"
@@ -157,7 +163,30 @@ job_subjects = Table(
     sqlite_with_rowid=False,
 )
 
-APPEND_ONLY_TABLES = ("ledger_events", "merkle_nodes", "ledger_checkpoints")
+writer_macs = Table(  # keyed by event id (time-ordered, derived from the record), not by seq:
+    "writer_macs",      # a tag survives the removal of its event without blocking the seq
+    metadata,
+    Column("event_id", Text, primary_key=True),
+    Column("mac", LargeBinary, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+APPEND_ONLY_TABLES = ("ledger_events", "merkle_nodes", "ledger_checkpoints", "writer_macs")
+
+IDS_BOUND_FROM = "ids_bound_from"
+"""ledger_meta key: the first seq whose event id is derived from its record (revision 0003)."""
+SUBJECT_ID_RULE = "subject_id_rule"
+"""ledger_meta key: how subject ids are normalised before they are pseudonymised."""
+LEGACY_ID_RULE = "nfc/1"
+"""Ledgers that pseudonymised subjects before revision 0003 keep NFC, trimmed, case-sensitive."""
+DEFAULT_ID_RULE = "nfkc-casefold/1"
+"""New ledgers: NFKC, invisible characters removed, spaces trimmed and collapsed, case folded."""
+
+_TYPES_OK_SQLITE = (
+    "typeof(e.actor) = 'text' AND typeof(e.event_type) = 'text' AND typeof(e.timestamp) = 'text' "
+    "AND typeof(e.payload) = 'text' AND typeof(e.prev_hash) = 'text' AND typeof(e.hash) = 'text' "
+    "AND typeof(e.event_id) = 'text' AND typeof(e.job_id) IN ('text', 'null')"
+)
 
 
 def is_lock_contention(exc: BaseException) -> bool:
@@ -200,12 +229,17 @@ class LedgerStore:
             self.engine.dispose()
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[Connection]:
-        """A connection in a read transaction (a consistent snapshot on both drivers)."""
+    def read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        """A connection in a read transaction. SQLite (WAL) reads one snapshot per transaction;
+        PostgreSQL does so with `snapshot=True` (REPEATABLE READ), for several statements that
+        must see the same database (a proof and the rows it proves)."""
         if self.closed:
             raise LedgerError("the ledger is closed")
-        with self._guard, self.engine.connect() as connection, connection.begin():
-            yield connection
+        with self._guard, self.engine.connect() as connection:
+            if snapshot and self.dialect == "postgresql":
+                connection.execution_options(isolation_level="REPEATABLE READ")
+            with connection.begin():
+                yield connection
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -232,7 +266,15 @@ class LedgerStore:
         """SQL selecting seq, prev_hash, hash and the event's canonical record text, from `:after`."""
         raise NotImplementedError
 
-    def install_append_only_guards(self, connection: Connection) -> None:
+    def verify_rows_sql(self, *, bounded: bool = False) -> str:
+        """SQL selecting, from `seq > ?` (and `<= ?` when `bounded`) in seq order: seq, prev_hash,
+        hash, the canonical record text (NULL when a column holds a value of the wrong type),
+        event_id, timestamp and the event's writer MAC (NULL without one)."""
+        raise NotImplementedError
+
+    def install_append_only_guards(
+        self, connection: Connection, tables: Sequence[str] = APPEND_ONLY_TABLES
+    ) -> None:
         raise NotImplementedError
 
     def insert_ignore(self, connection: Connection, table: Table, rows: Sequence[dict]) -> None:
@@ -337,8 +379,27 @@ class SQLiteStore(LedgerStore):
             "FROM ledger_events WHERE seq > ? ORDER BY seq"
         )
 
-    def install_append_only_guards(self, connection: Connection) -> None:
-        for table in APPEND_ONLY_TABLES:
+    def verify_rows_sql(self, *, bounded: bool = False) -> str:
+        def q(column: str) -> str:
+            return f"json_quote(e.{column})"
+
+        upper = " AND e.seq <= ?" if bounded else ""
+        return (
+            "SELECT e.seq, e.prev_hash, e.hash, "
+            f"CASE WHEN {_TYPES_OK_SQLITE} THEN "
+            f"""'{{"actor":' || {q('actor')} || ',"event_type":' || {q('event_type')} || """
+            f"""',"job_id":' || {q('job_id')} || ',"payload":' || e.payload || """
+            f"""',"prev_hash":' || {q('prev_hash')} || ',"seq":' || e.seq || """
+            f"""',"timestamp":' || {q('timestamp')} || '}}' END, """
+            "e.event_id, e.timestamp, m.mac "
+            "FROM ledger_events e LEFT JOIN writer_macs m ON m.event_id = e.event_id "
+            f"WHERE e.seq > ?{upper} ORDER BY e.seq"
+        )
+
+    def install_append_only_guards(
+        self, connection: Connection, tables: Sequence[str] = APPEND_ONLY_TABLES
+    ) -> None:
+        for table in tables:
             for action in ("UPDATE", "DELETE"):
                 connection.exec_driver_sql(
                     f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action.lower()} "
@@ -420,6 +481,22 @@ class PostgresStore(LedgerStore):
             "FROM ledger_events WHERE seq > %s ORDER BY seq"
         )
 
+    def verify_rows_sql(self, *, bounded: bool = False) -> str:
+        def q(column: str) -> str:
+            return f"coalesce(to_json(e.{column})::text, 'null')"
+
+        upper = " AND e.seq <= %s" if bounded else ""
+        return (
+            "SELECT e.seq, e.prev_hash, e.hash, "
+            f"""'{{"actor":' || {q('actor')} || ',"event_type":' || {q('event_type')} || """
+            f"""',"job_id":' || {q('job_id')} || ',"payload":' || e.payload || """
+            f"""',"prev_hash":' || {q('prev_hash')} || ',"seq":' || e.seq::text || """
+            f"""',"timestamp":' || {q('timestamp')} || '}}', """
+            "e.event_id, e.timestamp, m.mac "
+            "FROM ledger_events e LEFT JOIN writer_macs m ON m.event_id = e.event_id "
+            f"WHERE e.seq > %s{upper} ORDER BY e.seq"
+        )
+
     def raw_cursor(self, connection: Connection) -> Any:
         import uuid
 
@@ -438,13 +515,15 @@ class PostgresStore(LedgerStore):
         finally:
             cursor.close()
 
-    def install_append_only_guards(self, connection: Connection) -> None:
+    def install_append_only_guards(
+        self, connection: Connection, tables: Sequence[str] = APPEND_ONLY_TABLES
+    ) -> None:
         connection.exec_driver_sql(
             "CREATE OR REPLACE FUNCTION fedpact_append_only() RETURNS trigger AS $$ BEGIN "
             "RAISE EXCEPTION '%% is append-only: %% refused', TG_TABLE_NAME, TG_OP; END; "
             "$$ LANGUAGE plpgsql"
         )
-        for table in APPEND_ONLY_TABLES:
+        for table in tables:
             connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
             connection.exec_driver_sql(
                 f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE "
@@ -505,9 +584,11 @@ def migrate(store: LedgerStore) -> str | None:
             connection.exec_driver_sql(
                 f"INSERT INTO alembic_version (version_num) VALUES ('{SCHEMA_HEAD}')"
             )
-            connection.execute(
-                ledger_meta.insert().values(key="ledger_id", value=uuid.uuid4().hex)
-            )
+            connection.execute(ledger_meta.insert(), [
+                {"key": "ledger_id", "value": uuid.uuid4().hex},
+                {"key": IDS_BOUND_FROM, "value": "1"},
+                {"key": SUBJECT_ID_RULE, "value": DEFAULT_ID_RULE},
+            ])
             return None
         before = _schema_version_in(connection)
         if before == SCHEMA_HEAD:  # another opener upgraded it meanwhile

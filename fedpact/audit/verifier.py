@@ -6,8 +6,11 @@ Three checks, none trusting the machine that produced the ledger:
   recomputes from its fields, and its audit path leads to the root of a checkpoint the key signed;
 - `verify_consistency_bundle`: a newer signed checkpoint extends an older one (nothing rewritten);
 - `verify_database`: a copy of the whole ledger database — chain, Merkle roots and signatures,
-  and, given a signed checkpoint kept from earlier (`kept=`), that the log still extends it (a log
-  truncated together with its checkpoint rows, or rewritten, passes every other check).
+  event ids (bound to their records from the seq the signed checkpoints state), and, given a
+  signed checkpoint kept from earlier (`kept=`), that the log still extends it (a log truncated
+  together with its checkpoint rows, or rewritten, passes every other check). The per-event
+  writer tags are a MAC: only the writer key's holder checks them (`Ledger.verify`); the ledger
+  never signs a checkpoint over an event whose tag does not verify.
 
 Command line: `python -m fedpact.audit.verifier --public-key ledger.db.pub BUNDLE.json|DB-URL
 [--checkpoint KEPT]`. KEPT is a signed note (`fedpact audit checkpoint --out`) or a bundle that
@@ -29,7 +32,7 @@ from typing import Any
 from sqlalchemy import make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedpact.audit.chain import ChainVerification, event_hash
+from fedpact.audit.chain import ChainVerification, event_hash, event_id_for
 from fedpact.audit.checkpoint import Checkpoint, CheckpointError, VerifierKey, open_checkpoint
 from fedpact.audit.events import LedgerError
 from fedpact.audit.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
@@ -96,6 +99,14 @@ def verify_inclusion_bundle(
     if index != seq - 1:
         raise ProofError(f"event {seq} must be leaf {seq - 1}, bundle says leaf {index}")
     checkpoint, key = _open(note, keys)
+    bound = checkpoint.ids_bound_from
+    if bound is not None and seq >= bound:
+        expected = event_id_for(event["timestamp"], recomputed)
+        if event.get("event_id") != expected:
+            raise ProofError(
+                f"event {seq}: its event_id {event.get('event_id')!r} is not the id its record "
+                f"gives ({expected}): the bundle names the event by another event's id"
+            )
     if checkpoint.tree_size != size:
         raise ProofError(f"bundle claims tree size {size}, the signed checkpoint says {checkpoint.tree_size}")
     proof = _decode_hashes(bundle.get("inclusion_proof"), "inclusion_proof")
@@ -153,7 +164,13 @@ def verify_database(
     `kept`: a signed checkpoint note kept from earlier; the log must still extend it.
     """
     from fedpact.audit.ledger import check_kept_checkpoint, check_readable, verify_log
-    from fedpact.audit.store import check_schema, ledger_checkpoints, ledger_meta, open_store
+    from fedpact.audit.store import (
+        IDS_BOUND_FROM,
+        check_schema,
+        ledger_checkpoints,
+        ledger_meta,
+        open_store,
+    )
 
     try:
         parsed = make_url(url)
@@ -174,9 +191,13 @@ def verify_database(
                     ledger_checkpoints.c.tree_size
                 )
             ).all()
+            bound = connection.execute(
+                select(ledger_meta.c.value).where(ledger_meta.c.key == IDS_BOUND_FROM)
+            ).scalar()
             log_origin = f"fedpact-audit/{origin}" if origin else None
             verdict = verify_log(
                 store, connection, [(int(s), n) for s, n in rows], keys, origin=log_origin,
+                ids_from=int(bound) if bound is not None and str(bound).isdigit() else None,
             )
             if kept is None or not verdict.ok:
                 return verdict

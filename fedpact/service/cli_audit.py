@@ -204,12 +204,14 @@ def _emit(text: str, out: Path | None) -> None:
         output.write(text)
 
 
-def _verification_line(result) -> str:
+def _verification_line(result, *, kept: bool = False) -> str:
     if result.ok:
         return (f"[green]✓ chain verified[/green]: {result.events_checked} events, head "
                 f"{result.head_hash[:16]}… — {result.reason}")
     if result.first_bad_seq is None:
-        return f"[red]✗ ledger does not match the kept checkpoint[/red]: {result.reason}"
+        if kept and result.reason.startswith(("truncated", "rewritten", "the kept checkpoint")):
+            return f"[red]✗ ledger does not match the kept checkpoint[/red]: {result.reason}"
+        return f"[red]✗ ledger does not verify[/red]: {result.reason}"
     return f"[red]✗ chain broken[/red] at event {result.first_bad_seq}: {result.reason}"
 
 
@@ -219,7 +221,8 @@ def verify(
     db: DbOption = None,
     public_key: Annotated[Path | None, typer.Option(
         help="Verifier key file (one key per line) obtained independently; default: the "
-             "ledger's own .pub file.")] = None,
+             "ledger's own .pub file (never keys recorded in the database; without a .pub file "
+             "pass this or --checkpoint).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint",
         help="A signed checkpoint kept from earlier (`fedpact audit checkpoint --out`, or a "
@@ -246,7 +249,7 @@ def verify(
         _fail(exc)
     index_check = None
     with _ledger(home, db, read_only=True) as ledger:
-        result = ledger.verify(public_keys=keys)
+        result = ledger.verify(public_keys=keys, kept_note=kept)
         if kept is not None and result.ok:
             result = ledger.verify_against_checkpoint(kept, keys, verdict=result)
         if indexes and result.ok:
@@ -257,7 +260,8 @@ def verify(
             verdict["indexes"] = {"ok": index_check.ok, "problems": list(index_check.problems)}
         sys.stdout.write(json.dumps(verdict) + "\n")
     else:
-        console.print(_verification_line(result), highlight=False)
+        console.print(_verification_line(result, kept=kept is not None), highlight=False,
+                      soft_wrap=True)
         if index_check is not None:
             if index_check.ok:
                 console.print(f"[green]✓ indexes match the chain[/green]: {index_check.summary()}",
@@ -320,6 +324,10 @@ def prove(
             bundle = ledger.prove(ref)
             keys = ledger.trusted_keys()
             pub = ledger.key_path("pub")
+        if not keys:
+            _fail(LedgerError(f"no public key file at {pub}: the proof cannot be checked before "
+                              "it is handed out (keys recorded in the database are never used)"),
+                  code=1)
         try:
             verify_inclusion_bundle(bundle, keys)  # never hand out a proof that does not check
         except LedgerError as exc:
@@ -362,16 +370,19 @@ def reindex(home: HomeOption = ".fedpact", db: DbOption = None) -> None:
     The chain is re-checked as it is read (a broken chain is refused). job_subjects is not in
     the chain (only its manifest hashes are): it is checked and reported, never rebuilt.
     """
+    from fedpact.audit.ledger import UNREPAIRABLE
+
     with _ledger(home, db) as ledger, console.status("rebuilding the indexes from the chain…"):
         report = ledger.rebuild_indexes(actor="cli")
-    left = [p for p in report.problems if p.startswith("job_subjects")]
+    left = [p for p in report.problems if p.startswith(UNREPAIRABLE)]
     fixed = len(report.problems) - len(left)
     console.print(f"reindexed {report.events} events: {report.index_rows} event_index rows, "
                   f"{report.consent_rows} consent_state rows; {fixed} differences repaired")
     for problem in left:
         console.print(f"[red]✗[/red] {problem}", highlight=False)
     if left:
-        console.print("job_subjects cannot be rebuilt from the chain: restore it from a backup")
+        console.print("job_subjects and merkle_nodes cannot be rebuilt from the chain: restore "
+                      "them from a backup")
         raise typer.Exit(1)
 
 

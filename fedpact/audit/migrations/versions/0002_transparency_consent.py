@@ -98,7 +98,8 @@ def upgrade() -> None:
     )
     store = context.config.attributes.get("store")
     if store is not None:  # append-only triggers, in the dialect's own SQL
-        store.install_append_only_guards(op.get_bind())
+        store.install_append_only_guards(
+            op.get_bind(), ("ledger_events", "merkle_nodes", "ledger_checkpoints"))
 
 
 def downgrade() -> None:
