@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from fedpact.audit.events import EventType, LedgerError, parse_timestamp, validate_payload
 from fedpact.audit.ledger import CONSENT_STATUS, Ledger, LedgerEvent, _consent_row, utc_iso
+from fedpact.audit.normalise import clean_text, purpose_key
 from fedpact.audit.store import consent_state, job_subjects
 from fedpact.audit.subjects import SubjectKeys
 
@@ -91,9 +92,19 @@ class RowError:
         return f"line {self.line}, {self.field}: {self.message}"
 
 
+@dataclass(frozen=True)
+class Withdrawal(LedgerEvent):
+    """A recorded withdrawal, with `warnings` when it names no consent the registry knows (a
+    mistyped id or purpose would otherwise apply to nobody, silently). It is recorded anyway: a
+    withdrawal is never refused."""
+
+    warnings: tuple[str, ...] = ()
+
+
 @dataclass
 class ImportReport:
-    """Outcome of a consent CSV import: good rows were recorded together, bad ones listed."""
+    """Outcome of a consent CSV import: good rows were recorded together, bad ones listed, and
+    withdrawals that name no known consent listed as warnings (recorded all the same)."""
 
     source: str
     rows_read: int = 0
@@ -102,6 +113,7 @@ class ImportReport:
     errors: list[RowError] = field(default_factory=list)
     first_seq: int | None = None
     last_seq: int | None = None
+    warnings: list[RowError] = field(default_factory=list)
 
     @property
     def imported(self) -> int:
@@ -117,6 +129,9 @@ class ImportReport:
             f"({self.granted} grants, {self.withdrawn} withdrawals), {len(self.errors)} rejected"
         ]
         lines += [f"  - {error}" for error in self.errors]
+        if self.warnings:
+            lines.append(f"{len(self.warnings)} warnings (recorded all the same):")
+            lines += [f"  - {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -154,7 +169,7 @@ class ConsentRegistry:
             )
         return {
             "subject": self.pseudonym(subject_id),
-            "purpose": _text(purpose, "purpose"),
+            "purpose": _purpose(purpose),
             "channel": _text(channel, "channel"),
             "legal_basis": _text(legal_basis, "legal_basis"),
             "notice_version": _text(notice_version, "notice_version"),
@@ -171,7 +186,7 @@ class ConsentRegistry:
         when = _as_datetime(at, "timestamp") if at is not None else datetime.now(UTC)
         return {
             "subject": self.pseudonym(subject_id),
-            "purpose": _text(purpose, "purpose"),
+            "purpose": _purpose(purpose),
             "channel": _text(channel, "channel"),
             "source": _text(source, "source"),
             "timestamp": when.isoformat(),
@@ -277,9 +292,49 @@ class ConsentRegistry:
         at: datetime | str | None = None,
         actor: str | None = None,
     ) -> LedgerEvent:
-        """Record that `subject_id` withdrew consent for `purpose`: one call, like granting."""
+        """Record that `subject_id` withdrew consent for `purpose`: one call, like granting.
+
+        The id and purpose are normalised as for grants and checks; the withdrawal is recorded
+        under the spelling of the consent it withdraws. If the registry knows no consent of this
+        subject for this purpose, it is recorded all the same and the result's `warnings` say so.
+        """
         payload = self._withdraw_payload(subject_id, purpose, channel=channel, source=source, at=at)
-        return self.ledger.append(EventType.CONSENT_WITHDRAWN, payload, actor=actor or self.actor)
+        warnings = self._resolve_withdrawals([payload])
+        event = self.ledger.append(EventType.CONSENT_WITHDRAWN, payload, actor=actor or self.actor)
+        return Withdrawal(**event.__dict__, warnings=tuple(warnings[0]))
+
+    def _resolve_withdrawals(self, payloads: Sequence[dict[str, Any]]) -> list[list[str]]:
+        """For each withdrawal payload: adopt the purpose spelling of the consent it withdraws,
+        and the warnings when it names none the registry knows (a tampered chain only warns:
+        a withdrawal is never refused)."""
+        try:
+            state = self._proven({p["subject"] for p in payloads})
+        except LedgerError as exc:
+            return [[f"could not check which consent this withdrawal withdraws ({exc})"]
+                    for _ in payloads]
+        by_subject: dict[str, dict[str, ConsentRecord]] = {}
+        for (subject, key), record in state.items():
+            by_subject.setdefault(subject, {})[key] = record
+        found: list[list[str]] = []
+        for payload in payloads:
+            known = by_subject.get(payload["subject"], {})
+            record = known.get(purpose_key(payload["purpose"]))
+            if record is not None:
+                payload["purpose"] = record.purpose
+                found.append([])
+            elif known:
+                found.append([
+                    f"withdrawal of purpose {payload['purpose']!r} for subject "
+                    f"{payload['subject']}: no consent of this subject for this purpose is known "
+                    f"(its purposes: {', '.join(sorted(r.purpose for r in known.values()))}); "
+                    "recorded anyway: check the purpose"])
+            else:
+                found.append([
+                    f"withdrawal of purpose {payload['purpose']!r} for subject "
+                    f"{payload['subject']}: no consent at all is known for this subject (ids are "
+                    f"compared under the rule {self.subjects.id_rule}: "
+                    f"{_RULE_WORDS.get(self.subjects.id_rule, '')}); recorded anyway: check the id"])
+        return found
 
     def expire_due(self, at: datetime | None = None, *, actor: str | None = None) -> list[LedgerEvent]:
         """Write `consent.expired` for every grant whose expiry has passed, so the ledger shows it."""
@@ -307,10 +362,10 @@ class ConsentRegistry:
                 row = _consent_row(CONSENT_STATUS[kind], payload, seq)
             except (KeyError, TypeError, ValueError) as exc:
                 raise LedgerError(f"event {seq} ({kind}) lacks a valid consent field: {exc}") from None
-            key = (row["subject"], row["purpose"])
+            key = (row["subject"], row["purpose"])  # the purpose's key
             held = state.get(key)
             if held is None or row["effective_at"] >= held.effective_at:
-                state[key] = ConsentRecord(**row)
+                state[key] = ConsentRecord(**{**row, "purpose": payload["purpose"]})
         self._compare_with_index(state, subjects)
         return state
 
@@ -359,8 +414,9 @@ class ConsentRegistry:
     def current(self, subject_id: Any, purpose: str | None = None) -> list[ConsentRecord]:
         """The current consent records of one subject (all purposes, or one), from the chain."""
         subject = self.pseudonym(subject_id)
+        wanted = None if purpose is None else purpose_key(purpose)
         records = [r for (_, p), r in self._proven({subject}).items()
-                   if purpose is None or p == purpose]
+                   if wanted is None or p == wanted]
         return sorted(records, key=lambda r: r.purpose)
 
     def allowed(
@@ -371,8 +427,9 @@ class ConsentRegistry:
         when = (at or datetime.now(UTC)).astimezone(UTC)
         pseudonyms = self.subjects.pseudonyms(subject_ids)
         state = self._proven(set(pseudonyms))
+        wanted = purpose_key(purpose)
         valid = {subject for (subject, p), record in state.items()
-                 if p == purpose and record.valid_at(when)}
+                 if p == wanted and record.valid_at(when)}
         return np.fromiter((p in valid for p in pseudonyms), dtype=bool, count=len(pseudonyms))
 
     # --- enforcement records ------------------------------------------------------------------
@@ -478,15 +535,37 @@ class ConsentRegistry:
         # 1. check every row completely (fields, times, the payload the ledger will validate)
         #    before anything is written: a bad row must not leave a data key behind
         checked: list[_CheckedRow] = []
+        lines: list[int] = []
         for line, raw in rows:
             report.rows_read += 1
             row = {name: (raw.get(column) or "").strip() for name, column in columns.items()}
             try:
                 checked.append(self._check_row(row, raw, path, assume_utc=assume_utc))
+                lines.append(line)
             except _RowProblem as problem:
                 report.errors.append(RowError(line, problem.field, problem.message))
             except LedgerError as exc:
                 report.errors.append(RowError(line, "row", str(exc)))
+        # withdrawals: under the spelling of the consent they withdraw (known to the registry or
+        # granted earlier in this file); those naming none are listed as warnings
+        withdrawals = [(line, good) for line, good in zip(lines, checked, strict=True)
+                       if good.kind is EventType.CONSENT_WITHDRAWN]
+        if withdrawals:
+            in_file: dict[tuple[str, str], str] = {}
+            for good in checked:
+                if good.kind is EventType.CONSENT_GRANTED:
+                    key = (good.payload["subject"], purpose_key(good.payload["purpose"]))
+                    in_file.setdefault(key, good.payload["purpose"])
+            unresolved = []
+            for line, good in withdrawals:
+                spelled = in_file.get((good.payload["subject"], purpose_key(good.payload["purpose"])))
+                if spelled is not None:
+                    good.payload["purpose"] = spelled
+                else:
+                    unresolved.append((line, good))
+            notes = self._resolve_withdrawals([good.payload for _, good in unresolved])
+            for (line, _good), warnings in zip(unresolved, notes, strict=True):
+                report.warnings += [RowError(line, "subject_id", w) for w in warnings]
         # 2. the data keys of the good rows only, in one transaction
         self.subjects.ensure_keys(
             (good.payload["subject"], SubjectKeys.key_id(CONSENT_RETENTION_CLASS, good.when))
@@ -559,6 +638,13 @@ class _CheckedRow:
     when: datetime
 
 
+_RULE_WORDS = {
+    "nfkc-casefold/1": "NFKC, invisible characters and extra spaces removed, case folded, "
+                       "leading zeros kept",
+    "nfkc/1": "NFKC, invisible characters and extra spaces removed, case kept",
+    "nfc/1": "NFC, trimmed, case kept",
+}
+
 _SEALED_PLACEHOLDER = {"v": 1, "key": "consent:0000-00", "nonce": "", "ct": ""}
 """Stands in for the envelope while a row is checked, before any data key exists."""
 
@@ -610,10 +696,20 @@ def _as_datetime(value: datetime | str, name: str) -> datetime:
     return parse_timestamp(value, name)
 
 
+def _purpose(value: Any) -> str:
+    """A purpose as it is recorded: NFKC, invisible characters removed, spaces collapsed (it is
+    compared by `purpose_key`)."""
+    text = clean_text(value) if isinstance(value, str) else value
+    if not isinstance(text, str) or not purpose_key(text):
+        raise LedgerError(f"purpose must be non-empty text, got {value!r}")
+    return text
+
+
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise LedgerError(f"{name} must be non-empty text, got {value!r}")
     return value.strip()
 
 
-__all__ = ["ConsentRecord", "ConsentRegistry", "ImportReport", "RowError", "utc_iso"]
+__all__ = ["ConsentRecord", "ConsentRegistry", "ImportReport", "RowError", "Withdrawal",
+           "utc_iso"]

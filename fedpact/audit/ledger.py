@@ -76,6 +76,7 @@ from fedpact.audit.merkle import (
     root_hash,
     verify_consistency,
 )
+from fedpact.audit.normalise import purpose_key
 from fedpact.audit.store import (
     IDS_BOUND_FROM,
     INDEXES_PENDING,
@@ -1785,10 +1786,12 @@ def _checkpoint_info(row: Any) -> SignedCheckpointInfo:
 
 
 def _consent_row(status: str, payload: Mapping[str, Any], seq: int) -> dict[str, Any]:
+    """The `consent_state` row an event gives; its purpose is the purpose's key
+    (`normalise.purpose_key`), so spellings of one purpose share one row."""
     expires = payload.get("expires_at") if status == "granted" else None
     return {
         "subject": payload["subject"],
-        "purpose": payload["purpose"],
+        "purpose": purpose_key(payload["purpose"]),
         "status": status,
         "channel": payload.get("channel"),
         "legal_basis": payload.get("legal_basis"),

@@ -53,6 +53,9 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from fedpact.audit.events import LedgerError
+from fedpact.audit.normalise import DEFAULT_ID_RULE, LEGACY_ID_RULE
+
+__all__ = ["DEFAULT_ID_RULE", "LEGACY_ID_RULE"]  # re-exported for the migrations
 
 SCHEMA_HEAD = "0003"
 """The alembic revision this code expects; older databases are upgraded on open."""
@@ -177,10 +180,6 @@ IDS_BOUND_FROM = "ids_bound_from"
 """ledger_meta key: the first seq whose event id is derived from its record (revision 0003)."""
 SUBJECT_ID_RULE = "subject_id_rule"
 """ledger_meta key: how subject ids are normalised before they are pseudonymised."""
-LEGACY_ID_RULE = "nfc/1"
-"""Ledgers that pseudonymised subjects before revision 0003 keep NFC, trimmed, case-sensitive."""
-DEFAULT_ID_RULE = "nfkc-casefold/1"
-"""New ledgers: NFKC, invisible characters removed, spaces trimmed and collapsed, case folded."""
 
 _TYPES_OK_SQLITE = (
     "typeof(e.actor) = 'text' AND typeof(e.event_type) = 'text' AND typeof(e.timestamp) = 'text' "

@@ -1,7 +1,9 @@
 """Data subjects in the ledger: pseudonyms, and personal fields encrypted per subject (crypto-shredding).
 
 A subject's raw id never reaches the ledger. Events name the subject by a pseudonym, a keyed hash
-(HMAC-SHA-256) of the id under the deployment secret kept beside the ledger. Personal fields an
+(HMAC-SHA-256) of the id under the deployment secret kept beside the ledger, taken after the id is
+normalised by the rule the registry declares (`normalise.py`: by default NFKC, invisible
+characters removed, spaces trimmed, case folded), so spellings of one id give one pseudonym. Personal fields an
 event must keep (the raw id itself, contact details) travel in its `personal` envelope, AES-256-GCM
 encrypted under a data key of that subject. Each subject has one data key per retention class and
 month, so retention can shred old months and erasure shreds them all; the chain, which hashes only
@@ -33,7 +35,8 @@ from sqlalchemy import select, update
 
 from fedpact.audit.chain import canonical_json
 from fedpact.audit.events import PSEUDONYM, LedgerError
-from fedpact.audit.store import ledger_meta, subject_keys
+from fedpact.audit.normalise import DEFAULT_ID_RULE, id_rule
+from fedpact.audit.store import SUBJECT_ID_RULE, ledger_meta, subject_keys
 
 if TYPE_CHECKING:
     from fedpact.audit.ledger import Ledger
@@ -79,6 +82,13 @@ class SubjectKeys:
         secret = ledger.deployment_secret()
         self._pseudonym_key = _derive(secret, b"fedpact/audit/pseudonym/v1")
         self._wrapping = AESGCM(_derive(secret, b"fedpact/audit/key-wrap/v1"))
+        with ledger.store.read() as connection:
+            declared = connection.execute(
+                select(ledger_meta.c.value).where(ledger_meta.c.key == SUBJECT_ID_RULE)
+            ).scalar()
+        self.id_rule: str = declared or DEFAULT_ID_RULE
+        """How ids are normalised before they are pseudonymised (see `normalise.py`)."""
+        self._match = id_rule(self.id_rule)
         self._cache: dict[tuple[str, str], bytes] = {}
         self._epoch: str | None = None
         self._local_epoch = -1
@@ -112,7 +122,8 @@ class SubjectKeys:
 
     @staticmethod
     def normalise(subject_id: Any) -> str:
-        """The canonical text of a raw id: NFC, surrounding spaces removed; refuses empty ids."""
+        """The id as the subject gave it, for their sealed personal fields: NFC, surrounding
+        spaces removed; refuses empty ids. (Pseudonyms are taken of `match_key`.)"""
         if subject_id is None or isinstance(subject_id, bool | float):
             raise LedgerError(f"subject id {subject_id!r} must be text or an integer")
         text = unicodedata.normalize("NFC", str(subject_id)).strip()
@@ -120,23 +131,53 @@ class SubjectKeys:
             raise LedgerError("subject id is empty")
         return text
 
+    def match_key(self, subject_id: Any) -> str:
+        """The text a subject id is pseudonymised as, under this registry's `id_rule`."""
+        if subject_id is None or isinstance(subject_id, bool | float):
+            raise LedgerError(f"subject id {subject_id!r} must be text or an integer")
+        text = self._match(str(subject_id))
+        if not text:
+            raise LedgerError("subject id is empty")
+        return text
+
+    def declare_id_rule(self, rule: str) -> None:
+        """Declare how this registry normalises subject ids (`normalise.ID_RULES`), before any
+        subject is recorded: changing it later would orphan every pseudonym already made."""
+        match = id_rule(rule)
+        store = self.ledger.store
+        with store.write() as connection:
+            used = connection.execute(select(subject_keys.c.subject).limit(1)).first() or (
+                connection.exec_driver_sql(
+                    "SELECT 1 FROM ledger_events WHERE payload LIKE '%\"subject\":\"ps\\_%' "
+                    "ESCAPE '\\' LIMIT 1").first())
+            if used and rule != self.id_rule:
+                raise LedgerError(
+                    f"subjects were already pseudonymised under the id rule {self.id_rule}: it "
+                    "cannot change (their pseudonyms are in the chain)"
+                )
+            connection.execute(ledger_meta.delete().where(ledger_meta.c.key == SUBJECT_ID_RULE))
+            connection.execute(ledger_meta.insert().values(key=SUBJECT_ID_RULE, value=rule))
+        self.id_rule, self._match = rule, match
+
     def pseudonym(self, subject_id: Any) -> str:
-        """`ps_` + the first 128 bits of HMAC-SHA-256(deployment secret, id): stable, not reversible."""
+        """`ps_` + the first 128 bits of HMAC-SHA-256(deployment secret, normalised id): stable,
+        not reversible."""
         if isinstance(subject_id, str) and PSEUDONYM.match(subject_id):
             return subject_id  # already a pseudonym
         digest = hmac.new(
-            self._pseudonym_key, self.normalise(subject_id).encode("utf-8"), sha256
+            self._pseudonym_key, self.match_key(subject_id).encode("utf-8"), sha256
         ).hexdigest()
         return f"ps_{digest[:32]}"
 
     def pseudonyms(self, subject_ids: Iterable[Any]) -> list[str]:
         key = self._pseudonym_key
+        match_key = self.match_key
         out = []
         for subject_id in subject_ids:
             if isinstance(subject_id, str) and PSEUDONYM.match(subject_id):
                 out.append(subject_id)
                 continue
-            text = self.normalise(subject_id)
+            text = match_key(subject_id)
             out.append("ps_" + hmac.new(key, text.encode("utf-8"), sha256).hexdigest()[:32])
         return out
 

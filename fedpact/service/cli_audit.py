@@ -507,7 +507,11 @@ def consent_withdraw(
     with _ledger(home, db, create=True) as ledger:
         event = ConsentRegistry(ledger, actor="cli").withdraw(subject, purpose, channel=channel,
                                                               source=source)
-        console.print(f"consent withdrawn: event {event.seq}, subject {event.payload['subject']}")
+        console.print(f"consent withdrawn: event {event.seq}, subject {event.payload['subject']}, "
+                      f"purpose {event.payload['purpose']}", highlight=False)
+        for warning in event.warnings:
+            err_console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False,
+                              soft_wrap=True)
 
 
 @consent_app.command("expire")
