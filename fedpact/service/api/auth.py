@@ -5,9 +5,16 @@
   shared secrets are sealed with AES-GCM under `HOME/service.key` (readable by the owner only).
 - API tokens: `fpt_<id>_<secret>`; only SHA-256 of the 256-bit secret is stored (a slow KDF
   adds nothing for random secrets of that size); each token expires.
-- Console sessions: a random cookie, stored as its SHA-256; idle for 15 minutes means ended.
+- Console sessions: a random cookie, stored as its SHA-256; idle for 15 minutes means ended,
+  and 12 hours after sign-in a session ends however active it was.
+- Sign-in reveals nothing about accounts: an unknown, disabled or machine user name is checked
+  against a dummy scrypt hash and a locked account's password is still hashed, so every failure
+  takes the same time and gets the same message. `LoginThrottle` holds back an address that
+  keeps failing (token bucket, HTTP 429 with Retry-After).
 
-Every account change, token and sign-in is written to the audit ledger; the secrets never are.
+Every account change, token and sign-in of a known account is written to the audit ledger; the
+secrets never are. Failures naming no known account are counted and written as one event per
+5-minute window (`attempts`), so a flood of guesses cannot fill the ledger.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import hmac
 import os
 import secrets
 import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -35,9 +44,20 @@ SCOPED_ROLES = ("partner_admin", "node")
 """Roles that hold for one partner dataset (their scope); the others hold service-wide."""
 
 IDLE_TIMEOUT_S = 15 * 60
+SESSION_MAX_S = 12 * 3600
+"""A console session ends this long after sign-in, however active (besides the idle timeout)."""
 MAX_TOKEN_DAYS = 366
 LOCKOUT_AFTER = 5
 LOCKOUT_S = 15 * 60
+SIGN_IN_FAILED = ("sign-in failed: wrong user name, password or code (after too many failed "
+                  f"sign-ins an account is locked for {LOCKOUT_S // 60} minutes)")
+"""The one message of every failed sign-in: it does not say whether the account exists, is
+disabled or is locked."""
+UNKNOWN_FAILURE_WINDOW_S = 5 * 60
+LOGIN_BURST = 10
+"""Failed sign-ins one address may make in a row before the throttle holds it back ..."""
+LOGIN_REFILL_S = 30.0
+"""... after which it regains one attempt every this many seconds."""
 USERNAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1  # 128 * r * N = 32 MiB of memory per hash
@@ -65,8 +85,23 @@ def hash_password(password: str) -> str:
                      base64.b64encode(salt).decode(), base64.b64encode(digest).decode()])
 
 
+_DUMMY: list[str] = []
+_DUMMY_LOCK = threading.Lock()
+
+
+def dummy_hash() -> str:
+    """A scrypt hash of a random password (made once per process) with the current parameters:
+    what an unknown user name is checked against, so that it costs as much as a known one."""
+    with _DUMMY_LOCK:
+        if not _DUMMY:
+            _DUMMY.append(hash_password(secrets.token_urlsafe(24)))
+        return _DUMMY[0]
+
+
 def verify_password(password: str, stored: str | None) -> bool:
+    """Check `password` against a stored hash; with none, against `dummy_hash()` (same cost)."""
     if not stored:
+        verify_password(password, dummy_hash())
         return False
     try:
         scheme, n, r, p, salt, digest = stored.split("$")
@@ -234,6 +269,9 @@ class Accounts:
         self.store = store
         self.ledger = ledger
         self.box = SecretBox(store.home / "service.key")
+        self._unknown_lock = threading.Lock()
+        self._unknown_held = 0
+        self._unknown_since: float | None = None
 
     # ---- users and roles
 
@@ -418,24 +456,34 @@ class Accounts:
     # ---- console sign-in and sessions
 
     def login(self, username: str, password: str, code: str) -> tuple[str, Principal]:
-        """Password + TOTP; return (session cookie value, principal). Five failures lock 15 min."""
+        """Password + TOTP; return (session cookie value, principal). Five failures lock 15 min.
+
+        Every failure costs one scrypt (a dummy one for a name that is no person's account, the
+        real one for a locked account) and raises AuthError with the one message
+        `SIGN_IN_FAILED`, so neither time nor words tell whether an account exists or is locked."""
         now = self.store.now()
         try:
             name = _check_username(username)
         except AccountError:
             name = ""
-        failure: tuple[str | None, str, str] | None = None  # (user, ledger detail, message)
-        with self.store.write_lock, self.store.engine.begin() as conn:
+        with self.store.engine.connect() as conn:
             row = conn.execute(select(users).where(users.c.username == name)).first() if name else None
-            if row is None or row.kind != "person" or row.disabled:
-                verify_password(password, None)
-                failure = (None, "unknown or disabled user", "")
+        if row is None or row.kind != "person" or row.disabled:
+            verify_password(password, None)  # a dummy scrypt: as slow as a known account
+            self._unknown_failure(now)
+            raise AuthError(SIGN_IN_FAILED)
+        # The slow hash runs outside the write lock: sign-ins do not queue behind each other.
+        password_ok = verify_password(password, row.password_hash)
+        failure: tuple[str | None, str] | None = None  # (user, ledger detail)
+        with self.store.write_lock, self.store.engine.begin() as conn:
+            row = conn.execute(select(users).where(users.c.id == row.id)).first()
+            if row is None or row.disabled:  # removed or disabled meanwhile
+                failure = (None, "unknown or disabled user")
             elif row.locked_until and row.locked_until > now:
-                failure = (row.username, "locked", f"too many failed sign-ins: try again in "
-                           f"{int((row.locked_until - now) // 60) + 1} minutes")
+                failure = (row.username, "locked")
             else:
                 step = None
-                if verify_password(password, row.password_hash):
+                if password_ok:
                     step = totp_match(self.box.open(row.totp_secret, row.username), code, now,
                                       row.totp_last_step)
                 if step is None:
@@ -443,7 +491,7 @@ class Accounts:
                     conn.execute(update(users).where(users.c.id == row.id).values(
                         failed_logins=failures,
                         locked_until=now + LOCKOUT_S if failures >= LOCKOUT_AFTER else None))
-                    failure = (row.username, "bad password or code", "")
+                    failure = (row.username, "bad password or code")
                 else:
                     conn.execute(update(users).where(users.c.id == row.id).values(
                         failed_logins=0, locked_until=None, totp_last_step=step))
@@ -454,21 +502,48 @@ class Accounts:
                         csrf=csrf, created_at=now, last_seen=now))
                     held = self._grants(conn, row.id)
         if failure is not None:
-            who, detail, message = failure
-            self._login_event(who, "failure", detail)
-            raise AuthError(message or "sign-in failed: wrong user name, password or code")
+            who, detail = failure
+            if who is None:
+                self._unknown_failure(now)
+            else:
+                self._login_event(who, "failure", detail)
+            raise AuthError(SIGN_IN_FAILED)
         self._login_event(row.username, "success", "password+totp")
         return cookie, Principal(row.id, row.username, row.kind, held, via="session", session_csrf=csrf)
 
-    def _login_event(self, username: str | None, outcome: str, detail: str) -> None:
+    def _login_event(self, username: str | None, outcome: str, detail: str,
+                     attempts: int | None = None) -> None:
         # An unknown name is not recorded: it may be a mistyped password or someone's e-mail.
-        self.ledger.append(EventType.LOGIN, {"principal": username or "(unknown)",
-                                             "outcome": outcome, "method": "password+totp",
-                                             "detail": detail},
+        payload = {"principal": username or "(unknown)", "outcome": outcome,
+                   "method": "password+totp", "detail": detail}
+        if attempts is not None:
+            payload["attempts"] = attempts
+            payload["window_s"] = UNKNOWN_FAILURE_WINDOW_S
+        self.ledger.append(EventType.LOGIN, payload,
                            actor=f"user:{username}" if username else "console")
 
+    def _unknown_failure(self, now: float) -> None:
+        """A failure naming no person's account: the first of a 5-minute window is written at
+        once, with the failures held back since the previous one (`attempts`); the rest are
+        counted until the next window (or `flush_unknown_failures`)."""
+        with self._unknown_lock:
+            self._unknown_held += 1
+            if (self._unknown_since is not None
+                    and now - self._unknown_since < UNKNOWN_FAILURE_WINDOW_S):
+                return
+            attempts, self._unknown_held, self._unknown_since = self._unknown_held, 0, now
+        self._login_event(None, "failure", "unknown or disabled user", attempts)
+
+    def flush_unknown_failures(self) -> None:
+        """Write the held-back count of unknown-user failures (at shutdown)."""
+        with self._unknown_lock:
+            attempts, self._unknown_held = self._unknown_held, 0
+        if attempts:
+            self._login_event(None, "failure", "unknown or disabled user", attempts)
+
     def session(self, cookie: str) -> Principal | None:
-        """The principal of a live session (sliding 15-minute idle timeout), else None."""
+        """The principal of a live session (sliding 15-minute idle timeout, and at most 12 hours
+        after sign-in), else None."""
         if not cookie:
             return None
         digest = hashlib.sha256(cookie.encode()).hexdigest()
@@ -481,9 +556,10 @@ class Accounts:
                 return None
             held = self._grants(conn, row.user_id)
         with self.store.write_lock, self.store.engine.begin() as conn:
-            if now - row.last_seen > IDLE_TIMEOUT_S:
+            if now - row.last_seen > IDLE_TIMEOUT_S or now - row.created_at > SESSION_MAX_S:
                 conn.execute(update(sessions).where(sessions.c.session_sha256 == digest)
-                             .values(ended_at=row.last_seen + IDLE_TIMEOUT_S))
+                             .values(ended_at=min(row.last_seen + IDLE_TIMEOUT_S,
+                                                  row.created_at + SESSION_MAX_S)))
                 return None
             conn.execute(update(sessions).where(sessions.c.session_sha256 == digest).values(last_seen=now))
         return Principal(row.user_id, row.username, row.kind, held, via="session", session_csrf=row.csrf)
@@ -494,3 +570,55 @@ class Accounts:
             conn.execute(update(sessions).where(and_(sessions.c.session_sha256 == digest,
                                                      sessions.c.ended_at.is_(None)))
                          .values(ended_at=self.store.now()))
+
+
+# --------------------------------------------------------------------------- sign-in throttle
+
+
+class LoginThrottle:
+    """Per-address token bucket for console sign-ins, in memory: an address may fail `burst`
+    times in a row, then regains one attempt every `refill_s` seconds. An attempt takes a token
+    before the password is checked (parallel guesses cannot overtake the count); a successful
+    sign-in gives it back."""
+
+    def __init__(self, clock: Callable[[], float], *, burst: int = LOGIN_BURST,
+                 refill_s: float = LOGIN_REFILL_S, max_addresses: int = 10_000):
+        if burst < 1 or refill_s <= 0:
+            raise ValueError("LoginThrottle: burst must be at least 1 and refill_s positive")
+        self.clock = clock
+        self.burst = burst
+        self.refill_s = refill_s
+        self.max_addresses = max_addresses
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, at = self._buckets.get(address, (float(self.burst), now))
+        return min(float(self.burst), tokens + max(0.0, now - at) / self.refill_s)
+
+    def take(self, address: str) -> int | None:
+        """Take one attempt for `address`; None if it may go on, else the seconds to wait."""
+        now = self.clock()
+        with self._lock:
+            tokens = self._tokens(address, now)
+            if tokens < 1:
+                self._buckets[address] = (tokens, now)
+                return max(1, int((1 - tokens) * self.refill_s + 0.999))
+            self._buckets[address] = (tokens - 1, now)
+            if len(self._buckets) > self.max_addresses:
+                self._prune(now)
+        return None
+
+    def give_back(self, address: str) -> None:
+        now = self.clock()
+        with self._lock:
+            self._buckets[address] = (min(float(self.burst), self._tokens(address, now) + 1), now)
+
+    def _prune(self, now: float) -> None:
+        # full buckets carry no information; then the longest-quiet addresses go first
+        full = [a for a in self._buckets if self._tokens(a, now) >= self.burst]
+        for a in full:
+            del self._buckets[a]
+        if len(self._buckets) > self.max_addresses:
+            keep = sorted(self._buckets.items(), key=lambda item: item[1][1])[-self.max_addresses // 2:]
+            self._buckets = dict(keep)
