@@ -5,15 +5,22 @@ web console under `/console`. API callers present a bearer token (`fedpact admin
 people use the console with password + TOTP. Every endpoint checks the caller's role and, for
 partner admins and nodes, the partner dataset the role holds for. Errors are JSON
 `{"detail": "..."}` naming the field, role or resource at fault; bad input gives 4xx, never 500.
+
+`RequestGuard` (outermost) authenticates API requests before their body is read (401 whatever
+the body), refuses bodies over `max_body_bytes` (413, counted as they arrive), and adds HSTS to
+responses served securely; a 422 names fields and reasons, never the input.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -30,14 +37,31 @@ from fedpact.audit.records import NO_PRIVACY_GUARANTEE
 from fedpact.errors import FedpactError
 from fedpact.privacy.budget import BudgetError, PrivacyBudgets
 
-from .auth import AccountError, Accounts, AuthError, Principal
+from .auth import AccountError, Accounts, AuthError, LoginThrottle, Principal
 from .datasets import DatasetError, DatasetRegistry
 from .governance import OPEN, GovernanceError, JobBoard, JobRun, JobRunner, JobView, simulated_run
 from .registry import PLOTS, ModelRegistry, RegistryError
-from .schemas import GROUP, PARTNER_DATASET, SLUG, BudgetIn, DatasetIn, DecisionIn, JobRequestIn
+from .schemas import (
+    GROUP,
+    PARTNER_DATASET,
+    SLUG,
+    BudgetIn,
+    DatasetIn,
+    DecisionIn,
+    JobRequestIn,
+    clean_errors,
+    error_summary,
+)
 from .store import ServiceStore, _finite
 
 API = "/api/v1"
+MAX_BODY_BYTES = 1024 * 1024
+"""Default request body limit (`create_app(max_body_bytes=...)`): larger bodies get 413."""
+MAX_SEQ = 2**62
+"""The largest sequence number, log id or model version a request may name (SQLite's INTEGER
+is 64-bit signed)."""
+HSTS = "max-age=31536000"
+_VERSION = re.compile(r"v?[0-9]+")  # fullmatch: ASCII digits, no trailing newline
 
 
 class CoordinatorService:
@@ -56,6 +80,7 @@ class CoordinatorService:
         self.runner = JobRunner(self.board, self._register, run)
         self.start_worker = start_worker
         self.audit_slots = anyio.Semaphore(AUDIT_QUERY_SLOTS)
+        self.login_throttle = LoginThrottle(self.store.now)
         self.checkpoint_timer_s: float | None = None
         """Seconds between timed checkpoints while serving (None: the ledger's interval)."""
 
@@ -77,6 +102,7 @@ class CoordinatorService:
         stays usable."""
         self.runner.stop()
         self.ledger.stop_checkpoint_timer()
+        self.accounts.flush_unknown_failures()
         self.ledger.checkpoint()
         self.store.engine.dispose()
 
@@ -108,7 +134,12 @@ class CoordinatorService:
         return [m for m in entries if mine & set(m["partners"])]
 
     def model_for(self, principal: Principal, ref: str) -> dict:
-        entry = self.registry.get(ref)
+        check_model_ref(ref)
+        try:
+            entry = self.registry.get(ref)
+        except (OverflowError, ValueError):  # a version the checks above did not foresee
+            raise RegistryError(f"model reference {_quote(ref)}: the version is out of range",
+                                422) from None
         if principal.has("data_scientist") or principal.has("compliance_officer"):
             return entry
         if set(principal.scopes("partner_admin")) & set(entry["partners"]):
@@ -165,16 +196,21 @@ class CoordinatorService:
         from fedpact.audit.events import parse_timestamp
         from fedpact.audit.query import EventFilter, query_events
 
+        if not 0 <= after_seq <= MAX_SEQ:
+            raise GovernanceError(f"after_seq must be between 0 and {MAX_SEQ}", 422)
         try:  # bad filters are the caller's mistake (422); any other ledger error is ours
             for kind in types:
+                if len(kind) > 64:
+                    raise LedgerError(f"type {_quote(kind)} is not an event type")
                 EventType.parse(kind)
             for label, value in (("since", since), ("until", until)):
                 if value:
                     parse_timestamp(value, label)
+                    check_timestamp_range(value, label)
             if subject is not None and not subject.strip():
                 raise LedgerError("subject: give a subject id or pseudonym, not blanks")
         except LedgerError as exc:
-            raise GovernanceError(str(exc), 422) from None
+            raise GovernanceError(one_line(str(exc)), 422) from None
         where = EventFilter(subject=subject or None, partner=partner or None, dataset=dataset or None,
                             purpose=purpose or None, event_types=tuple(types), job_id=job_id or None,
                             since=since or None, until=until or None)
@@ -196,6 +232,41 @@ class CoordinatorService:
                                 "principal": principal.username, "channel": "api"},
                                actor=principal.actor)
         return {"events": events, "next_after_seq": page.next_after_seq}
+
+
+def _quote(value: str, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters: an error names the input without echoing it."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def check_model_ref(ref: str) -> None:
+    """A model reference the registry can look up: NAME, or NAME@VERSION with VERSION a number
+    from 1 to 2^62 (larger ones overflow SQLite's INTEGER); else RegistryError 422."""
+    name, _, version = (ref or "").partition("@")
+    if not name or len(ref) > 200:
+        raise RegistryError(f"model reference {_quote(ref or '')}: expected NAME or NAME@VERSION", 422)
+    if not version:
+        return
+    if not _VERSION.fullmatch(version):
+        raise RegistryError(f"model reference {_quote(ref)}: the version must be a number", 422)
+    if len(version) > 20 or int(version.lstrip("v")) > MAX_SEQ:
+        raise RegistryError(f"model reference {_quote(ref)}: the version is out of range "
+                            f"(1 to {MAX_SEQ})", 422)
+
+
+def check_timestamp_range(value: str, label: str) -> datetime:
+    """An ISO-8601 timestamp with offset that is a time in UTC years 1-9999 (a far one such as
+    9999-12-31T23:59:59-23:59 overflows when converted); else LedgerError naming `label`."""
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise LedgerError(f"{label} {_quote(value)} is out of range: give a time between years "
+                          "0001 and 9999 in UTC") from None
 
 
 def result_summary(result: dict, *, dp: bool = True) -> dict:
@@ -247,11 +318,16 @@ async def service_of(request: Request) -> CoordinatorService:
     return request.app.state.service
 
 
+MISSING_TOKEN = "missing API token: send the header Authorization: Bearer fpt_…"
+
+
 async def api_principal(request: Request,
                         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    found = request.scope.get(PRINCIPAL)  # RequestGuard authenticated it before the body came
+    if found is not None:
+        return found
     if creds is None:
-        raise HTTPException(401, "missing API token: send the header Authorization: Bearer fpt_…",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, MISSING_TOKEN, headers={"WWW-Authenticate": "Bearer"})
     try:
         return request.app.state.service.accounts.authenticate_token(creds.credentials)
     except AuthError as exc:
@@ -503,30 +579,13 @@ def node_jobs(principal: Node, service: Service) -> list[dict]:
 # --------------------------------------------------------------------------- errors
 
 
-def _field(loc: Any) -> str:
-    parts = [str(p) for p in loc]
-    return ".".join(parts[1:] if parts and parts[0] in ("body", "query", "path", "header") and len(parts) > 1
-                    else parts) or "request"
-
-
-def _message(error: dict) -> str:
-    loc = error.get("loc") or ["?"]
-    msg = str(error.get("msg", "")).removeprefix("Value error, ")
-    if len(loc) == 1 and loc[0] == "body":  # a check of the whole body: the message names fields
-        return f"body: {msg}"
-    return f"{loc[0]} field {_field(loc)}: {msg}"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation(_request: Request, exc: RequestValidationError):
-        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
-        for e in errors:
-            e.pop("input", None)
-            e.pop("url", None)
-        message = "; ".join(_message(e) for e in errors[:10])
-        return JSONResponse({"detail": message or "malformed request", "errors": errors},
-                            status_code=422)
+        # Field paths, types, messages and bounds only: never the input (clean_errors).
+        errors = clean_errors(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
+        return JSONResponse({"detail": error_summary(errors) or "malformed request",
+                             "errors": errors}, status_code=422)
 
     def status_of(exc: Exception) -> int:
         if isinstance(exc, GovernanceError | RegistryError | DatasetError):
@@ -539,7 +598,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FedpactError)
     async def fedpact_error(_request: Request, exc: FedpactError):
-        return JSONResponse({"detail": str(exc)}, status_code=status_of(exc))
+        return JSONResponse({"detail": one_line(str(exc), 2000)}, status_code=status_of(exc))
 
     @app.exception_handler(LedgerError)
     async def ledger_error(_request: Request, exc: LedgerError):
@@ -547,12 +606,183 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": f"audit ledger unavailable: {exc}"}, status_code=503)
 
 
+# --------------------------------------------------------------------------- the request guard
+
+PRINCIPAL = "fedpact.principal"
+"""ASGI scope key under which RequestGuard leaves the API caller it authenticated."""
+_LOOPBACK_NAMES = {"localhost", "testserver"}  # testserver: Starlette's TestClient
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(host_header: str) -> str:
+    """The host name of a Host header (`[::1]:8700` → `::1`, `example.org:443` → `example.org`)."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def served_securely(scope: dict, *, forced: bool = False) -> bool:
+    """Whether cookies must be `Secure` (and HSTS sent) for this request: always, unless it
+    came over plain HTTP to a loopback address under a loopback name (a person on the
+    coordinator's own machine, or TestClient) with no sign of a TLS proxy in front
+    (`X-Forwarded-Proto: https`, `Forwarded: proto=https`). `forced` (`--secure-cookies`) makes
+    every request secure."""
+    if forced or over_tls(scope):
+        return True
+    server = scope.get("server")
+    if not server or not _is_loopback(str(server[0])):
+        return True
+    return not _is_loopback(_host_of(_headers(scope).get("host", "")))
+
+
+def _headers(scope: dict) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1").lower()
+            for k, v in scope.get("headers") or ()}
+
+
+def over_tls(scope: dict) -> bool:
+    """The request came over HTTPS, directly or through a proxy that says so."""
+    if scope.get("scheme") in ("https", "wss"):
+        return True
+    headers = _headers(scope)
+    return ("https" in headers.get("x-forwarded-proto", "")
+            or "proto=https" in headers.get("forwarded", ""))
+
+
+def _size(limit: int) -> str:
+    mib = 1024 * 1024
+    return f"{limit // mib} MiB ({limit} bytes)" if limit % mib == 0 else f"{limit} bytes"
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """Pure ASGI middleware in front of everything:
+
+    - an API request (under /api/v1, except /health) is authenticated from its headers before
+      its body is read: 401 whatever the body (the principal is left in the scope);
+    - a body over `max_body_bytes` is refused with 413, by its Content-Length before a byte is
+      read, or by counting the bytes as they arrive (chunked uploads); at most that much is
+      ever held;
+    - responses to requests `served_securely` carry Strict-Transport-Security.
+    """
+
+    def __init__(self, app, *, max_body_bytes: int, secure_cookies: bool):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.secure_cookies = secure_cookies
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        secure = served_securely(scope, forced=self.secure_cookies)
+
+        async def send_secure(message):
+            if secure and message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"strict-transport-security", HSTS.encode())]
+            await send(message)
+
+        path = scope.get("path", "")
+        if path.startswith(API + "/") and path != API + "/health":
+            refusal = self._authenticate(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send_secure)
+        lengths = [v for k, v in scope.get("headers") or () if k.lower() == b"content-length"]
+        if lengths:
+            try:
+                declared = int(lengths[0])
+                if declared < 0 or len(set(lengths)) > 1:
+                    raise ValueError
+            except ValueError:
+                return await _json(400, "malformed Content-Length header")(scope, receive, send_secure)
+            if declared > self.max_body_bytes:
+                return await self._too_large()(scope, receive, send_secure)
+
+        received = 0
+        overflow = False
+        started = False
+
+        async def counted_receive():
+            nonlocal received, overflow
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    overflow = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if overflow:  # the app's answer to a body it could not finish reading
+                return
+            started = started or message["type"] == "http.response.start"
+            await send_secure(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not overflow:
+                raise
+        if overflow and not started:
+            await self._too_large()(scope, receive, send_secure)
+
+    def _too_large(self):
+        return _json(413, f"request body too large: the limit is {_size(self.max_body_bytes)}",
+                     close=True)
+
+    def _authenticate(self, scope):
+        """None if the caller's token is good (the principal goes into the scope), else the
+        401 response to send."""
+        value = ""
+        for k, v in scope.get("headers") or ():
+            if k.lower() == b"authorization":
+                value = v.decode("latin-1")
+                break
+        kind, _, token = value.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            return _json(401, MISSING_TOKEN, {"WWW-Authenticate": "Bearer"})
+        try:
+            scope[PRINCIPAL] = scope["app"].state.service.accounts.authenticate_token(token.strip())
+        except AuthError as exc:
+            return _json(401, str(exc), {"WWW-Authenticate": "Bearer"})
+        return None
+
+
+def _json(status: int, detail: str, headers: dict | None = None, *, close: bool = False):
+    response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    if close:
+        response.headers["Connection"] = "close"
+    return response
+
+
 # --------------------------------------------------------------------------- the app
 
 
 def create_app(home: str | Path, *, clock: Callable[[], float] = time.time, run: JobRun = simulated_run,
-               start_worker: bool = True, secure_cookies: bool = False) -> FastAPI:
-    """The FastAPI app for the run folder `home` (service.db, ledger.db, registry/ live there)."""
+               start_worker: bool = True, secure_cookies: bool = False,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app for the run folder `home` (service.db, ledger.db, registry/ live there).
+
+    Console cookies are `Secure` (and responses carry HSTS) unless a request came over plain
+    HTTP to loopback (`served_securely`); `secure_cookies=True` makes them Secure always.
+    Request bodies over `max_body_bytes` (default 1 MiB) are refused with 413."""
+    if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes = {max_body_bytes!r}: give a positive number of bytes")
     service = CoordinatorService(home, clock=clock, run=run, start_worker=start_worker)
 
     @asynccontextmanager
@@ -574,11 +804,13 @@ def create_app(home: str | Path, *, clock: Callable[[], float] = time.time, run:
     )
     app.state.service = service
     app.state.secure_cookies = secure_cookies
+    app.state.max_body_bytes = max_body_bytes
     install_error_handlers(app)
     app.include_router(router)
     from .console import install_console
 
     install_console(app)
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, secure_cookies=secure_cookies)
     return app
 
 

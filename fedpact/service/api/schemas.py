@@ -196,3 +196,56 @@ class DatasetIn(BaseModel):
                          "a slug, e.g. churn_model_training.")
     layout: LayoutIn = Field(description="The public layout the partner's node announces "
                              "(`fedpact data check` prints it).")
+
+
+# --------------------------------------------------------------------------- validation errors
+
+MAX_ERRORS = 10
+"""A 422 lists at most this many problems."""
+_MAX_PART = 64  # characters of one path element (a field name or dict key) a 422 repeats
+_MAX_MSG = 300
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())  # one line
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def clean_errors(errors: list[dict]) -> list[dict]:
+    """Pydantic/FastAPI validation errors as a response may carry them: the field path (each
+    element cut to 64 characters: a key the client made up is not echoed whole), the type, the
+    message and the bounds; never the `input` (a 30 MB body would come back 30 MB) or a URL."""
+    out = []
+    for e in errors[:MAX_ERRORS]:
+        loc = [p if isinstance(p, int) and not isinstance(p, bool) else _short(p, _MAX_PART)
+               for p in (e.get("loc") or ())]
+        clean = {"type": _short(e.get("type", "value_error"), _MAX_PART), "loc": loc,
+                 "msg": _short(str(e.get("msg", "")).removeprefix("Value error, "), _MAX_MSG)}
+        ctx = {k: v for k, v in (e.get("ctx") or {}).items()
+               if k != "error" and (isinstance(v, int | float | bool) or
+                                    (isinstance(v, str) and len(v) <= 200))}
+        if ctx:
+            clean["ctx"] = ctx
+        out.append(clean)
+    return out
+
+
+def error_field(loc: list) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie") and len(parts) > 1:
+        parts = parts[1:]
+    return ".".join(parts) or "request"
+
+
+def error_summary(errors: list[dict], *, located: bool = True) -> str:
+    """One line naming each field at fault and why (from `clean_errors` output)."""
+    lines = []
+    for e in errors:
+        loc = e.get("loc") or ["?"]
+        if not located:
+            lines.append(f"{'.'.join(str(p) for p in loc)}: {e['msg']}")
+        elif len(loc) == 1 and loc[0] == "body":  # a check of the whole body names its fields
+            lines.append(f"body: {e['msg']}")
+        else:
+            lines.append(f"{loc[0]} field {error_field(loc)}: {e['msg']}")
+    return "; ".join(lines)
