@@ -1,8 +1,13 @@
 """The web console: server-rendered pages (Jinja2) on the same app, for the three kinds of users.
 
-Sign-in with password + TOTP gives an HttpOnly, SameSite=Strict session cookie; a session idle
-for 15 minutes ends (checked on the server at every request). Every form carries the session's
-CSRF token. Pages: job list and detail (decisions, budgets, rounds, logs, model and plots) with
+Sign-in with password + TOTP gives an HttpOnly, SameSite=Strict session cookie, `Secure` unless
+the console is served over plain HTTP on loopback (`served_securely`); a session idle for 15
+minutes, or 12 hours after sign-in, ends (checked on the server at every request). Every form
+carries a CSRF token: the session's, and on the sign-in form one bound to the browser by a
+cookie (a browser's sign-in post without it, or from another site, is refused). Failed sign-ins
+are throttled per address (429 with Retry-After).
+
+Pages: job list and detail (decisions, budgets, rounds, logs, model and plots) with
 approve / reject / revoke buttons for partner admins, a job request form for data scientists,
 model cards, audit search and chain verification for compliance officers, the privacy budget
 per dataset (partner admins set their own datasets' budgets there), and the registered partner
@@ -12,6 +17,8 @@ datasets (read-only).
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,14 +39,20 @@ from fedpact.federation.partition import SCHEMES
 from fedpact.models.datasets import BUILTIN_SPECS
 from fedpact.models.networks import MODEL_KINDS
 
-from .auth import IDLE_TIMEOUT_S, AuthError, Principal
+from .app import MAX_SEQ, over_tls, served_securely
+from .auth import IDLE_TIMEOUT_S, SESSION_MAX_S, AuthError, Principal
 from .governance import OPEN
 from .registry import PLOTS
-from .schemas import BudgetIn, JobRequestIn
+from .schemas import BudgetIn, JobRequestIn, clean_errors, error_summary
 
 HERE = Path(__file__).parent
 COOKIE = "fedpact_session"
+LOGIN_COOKIE = "fedpact_login"
+"""Binds the sign-in form's CSRF token to the browser that loaded it (double submit)."""
 MAX_FORM_BYTES = 64 * 1024
+MAX_ID = 64  # job ids are job-<12 hex>; longer ones name nothing
+ENDED_NOTE = (f"Your session ended ({IDLE_TIMEOUT_S // 60} minutes without activity, or "
+              f"{SESSION_MAX_S // 3600} hours after sign-in); sign in again.")
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
@@ -65,6 +78,7 @@ def _num(value: Any, digits: int = 3) -> str:
 templates.env.filters["ts"] = _ts
 templates.env.filters["num"] = _num
 templates.env.globals["idle_timeout_s"] = IDLE_TIMEOUT_S
+templates.env.globals["session_max_s"] = SESSION_MAX_S
 templates.env.globals["NO_PRIVACY"] = NO_PRIVACY_GUARANTEE
 
 
@@ -110,6 +124,89 @@ async def read_form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in parsed.items()}
 
 
+def secure(request: Request) -> bool:
+    return served_securely(request.scope, forced=bool(request.app.state.secure_cookies))
+
+
+class ConsoleBadInput(Exception):
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _count(value: str, label: str, default: int = 0) -> int:
+    """A whole-number query parameter of a console page, 0 to 2^62; else ConsoleBadInput."""
+    value = (value or "").strip()
+    if not value:
+        return default
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_SEQ:
+        raise ConsoleBadInput(f"{label} must be a whole number from 0 to {MAX_SEQ}")
+    return int(value)
+
+
+def throttle_key(host: str) -> str:
+    """Whom the sign-in throttle counts: an IPv4 address, or an IPv6 address's /64 (one host
+    usually holds a whole /64 and could otherwise take a fresh address per guess)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:100]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+_BROWSER_HEADERS = ("origin", "referer", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest")
+
+
+def check_login_csrf(request: Request, form: dict[str, str]) -> str | None:
+    """None if a sign-in post may go on, else why not.
+
+    A post from another site is refused outright: `Sec-Fetch-Site` other than same-origin, or
+    (from a browser that does not send it) an Origin other than this host. A browser must send back the token of the sign-in form it loaded,
+    equal to the `fedpact_login` cookie (SameSite=Strict: another site's page cannot send it).
+    A client that sends none of a browser's headers (Origin, Referer, Sec-Fetch-*) cannot be
+    driven by another site's page (browsers send Origin with every cross-origin POST); it may
+    post without a token, but a token it sends must match."""
+    headers = request.headers
+    site = headers.get("sec-fetch-site", "")
+    if site and site not in ("same-origin", "none"):
+        return "the sign-in form was sent from another site"
+    origin = headers.get("origin")
+    if not site and origin is not None:  # a proxy may rewrite Host: X-Forwarded-Host counts too
+        own = {headers.get("host", "").lower(), headers.get("x-forwarded-host", "").lower()}
+        if origin.lower() == "null" or origin.split("://", 1)[-1].rstrip("/").lower() not in own:
+            return "the sign-in form was sent from another site"
+    sent, cookie = form.get("csrf", ""), request.cookies.get(LOGIN_COOKIE, "")
+    from_browser = any(h in headers for h in _BROWSER_HEADERS)
+    if (from_browser or sent) and not (
+            sent and cookie and hmac.compare_digest(sent.encode(), cookie.encode())):
+        return "the sign-in form's security token is missing or does not match this browser"
+    return None
+
+
+def _login_token(request: Request) -> str:
+    token = request.cookies.get(LOGIN_COOKIE, "")
+    ok = 20 <= len(token) <= 64 and token.replace("-", "").replace("_", "").isalnum()
+    return token if ok and token.isascii() else secrets.token_urlsafe(24)
+
+
+def login_page(request: Request, status: int = 200, **context: Any) -> HTMLResponse:
+    """The sign-in page with a CSRF token, set (again) as the `fedpact_login` cookie."""
+    token = _login_token(request)
+    context.setdefault("note", "")
+    context.setdefault("error", "")
+    context.setdefault("next", "/console/jobs")
+    plain_http = (secure(request) and not over_tls(request.scope)
+                  and not request.app.state.secure_cookies)
+    response = page(request, "login.html", None, status, csrf=token, plain_http=plain_http,
+                    **context)
+    response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict",
+                        path="/console/login", secure=secure(request))
+    return response
+
+
 def check_csrf(principal: Principal, form: dict[str, str]) -> None:
     if not hmac.compare_digest(form.get("csrf", ""), principal.session_csrf):
         raise ConsoleForbidden("The form's security token does not match this session; reload the "
@@ -137,6 +234,10 @@ def install_console(app: FastAPI) -> None:
     async def forbidden(request: Request, exc: ConsoleForbidden):
         return page(request, "error.html", None, 403, title="Not allowed", message=exc.message)
 
+    @app.exception_handler(ConsoleBadInput)
+    async def bad_input(request: Request, exc: ConsoleBadInput):
+        return page(request, "error.html", None, 422, title="Bad request", message=exc.message)
+
     @app.middleware("http")
     async def console_headers(request: Request, call_next):
         response = await call_next(request)
@@ -158,30 +259,43 @@ def install_console(app: FastAPI) -> None:
         return RedirectResponse("/console/jobs", status_code=303)
 
     @app.get("/console/login", include_in_schema=False)
-    def login_page(request: Request, next: str = "/console/jobs", ended: int = 0) -> HTMLResponse:
-        note = "Your session ended after 15 minutes without activity; sign in again." if ended else ""
-        return page(request, "login.html", None, next=_safe_next(next), note=note, error="")
+    def login_form(request: Request, next: str = "/console/jobs", ended: str = "") -> HTMLResponse:
+        return login_page(request, next=_safe_next(next), note=ENDED_NOTE if ended else "")
 
     @app.post("/console/login", include_in_schema=False)
     async def login(request: Request) -> Response:
         form = await read_form(request)
         service = _service(request)
+        back = {"next": _safe_next(form.get("next", "")), "username": form.get("username", "")[:64]}
+        refused = check_login_csrf(request, form)
+        if refused:
+            return login_page(request, 403, error=f"Not signed in: {refused}. The page has been "
+                              "reloaded with a new security token; try again.", **back)
+        address = throttle_key(request.client.host if request.client else "unknown")
+        wait = service.login_throttle.take(address)
+        if wait is not None:
+            response = login_page(request, 429, error=f"Too many failed sign-ins from your "
+                                  f"address: try again in {wait} seconds.", **back)
+            response.headers["Retry-After"] = str(wait)
+            return response
         try:
             cookie, _principal = await run_in_threadpool(
                 service.accounts.login, form.get("username", ""), form.get("password", ""),
                 form.get("code", ""))
         except AuthError as exc:
-            return page(request, "login.html", None, 401, next=_safe_next(form.get("next", "")),
-                        note="", error=str(exc), username=form.get("username", "")[:64])
-        response = RedirectResponse(_safe_next(form.get("next", "")), status_code=303)
+            return login_page(request, 401, error=str(exc), **back)
+        service.login_throttle.give_back(address)
+        response = RedirectResponse(back["next"], status_code=303)
         response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict", path="/console",
-                            secure=bool(request.app.state.secure_cookies))
+                            secure=secure(request))
+        response.delete_cookie(LOGIN_COOKIE, path="/console/login", secure=secure(request),
+                               httponly=True, samesite="strict")
         return response
 
     @app.post("/console/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
+        principal = await run_in_threadpool(signed_in, request)  # who, before reading the body
         form = await read_form(request)
-        principal = await run_in_threadpool(signed_in, request)
         check_csrf(principal, form)
         await run_in_threadpool(_service(request).accounts.logout, request.cookies.get(COOKIE, ""))
         response = RedirectResponse("/console/login", status_code=303)
@@ -205,9 +319,9 @@ def install_console(app: FastAPI) -> None:
 
     @app.post("/console/jobs", include_in_schema=False)
     async def submit_job(request: Request) -> Response:
-        form = await read_form(request)
         principal = await run_in_threadpool(signed_in, request)
         need(principal, "data_scientist")
+        form = await read_form(request)
         check_csrf(principal, form)
         fields = {k: v for k, v in form.items()
                   if k not in ("csrf", "require_consent_shown") and v != ""}
@@ -223,7 +337,7 @@ def install_console(app: FastAPI) -> None:
             job = await run_in_threadpool(service.board.submit, principal, body,
                                           home=str(service.home))
         except ValidationError as exc:
-            message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            message = error_summary(clean_errors(exc.errors()), located=False)
             return _job_form(request, principal, form, message, 422)
         except FedpactError as exc:
             return _job_form(request, principal, form, str(exc), 422)
@@ -235,6 +349,8 @@ def install_console(app: FastAPI) -> None:
         need(principal, "data_scientist", "compliance_officer", "partner_admin")
         service = _service(request)
         try:
+            if len(job_id) > MAX_ID:
+                raise FedpactError(f"no job {job_id[:MAX_ID]!r}…: job ids are job-<12 hex digits>")
             detail = service.job_detail(principal, job_id)
         except FedpactError as exc:
             return page(request, "error.html", principal, 404, title="No such job", message=str(exc))
@@ -248,9 +364,9 @@ def install_console(app: FastAPI) -> None:
 
     @app.post("/console/jobs/{job_id}/decide", include_in_schema=False)
     async def decide(request: Request, job_id: str) -> Response:
-        form = await read_form(request)
         principal = await run_in_threadpool(signed_in, request)
         need(principal, "partner_admin")
+        form = await read_form(request)
         check_csrf(principal, form)
         decision = {"approve": "approved", "reject": "rejected", "revoke": "revoked"}.get(
             form.get("decision", ""))
@@ -321,7 +437,7 @@ def install_console(app: FastAPI) -> None:
     @app.get("/console/audit", include_in_schema=False)
     def audit_page(request: Request, type: str = "", job_id: str = "", partner: str = "",
                    dataset: str = "", purpose: str = "", since: str = "", until: str = "",
-                   after_seq: int = 0, verify: int = 0) -> HTMLResponse:
+                   after_seq: str = "", verify: str = "") -> HTMLResponse:
         principal = signed_in(request)
         need(principal, "compliance_officer")
         service = _service(request)
@@ -329,13 +445,24 @@ def install_console(app: FastAPI) -> None:
                  "purpose": purpose, "since": since, "until": until}
         error, result, verification = "", {"events": [], "next_after_seq": None}, None
         try:
+            for label, value, limit in (("type", type, 64), ("job_id", job_id, MAX_ID),
+                                        ("partner", partner, 200), ("dataset", dataset, 200),
+                                        ("purpose", purpose, 64), ("since", since, 40),
+                                        ("until", until, 40)):
+                if len(value) > limit:
+                    raise FedpactError(f"{label} is longer than {limit} characters")
+            after = after_seq.strip()
+            if after.startswith("-") and after[1:].isascii() and after[1:].isdigit():
+                after = "0"  # before the first event: from the start, as before
             result = service.audit_page(principal, types=[type] if type else [], job_id=job_id,
                                         partner=partner, dataset=dataset, purpose=purpose,
                                         subject=None, since=since, until=until,
-                                        after_seq=max(0, after_seq), limit=100)
+                                        after_seq=_count(after, "after_seq"), limit=100)
+        except ConsoleBadInput as exc:
+            error = exc.message
         except (LedgerError, FedpactError) as exc:
             error = str(exc)
-        if verify:
+        if verify.strip() not in ("", "0"):
             verification = service.ledger.verify()
         next_link = None
         if result["next_after_seq"] is not None:
@@ -365,9 +492,9 @@ def install_console(app: FastAPI) -> None:
 
     @app.post("/console/budgets", include_in_schema=False)
     async def set_budget(request: Request) -> Response:
-        form = await read_form(request)
         principal = await run_in_threadpool(signed_in, request)
         need(principal, "partner_admin")
+        form = await read_form(request)
         check_csrf(principal, form)
         service = _service(request)
         try:
@@ -375,7 +502,7 @@ def install_console(app: FastAPI) -> None:
             await run_in_threadpool(service.set_budget, principal, form.get("dataset", ""),
                                     body.epsilon, body.delta)
         except ValidationError as exc:
-            message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            message = error_summary(clean_errors(exc.errors()), located=False)
             return page(request, "budgets.html", principal, 422,
                         budgets=service.budgets_for(principal), error=message)
         except FedpactError as exc:
