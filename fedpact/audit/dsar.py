@@ -28,6 +28,9 @@ from fedpact.audit.subjects import SubjectKeys
 DSAR_KINDS = ("access", "rectification", "erasure")
 DSAR_RETENTION_CLASS = "dsar"
 ERASED = "[erased]"
+KEY_MISSING = "[key missing]"
+"""What an event's personal fields read as when their key row is gone without any record of its
+destruction (deleted outside fedpact): not an erasure."""
 
 
 @dataclass
@@ -45,6 +48,9 @@ class SubjectReport:
     """The partner registries also searched: each one's location and the subject's pseudonym
     there (each registry pseudonymises under its own key). Their events, consents and jobs are
     in the lists above, each marked with its `registry`."""
+    key_problems: list[str] = field(default_factory=list)
+    """Keys gone without a record of their destruction (a deleted `subject_keys` row, or a key
+    marked destroyed by an erasure no `subject.erased` event records)."""
 
     def to_dict(self) -> dict[str, Any]:
         doc = {
@@ -58,6 +64,8 @@ class SubjectReport:
         }
         if self.registries:
             doc["partner_registries"] = self.registries
+        if self.key_problems:
+            doc["key_problems"] = self.key_problems
         return doc
 
     def to_json(self) -> str:
@@ -96,6 +104,12 @@ class ErasureReport:
     """Says so in words when `untraceable_models` is not empty."""
     registries: list[str] = field(default_factory=list)
     """The partner registries the erasure reached (keys destroyed, consents withdrawn there)."""
+    key_bytes_purged: bool = True
+    """Whether the destroyed wrapped key bytes are gone from every database's files (SQLite: the
+    WAL checkpointed and truncated, then the files searched for them)."""
+    purge_note: str = ""
+    """Why they may remain, when `key_bytes_purged` is False (e.g. another process's read
+    transaction pinned the WAL past the wait); run `fedpact audit dsar purge` once it ends."""
 
 
 @dataclass(frozen=True)
@@ -196,15 +210,29 @@ class SubjectRequests:
     def _collect(self, report: SubjectReport, ledger: Ledger, subjects: SubjectKeys,
                  subject: str, label: str | None) -> None:
         events = []
-        for event in self.subject_events(subject, ledger):
+        found = self.subject_events(subject, ledger)
+        erasures = {str(e.payload.get("request_id")): e.seq for e in found
+                    if e.event_type == EventType.SUBJECT_ERASED.value}
+        for event in found:
             item = event.to_dict()
             envelope = event.payload.get("personal")
             if envelope is not None:
                 opened = subjects.open(subject, envelope)
-                item["personal"] = ERASED if opened.erased else opened.fields
-                if opened.erased:
+                if opened.state == "missing":
+                    item["personal"] = KEY_MISSING
+                    item["personal_status"] = (
+                        "key row missing without an erasure event: its subject_keys row was "
+                        "deleted outside fedpact (nothing records that the key was destroyed)")
+                    problem = (f"subject_keys: the key {opened.key_id} of {subject} is missing, "
+                               "and no erasure or retention destroyed it (deleted outside fedpact)")
+                    if problem not in report.key_problems:
+                        report.key_problems.append(problem)
+                elif opened.erased:
+                    item["personal"] = ERASED
+                    item["personal_status"] = _destruction(opened, subject, erasures, report)
                     report.erased = True
                 else:
+                    item["personal"] = opened.fields
                     report.personal_data.update(opened.fields or {})
                 item["payload"] = {k: v for k, v in item["payload"].items() if k != "personal"}
             if label is not None:
@@ -260,7 +288,7 @@ class SubjectRequests:
         return event
 
     def _shred(self, ledger: Ledger, registry: ConsentRegistry, subject: str, request_id: str,
-               channel: str) -> tuple[list[str], int, set[str]]:
+               channel: str, purge_timeout_s: float) -> tuple[list[str], int, set[str]]:
         """In one ledger: withdraw the subject's consents, destroy its keys; the jobs it lists."""
         withdrawn = [
             record.purpose for record in registry.current(subject) if record.status == "granted"
@@ -273,7 +301,8 @@ class SubjectRequests:
              self.actor, None)
             for purpose in withdrawn
         )
-        destroyed = registry.subjects.destroy(subject, why=f"erasure request {request_id}")
+        destroyed = registry.subjects.destroy(subject, why=f"erasure request {request_id}",
+                                              purge_timeout_s=purge_timeout_s)
         with ledger.store.read() as connection:
             jobs = set(connection.execute(
                 select(job_subjects.c.job_id).where(job_subjects.c.subject == subject)
@@ -281,21 +310,27 @@ class SubjectRequests:
         return withdrawn, destroyed, jobs
 
     def erase(self, subject_id: Any, *, request_id: str | None = None,
-              channel: str = "dpo") -> ErasureReport:
+              channel: str = "dpo", purge_timeout_s: float = 30.0) -> ErasureReport:
         """Crypto-shred the subject: withdraw consents, destroy keys, flag models, log it all —
         in this ledger and in every partner registry given, where the pseudonyms of the
-        subjects each job used are kept."""
+        subjects each job used are kept.
+
+        The report's `key_bytes_purged` says whether the wrapped key bytes left every
+        database's files (waiting up to `purge_timeout_s` for other connections' read
+        transactions); if not, `purge_note` says why, and the `subject.erased` events say so."""
         self._need_raw_id(subject_id)
         request_id = request_id or self.receive(subject_id, "erasure", channel=channel)
         subject = self.subjects.pseudonym(subject_id)
         withdrawn, destroyed, found = self._shred(self.ledger, self.registry, subject, request_id,
-                                                  channel)
+                                                  channel, purge_timeout_s)
+        purges = [(_label(self.ledger), self.subjects.last_purge)]
         reached: set[tuple[str, str]] = set()
         in_registries = []
         for reg in self.registries:
             pseudonym = reg.subjects.pseudonym(subject_id)
             purposes, keys, jobs_there = self._shred(reg.ledger, reg.consent, pseudonym,
-                                                     request_id, channel)
+                                                     request_id, channel, purge_timeout_s)
+            purges.append((reg.label, reg.subjects.last_purge))
             withdrawn += [p for p in purposes if p not in withdrawn]
             destroyed += keys
             found |= jobs_there
@@ -312,11 +347,15 @@ class SubjectRequests:
         )
         flagged = [model for _job, model in models]
         for reg, pseudonym, keys, jobs_there in in_registries:
+            there = reg.subjects.last_purge
             reg.ledger.append(
                 EventType.SUBJECT_ERASED,
                 {"subject": pseudonym, "request_id": request_id, "keys_destroyed": keys,
-                 "models_flagged": [m for j, m in models if j in jobs_there]},
+                 "models_flagged": [m for j, m in models if j in jobs_there],
+                 **_purge_fields(there)},
                 actor=self.actor)
+        unpurged = [(where, p) for where, p in purges if p is not None and not p.complete]
+        purge_note = "; ".join(f"{where}: {p.detail}" for where, p in unpurged)
         untraceable = _untraceable_jobs(self.ledger, exclude=set(jobs), reached=reached)
         unknown = [model for _job, model in _models_of_jobs(self.ledger, sorted(untraceable))
                    if not model.endswith("(job not finished)")]
@@ -327,7 +366,8 @@ class SubjectRequests:
                     f"be searched ({'; '.join(reasons)}): they cannot be traced to this subject, "
                     "so they were not flagged; review them")
         payload: dict[str, Any] = {"subject": subject, "request_id": request_id,
-                                   "keys_destroyed": destroyed, "models_flagged": flagged}
+                                   "keys_destroyed": destroyed, "models_flagged": flagged,
+                                   **_purge_fields(self.subjects.last_purge)}
         if unknown:
             payload["untraceable_models"] = unknown
             payload["note"] = note
@@ -335,9 +375,38 @@ class SubjectRequests:
         outcome = f"{destroyed} keys destroyed, {len(flagged)} models flagged"
         if unknown:
             outcome += f", {len(unknown)} models untraceable (their subjects could not be searched)"
+        if unpurged:
+            outcome += "; the wrapped key bytes may remain in the database files (see subject.erased)"
         self._fulfilled(request_id, "erasure", subject, outcome)
         return ErasureReport(subject, request_id, destroyed, withdrawn, flagged, event,
-                             unknown, note, [reg.label for reg in self.registries])
+                             unknown, note, [reg.label for reg in self.registries],
+                             not unpurged, purge_note)
+
+
+def _purge_fields(purge: Any) -> dict[str, Any]:
+    """What a subject.erased event says of the key bytes: purged, or why they may remain."""
+    if purge is None or purge.complete:
+        return {"key_bytes_purged": True}
+    return {"key_bytes_purged": False, "purge_note": purge.detail}
+
+
+def _destruction(opened: Any, subject: str, erasures: dict[str, int],
+                 report: SubjectReport) -> str:
+    """How a destroyed key was destroyed: the erasure event that records it, or retention."""
+    why = opened.why or ""
+    if why.startswith("erasure request "):
+        request = why[len("erasure request "):]
+        if request in erasures:
+            return f"erased (event seq {erasures[request]})"
+        problem = (f"subject_keys: the key {opened.key_id} of {subject} is marked destroyed by "
+                   f"{why}, but no subject.erased event records that request")
+        if problem not in report.key_problems:
+            report.key_problems.append(problem)
+        return (f"key destroyed by {why}, but no subject.erased event records it (an interrupted "
+                "erasure, or altered outside fedpact)")
+    if why.startswith("retention"):
+        return f"expired by retention ({why})"
+    return f"destroyed ({why or 'no reason recorded'})"
 
 
 def _models_of_jobs(ledger: Ledger, jobs: list[str]) -> list[tuple[str, str]]:

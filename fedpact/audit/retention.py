@@ -117,14 +117,17 @@ def enforce_retention(
     now = (now or datetime.now(UTC)).astimezone(UTC)
     keys = SubjectKeys.of(ledger)
     by_class: dict[str, int] = {}
+    residue: list[str] = []
     for name, days in sorted(policy.items()):
         cutoff = _cutoff(now, days)
         by_class[name] = keys.destroy_expired(name, cutoff, why=f"retention {name} {days} days")
+        purge = keys.last_purge
+        if by_class[name] and purge is not None and not purge.complete:
+            residue.append(purge.detail)
         if progress is not None:
             progress(RetentionStep(name, days, cutoff, by_class[name]), by_class[name])
-    return ledger.append(
-        EventType.RETENTION_ENFORCED,
-        {"keys_destroyed": sum(by_class.values()), "by_class": by_class,
-         "as_of": now.isoformat()},
-        actor=actor,
-    )
+    payload: dict[str, object] = {"keys_destroyed": sum(by_class.values()), "by_class": by_class,
+                                  "as_of": now.isoformat(), "key_bytes_purged": not residue}
+    if residue:  # the destroyed key bytes may remain in the database files: say so, and why
+        payload["purge_note"] = residue[-1]
+    return ledger.append(EventType.RETENTION_ENFORCED, payload, actor=actor)

@@ -25,10 +25,13 @@ the SQL that rebuilds an event's hashed bytes for fast verification.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +191,18 @@ _TYPES_OK_SQLITE = (
 )
 
 
+@dataclass(frozen=True)
+class Purge:
+    """Whether destroyed key bytes are gone from the database files, and if not, why."""
+
+    complete: bool
+    detail: str = ""
+
+
+PURGE_SCAN_LIMIT = 64
+"""At most this many destroyed wrapped keys are searched for, byte for byte, in the files."""
+
+
 def is_lock_contention(exc: BaseException) -> bool:
     """True when the database refused the write only because another writer held the lock."""
     message = str(getattr(exc, "orig", exc)).lower()
@@ -298,8 +313,10 @@ class LedgerStore:
         """Turn `:name` parameters into this driver's DBAPI paramstyle."""
         return sql
 
-    def after_erasure(self) -> None:
-        """Make destroyed key bytes unrecoverable from the database files (SQLite: WAL truncation)."""
+    def after_erasure(self, residue: Sequence[bytes] = (), *, timeout_s: float = 30.0) -> Purge:
+        """Make destroyed key bytes (`residue`: the wrapped keys just destroyed) unrecoverable
+        from the database files, retrying for up to `timeout_s`; say whether that succeeded."""
+        return Purge(True)
 
 
 def _json_quote_sqlite(column: str) -> str:
@@ -413,11 +430,61 @@ class SQLiteStore(LedgerStore):
     def paramstyle_named(self, sql: str) -> str:
         return sql  # pysqlite accepts :name
 
-    def after_erasure(self) -> None:
+    def after_erasure(self, residue: Sequence[bytes] = (), *, timeout_s: float = 30.0) -> Purge:
+        """Checkpoint the WAL into the file and truncate it (secure_delete has zeroed the old row
+        in the pages written), retrying while another connection's read transaction pins the
+        WAL, then search the file and the WAL for the destroyed wrapped keys themselves.
+
+        The busy result of `wal_checkpoint(TRUNCATE)` is never ignored: if a reader outlives
+        `timeout_s`, the result says the bytes may remain, and why."""
         if self.in_memory:
-            return
-        with self.engine.connect() as connection:
-            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            return Purge(True)
+        path = Path(str(self.url.database))
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        connection = sqlite3.connect(str(path), timeout=max(0.01, min(1.0, timeout_s)),
+                                     isolation_level=None)
+        try:
+            while True:
+                try:
+                    busy, frames, done = connection.execute(
+                        "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                except sqlite3.OperationalError as exc:  # locked by a writer: retry
+                    busy, frames, done = 1, 0, 0
+                    reason = str(exc)
+                else:
+                    reason = "another connection holds a read transaction on the file"
+                if not busy and frames == done:
+                    break
+                if time.monotonic() >= deadline:
+                    return Purge(False, (
+                        f"{reason} ({path.name}-wal: {frames} frames, {done} checkpointed): the "
+                        f"WAL could not be checkpointed and truncated within {timeout_s:g} s, so "
+                        f"the destroyed wrapped key bytes may remain in {path.name} or "
+                        f"{path.name}-wal; end long-running readers, then run `fedpact audit "
+                        "dsar purge`"))
+                time.sleep(0.05)
+        finally:
+            connection.close()
+        found = _find_bytes([path, path.with_name(path.name + "-wal")], residue[:PURGE_SCAN_LIMIT])
+        if found:
+            return Purge(False, (
+                f"{len(found)} destroyed wrapped key(s) are still in {', '.join(sorted(found))} "
+                "after the WAL was checkpointed (a connection without secure_delete?): run "
+                "`VACUUM` on the file, then `fedpact audit dsar purge`"))
+        return Purge(True)
+
+
+def _find_bytes(paths: Sequence[Path], blobs: Sequence[bytes]) -> set[str]:
+    """Names of the files among `paths` holding any of `blobs`."""
+    found: set[str] = set()
+    for path in paths:
+        if not blobs or not path.exists() or path.stat().st_size == 0:
+            continue
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
+                                                   access=mmap.ACCESS_READ) as mapped:
+            if any(mapped.find(blob) >= 0 for blob in blobs):
+                found.add(path.name)
+    return found
 
 
 def _install_sqlite_transaction_control(
@@ -539,6 +606,22 @@ class PostgresStore(LedgerStore):
         import re
 
         return re.sub(r":(\w+)", r"%(\1)s", sql)
+
+    def after_erasure(self, residue: Sequence[bytes] = (), *, timeout_s: float = 30.0) -> Purge:
+        """Rewrite `subject_keys` (VACUUM FULL) so the old row versions holding the destroyed
+        wrapped keys leave the table's data files; PostgreSQL keeps them there until then."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execution_options(isolation_level="AUTOCOMMIT")
+                connection.exec_driver_sql(f"SET lock_timeout = {max(1, int(timeout_s * 1000))}")
+                connection.exec_driver_sql("VACUUM FULL subject_keys")
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+            return Purge(False, (
+                f"VACUUM FULL subject_keys did not run ({reason}): PostgreSQL keeps the old row "
+                "versions, with the destroyed wrapped key bytes, in the table's data files until "
+                "it is rewritten; run `fedpact audit dsar purge` when no transaction holds it"))
+        return Purge(True)
 
 
 def open_store(url: URL, *, busy_timeout_s: float = 30.0, read_only: bool = False) -> LedgerStore:

@@ -10,7 +10,10 @@ month, so retention can shred old months and erasure shreds them all; the chain,
 the ciphertext, and every proof keep verifying after the keys are gone.
 
 Data keys are stored wrapped (AES-GCM under a key derived from the deployment secret) in the
-`subject_keys` table; destroying one overwrites the row (SQLite secure_delete + WAL truncation).
+`subject_keys` table; destroying one overwrites the row (SQLite secure_delete + WAL truncation,
+retried while another connection's read transaction pins the WAL; `last_purge` says whether the
+bytes are gone from the files, and why not). A key row that is missing, rather than destroyed,
+is reported as such (`Opened.state`): nothing recorded its destruction.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import logging
 import os
 import time
 import unicodedata
@@ -36,10 +40,12 @@ from sqlalchemy import select, update
 from fedpact.audit.chain import canonical_json
 from fedpact.audit.events import PSEUDONYM, LedgerError
 from fedpact.audit.normalise import DEFAULT_ID_RULE, id_rule
-from fedpact.audit.store import SUBJECT_ID_RULE, ledger_meta, subject_keys
+from fedpact.audit.store import SUBJECT_ID_RULE, Purge, ledger_meta, subject_keys
 
 if TYPE_CHECKING:
     from fedpact.audit.ledger import Ledger
+
+log = logging.getLogger(__name__)
 
 ENVELOPE_VERSION = 1
 REFRESH_S = 1.0
@@ -56,11 +62,16 @@ def _b64(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Opened:
-    """The decrypted personal fields of one envelope, or `erased=True` if its key was destroyed."""
+    """The decrypted personal fields of one envelope, or `erased=True` if its key was destroyed.
+
+    `state`: "open", "destroyed" (erased: `why` says by what) or "missing" (no key row at all:
+    nothing recorded a destruction, so the row was deleted outside fedpact; `erased` is False)."""
 
     fields: dict[str, Any] | None
     key_id: str
     erased: bool
+    state: str = "open"
+    why: str | None = None
 
 
 class SubjectKeys:
@@ -89,6 +100,8 @@ class SubjectKeys:
         self.id_rule: str = declared or DEFAULT_ID_RULE
         """How ids are normalised before they are pseudonymised (see `normalise.py`)."""
         self._match = id_rule(self.id_rule)
+        self.last_purge: Purge | None = None
+        """Whether the last destruction's key bytes left the database files (None: none yet)."""
         self._cache: dict[tuple[str, str], bytes] = {}
         self._epoch: str | None = None
         self._local_epoch = -1
@@ -296,7 +309,14 @@ class SubjectKeys:
         self._refresh()
         key = self._data_key(subject, key_id, create=False)
         if key is None:
-            return Opened(None, key_id, True)
+            with self.ledger.store.read() as connection:
+                row = connection.execute(
+                    select(subject_keys.c.destroyed_why).where(
+                        subject_keys.c.subject == subject, subject_keys.c.key_id == key_id)
+                ).first()
+            if row is None:
+                return Opened(None, key_id, False, "missing")
+            return Opened(None, key_id, True, "destroyed", row.destroyed_why)
         try:
             nonce = base64.b64decode(envelope["nonce"], validate=True)
             ciphertext = base64.b64decode(envelope["ct"], validate=True)
@@ -310,22 +330,35 @@ class SubjectKeys:
 
         return Opened(json.loads(plaintext), key_id, False)
 
-    def destroy(self, subject: str, *, why: str) -> int:
-        """Destroy every data key of `subject`; return how many were live. Irreversible."""
-        return self._destroy(subject_keys.c.subject == subject, why)
+    def destroy(self, subject: str, *, why: str, purge_timeout_s: float = 30.0) -> int:
+        """Destroy every data key of `subject`; return how many were live. Irreversible.
 
-    def destroy_expired(self, retention_class: str, before_period: str, *, why: str) -> int:
+        `last_purge` then says whether the wrapped key bytes left the database files (waiting up
+        to `purge_timeout_s` for other connections' read transactions to end)."""
+        return self._destroy(subject_keys.c.subject == subject, why, purge_timeout_s)
+
+    def destroy_expired(self, retention_class: str, before_period: str, *, why: str,
+                        purge_timeout_s: float = 30.0) -> int:
         """Destroy every key of `retention_class` for months before `before_period` (YYYY-MM)."""
         return self._destroy(
             (subject_keys.c.retention_class == retention_class)
             & (subject_keys.c.period < before_period),
-            why,
+            why, purge_timeout_s,
         )
 
-    def _destroy(self, condition: Any, why: str) -> int:
+    def purge(self, *, timeout_s: float = 30.0) -> Purge:
+        """Retry removing destroyed key bytes from the database files (after a destruction whose
+        `last_purge` was incomplete, once the readers that blocked it have ended)."""
+        self.last_purge = self.ledger.store.after_erasure((), timeout_s=timeout_s)
+        return self.last_purge
+
+    def _destroy(self, condition: Any, why: str, purge_timeout_s: float) -> int:
         store = self.ledger.store
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with store.write() as connection:
+            residue = [bytes(w) for (w,) in connection.execute(
+                select(subject_keys.c.wrapped).where(condition, subject_keys.c.wrapped.is_not(None))
+            )]
             destroyed = connection.execute(
                 update(subject_keys)
                 .where(condition, subject_keys.c.wrapped.is_not(None))
@@ -335,7 +368,10 @@ class SubjectKeys:
             connection.execute(ledger_meta.insert().values(key="key_epoch", value=os.urandom(8).hex()))
         self._cache.clear()
         self.ledger._key_epoch_local = getattr(self.ledger, "_key_epoch_local", 0) + 1
-        store.after_erasure()
+        self.last_purge = store.after_erasure(residue, timeout_s=purge_timeout_s)
+        if not self.last_purge.complete:
+            log.error("ledger %s: %d keys destroyed (%s), but %s", store.display_url,
+                      int(destroyed or 0), why, self.last_purge.detail)
         return int(destroyed or 0)
 
     def is_erased(self, subject: str) -> bool:

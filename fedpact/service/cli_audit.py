@@ -646,18 +646,24 @@ def dsar_erase(
     db: DbOption = None,
     channel: Annotated[str, typer.Option(help="How the request arrived.")] = "dpo",
     registry: RegistryOption = None,
+    purge_timeout: Annotated[float, typer.Option(
+        "--purge-timeout", min=0.0, max=3600.0,
+        help="Seconds to wait for other processes' read transactions to end so the destroyed "
+             "key bytes can be removed from the database files.")] = 30.0,
 ) -> None:
     """Crypto-shred a subject: keys destroyed, consents withdrawn, models flagged; chain intact.
 
     In the ledger and in every partner registry (--registry, and the simulated partners' under
-    --home), where the subjects each job used are kept: their models are flagged."""
+    --home), where the subjects each job used are kept: their models are flagged. Exit 1 if the
+    destroyed key bytes may remain in a database file (e.g. another process held a read
+    transaction past --purge-timeout): then run `fedpact audit dsar purge`."""
     from fedpact.audit.dsar import SubjectRequests
 
     if not yes:
         _fail(FedpactError("erasure destroys the subject's keys for good: add --yes to confirm"))
     with _ledger(home, db) as ledger, _registries(home, db, registry) as registries:
         report = SubjectRequests(ledger, actor="cli", registries=registries).erase(
-            subject, channel=channel)
+            subject, channel=channel, purge_timeout_s=purge_timeout)
     console.print(f"erased {report.subject}: {report.keys_destroyed} keys destroyed, consents "
                   f"withdrawn for {', '.join(report.consents_withdrawn) or 'none'}, models flagged: "
                   f"{', '.join(report.models_flagged) or 'none'}")
@@ -666,6 +672,34 @@ def dsar_erase(
     if report.untraceable_models:
         console.print(f"[yellow]untraceable models:[/yellow] {', '.join(report.untraceable_models)}"
                       f" — {report.note}")
+    if not report.key_bytes_purged:
+        _fail(LedgerError(f"the keys are destroyed, but the wrapped key bytes may remain in the "
+                          f"database files: {report.purge_note}"), code=1)
+
+
+@dsar_app.command("purge")
+def dsar_purge(
+    home: HomeOption = ".fedpact",
+    db: DbOption = None,
+    registry: RegistryOption = None,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0.0, max=3600.0,
+        help="Seconds to wait for other processes' read transactions to end.")] = 30.0,
+) -> None:
+    """Remove destroyed key bytes from the database files (after an erasure that could not)."""
+    from fedpact.audit.subjects import SubjectKeys
+
+    with _ledger(home, db) as ledger, _registries(home, db, registry) as registries:
+        results = [(str(ledger.store.database_path or ledger.store.display_url),
+                    SubjectKeys.of(ledger).purge(timeout_s=timeout))]
+        results += [(str(r.store.database_path), SubjectKeys.of(r).purge(timeout_s=timeout))
+                    for r in registries]
+    failed = [(where, purge) for where, purge in results if not purge.complete]
+    for where, _purge in results:
+        if all(where != w for w, _ in failed):
+            console.print(f"purged: {where}", highlight=False)
+    if failed:
+        _fail(LedgerError("; ".join(f"{where}: {p.detail}" for where, p in failed)), code=1)
 
 
 # --- four-eyes exports -------------------------------------------------------------------------
@@ -839,3 +873,6 @@ def retention_enforce(
     console.print(_retention_table(done, "retention enforced"))
     console.print(f"{event.payload['keys_destroyed']} keys destroyed; recorded as event "
                   f"{event.seq} (retention.enforced)")
+    if not event.payload.get("key_bytes_purged", True):
+        _fail(LedgerError(f"the keys are destroyed, but their wrapped bytes may remain in the "
+                          f"database files: {event.payload.get('purge_note')}"), code=1)
