@@ -721,7 +721,12 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default; put TLS in "
                                            "front before exposing it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8700,
-    secure_cookies: Annotated[bool, typer.Option(help="Mark console cookies Secure (behind HTTPS).")] = False,
+    secure_cookies: Annotated[bool, typer.Option(
+        help="Console cookies are Secure (and responses carry HSTS) unless a request comes over "
+             "plain HTTP to loopback; this forces Secure there too (a TLS proxy that rewrites "
+             "Host to 127.0.0.1 without X-Forwarded-Proto).")] = False,
+    max_body_mib: Annotated[float, typer.Option(
+        help="Largest request body accepted, in MiB (larger: 413 without reading it).")] = 1.0,
     superlink: Annotated[str | None, typer.Option(
         help="Run approved jobs on Flower's deployment engine at this SuperLink (HOST:PORT); "
              "without it they run in the simulation engine on this machine.")] = None,
@@ -746,7 +751,11 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"warning: listening on {host} without TLS; tokens and passwords would "
                           "cross the network in clear text", highlight=False)
-    app = create_app(home, secure_cookies=secure_cookies, run=run)
+    if not 0 < max_body_mib <= 1024:
+        err_console.print("error: --max-body-mib must be in (0, 1024]", highlight=False)
+        raise typer.Exit(2)
+    app = create_app(home, secure_cookies=secure_cookies, run=run,
+                     max_body_bytes=int(max_body_mib * 1024 * 1024))
     console.print(f"fedpact coordinator on http://{host}:{port}  (console /console, API docs /docs, "
                   f"run folder {home})")
     uvicorn.run(app, host=host, port=port, log_level="info")
