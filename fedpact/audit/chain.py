@@ -35,7 +35,7 @@ _MILLISECOND = timedelta(milliseconds=1)
 
 
 @functools.lru_cache(maxsize=4096)
-def _id_prefix(timestamp: str) -> str:
+def id_prefix(timestamp: str) -> str:
     """12 hex digits: the milliseconds since 1970 of an event's timestamp ('' if it has none)."""
     try:
         moment = datetime.fromisoformat(timestamp)
@@ -47,7 +47,7 @@ def _id_prefix(timestamp: str) -> str:
 
 
 def id_prefix_of(moment: datetime) -> str:
-    """`_id_prefix` of an aware datetime (the writer's side: no parsing)."""
+    """`id_prefix` of an aware datetime (the writer's side: no parsing)."""
     return f"{(moment - _EPOCH) // _MILLISECOND:012x}"
 
 
@@ -57,7 +57,7 @@ def event_id_for(timestamp: str, digest: str) -> str:
     (12 hex digits, so ids sort by time and the unique index grows at its right edge) and the
     first 80 bits of its hash. Anyone can recompute it, so an id cannot be renamed or moved to
     another event without verification naming it; the record format and its hash are unchanged."""
-    prefix = _id_prefix(timestamp) if isinstance(timestamp, str) else ""
+    prefix = id_prefix(timestamp) if isinstance(timestamp, str) else ""
     return prefix + digest[:20] if prefix and isinstance(digest, str) else ""
 
 

@@ -9,8 +9,9 @@ The tables (created and upgraded by the alembic migrations in `audit/migrations/
 - `ledger_keys` — verifier keys that have signed checkpoints; `ledger_meta` — the log's identity;
 - `event_index`, `consent_state` — indexes derived from events in the same transaction that
   appends them (queries by subject, partner, dataset, purpose, channel; current consent);
-- `writer_macs` — one HMAC-SHA-256 tag per event (keyed by event id) under the writer key kept
-  beside the ledger (never in the database): who wrote each event; append-only;
+- `writer_macs` — one HMAC-SHA-256 tag per event (by seq) under the writer key kept beside the
+  ledger (never in the database): who wrote each event; append-only (a tag left behind by an
+  event removed outside fedpact is replaced when that seq is written again);
 - `subject_keys`, `job_subjects` — wrapped per-subject data keys (crypto-shredding) and which
   subjects' rows each job used. These two are not part of the chain: erasure destroys keys here.
 
@@ -169,12 +170,11 @@ job_subjects = Table(
     sqlite_with_rowid=False,
 )
 
-writer_macs = Table(  # keyed by event id (time-ordered, derived from the record), not by seq:
-    "writer_macs",      # a tag survives the removal of its event without blocking the seq
+writer_macs = Table(
+    "writer_macs",
     metadata,
-    Column("event_id", Text, primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
     Column("mac", LargeBinary, nullable=False),
-    sqlite_with_rowid=False,
 )
 
 APPEND_ONLY_TABLES = ("ledger_events", "merkle_nodes", "ledger_checkpoints", "writer_macs")
@@ -408,7 +408,7 @@ class SQLiteStore(LedgerStore):
             f"""',"prev_hash":' || {q('prev_hash')} || ',"seq":' || e.seq || """
             f"""',"timestamp":' || {q('timestamp')} || '}}' END, """
             "e.event_id, e.timestamp, m.mac "
-            "FROM ledger_events e LEFT JOIN writer_macs m ON m.event_id = e.event_id "
+            "FROM ledger_events e LEFT JOIN writer_macs m ON m.seq = e.seq "
             f"WHERE e.seq > ?{upper} ORDER BY e.seq"
         )
 
@@ -559,7 +559,7 @@ class PostgresStore(LedgerStore):
             f"""',"prev_hash":' || {q('prev_hash')} || ',"seq":' || e.seq::text || """
             f"""',"timestamp":' || {q('timestamp')} || '}}', """
             "e.event_id, e.timestamp, m.mac "
-            "FROM ledger_events e LEFT JOIN writer_macs m ON m.event_id = e.event_id "
+            "FROM ledger_events e LEFT JOIN writer_macs m ON m.seq = e.seq "
             f"WHERE e.seq > %s{upper} ORDER BY e.seq"
         )
 

@@ -1,6 +1,6 @@
 """Writer authentication and bound event ids (issue #15).
 
-- `writer_macs`: one HMAC-SHA-256 tag (128 bits) per event (keyed by its id), under the writer key kept beside the
+- `writer_macs`: one HMAC-SHA-256 tag (128 bits) per event (by seq), under the writer key kept beside the
   ledger (`<ledger>.writer-key`, never in the database); append-only.
 - `ledger_meta.ids_bound_from`: events from this seq on carry an id derived from their record
   (`chain.event_id_for`), so an id cannot be renamed or swapped without it showing. Events already
@@ -33,9 +33,8 @@ def upgrade() -> None:
 
     op.create_table(
         "writer_macs",
-        sa.Column("event_id", sa.Text, primary_key=True),
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("mac", sa.LargeBinary, nullable=False),
-        sqlite_with_rowid=False,
     )
     bind = op.get_bind()
     tip = int(bind.exec_driver_sql("SELECT coalesce(max(seq), 0) FROM ledger_events").scalar())
