@@ -324,3 +324,21 @@ def test_a_merkle_node_or_checkpoint_stored_as_text_is_named(db: Path) -> None:
     with Ledger.open(db, read_only=True) as ledger:
         result = ledger.verify()
     assert not result.ok and "checkpoint at tree size 8 is stored as a BLOB" in result.reason
+
+
+def test_a_lost_writer_key_is_not_recreated_and_its_absence_is_named(db: Path,
+                                                                    tmp_path: Path) -> None:
+    key = db.parent / "ledger.db.writer-key"
+    saved = tmp_path / "saved.writer-key"
+    shutil.move(key, saved)
+    with Ledger.open(db, checkpoint_every=1) as ledger:  # a checkpoint would be due at once
+        event = ledger.append(EventType.JOB_FAILED, {"reason": "untagged"}, actor="server")
+        assert not key.exists()  # not re-created: it would vouch for whatever came meanwhile
+        with pytest.raises(LedgerError, match="no writer key"):
+            ledger.checkpoint()
+        assert "writer tags not checked" in ledger.verify().reason
+    shutil.move(saved, key)
+    with Ledger.open(db, read_only=True) as ledger:
+        result = ledger.verify()
+    assert not result.ok and result.first_bad_seq == event.seq
+    assert f"event seq {event.seq} was not written by this ledger's writer key" in result.reason

@@ -1139,8 +1139,8 @@ class Ledger:
         return int(size or 0)
 
     def _maybe_checkpoint(self) -> None:
-        if self._signer is None:
-            return
+        if self._signer is None or self._writer_key is None:
+            return  # nothing can be signed (a missing writer key was logged when opening)
         head = self._tip_seq_hint()
         due = head - self._last_checkpoint_size >= self.checkpoint_every or (
             head > self._last_checkpoint_size
