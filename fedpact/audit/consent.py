@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,7 +32,7 @@ from sqlalchemy import select
 from fedpact.audit.events import EventType, LedgerError, parse_timestamp, validate_payload
 from fedpact.audit.ledger import CONSENT_STATUS, Ledger, LedgerEvent, _consent_row, utc_iso
 from fedpact.audit.normalise import clean_text, purpose_key
-from fedpact.audit.store import consent_state, job_subjects
+from fedpact.audit.store import consent_state, job_subjects, ledger_events
 from fedpact.audit.subjects import SubjectKeys
 
 log = logging.getLogger(__name__)
@@ -305,28 +306,41 @@ class ConsentRegistry:
 
     def _resolve_withdrawals(self, payloads: Sequence[dict[str, Any]]) -> list[list[str]]:
         """For each withdrawal payload: adopt the purpose spelling of the consent it withdraws,
-        and the warnings when it names none the registry knows (a tampered chain only warns:
-        a withdrawal is never refused)."""
-        try:
-            state = self._proven({p["subject"] for p in payloads})
-        except LedgerError as exc:
-            return [[f"could not check which consent this withdrawal withdraws ({exc})"]
-                    for _ in payloads]
-        by_subject: dict[str, dict[str, ConsentRecord]] = {}
-        for (subject, key), record in state.items():
-            by_subject.setdefault(subject, {})[key] = record
+        and the warnings when it names none the registry knows. Advisory, so read from the
+        derived `consent_state` (two indexed queries, not a verification of the whole chain):
+        what a withdrawal does is decided by purpose key and pseudonym, never by this."""
+        subjects = sorted({p["subject"] for p in payloads})
+        known: dict[str, dict[str, str]] = {}
+        with self.ledger.store.read() as connection:
+            seqs: dict[int, tuple[str, str]] = {}
+            for start in range(0, len(subjects), 500):
+                for subject, key, seq in connection.execute(
+                        select(consent_state.c.subject, consent_state.c.purpose, consent_state.c.seq)
+                        .where(consent_state.c.subject.in_(subjects[start:start + 500]))):
+                    seqs[int(seq)] = (subject, key)
+            wanted = sorted(seqs)
+            for start in range(0, len(wanted), 500):
+                for seq, text in connection.execute(
+                        select(ledger_events.c.seq, ledger_events.c.payload)
+                        .where(ledger_events.c.seq.in_(wanted[start:start + 500]))):
+                    subject, key = seqs[int(seq)]
+                    try:
+                        spelled = json.loads(text)["purpose"]
+                    except (TypeError, ValueError, KeyError):
+                        spelled = key
+                    known.setdefault(subject, {})[key] = spelled if isinstance(spelled, str) else key
         found: list[list[str]] = []
         for payload in payloads:
-            known = by_subject.get(payload["subject"], {})
-            record = known.get(purpose_key(payload["purpose"]))
-            if record is not None:
-                payload["purpose"] = record.purpose
+            purposes = known.get(payload["subject"], {})
+            spelled = purposes.get(purpose_key(payload["purpose"]))
+            if spelled is not None:
+                payload["purpose"] = spelled
                 found.append([])
-            elif known:
+            elif purposes:
                 found.append([
                     f"withdrawal of purpose {payload['purpose']!r} for subject "
                     f"{payload['subject']}: no consent of this subject for this purpose is known "
-                    f"(its purposes: {', '.join(sorted(r.purpose for r in known.values()))}); "
+                    f"(its purposes: {', '.join(sorted(purposes.values()))}); "
                     "recorded anyway: check the purpose"])
             else:
                 found.append([
