@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -105,6 +106,9 @@ def test_altered_ledger_row_fails_verification(bank_job, tmp_path):
     copy = tmp_path / "ledger.db"
     with sqlite3.connect(job.ledger_path) as src, sqlite3.connect(copy) as dst:
         src.backup(dst)
+    for kept in Path(job.ledger_path).parent.glob("ledger.db.*"):  # its public and writer keys
+        if kept.is_file() and not kept.name.endswith(("-wal", "-shm", "-journal")):
+            shutil.copy2(kept, tmp_path / kept.name)
     with sqlite3.connect(copy) as con:
         con.execute("DROP TRIGGER IF EXISTS ledger_events_no_update")
         for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
