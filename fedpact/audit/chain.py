@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from json.encoder import encode_basestring as _quote
@@ -109,6 +109,9 @@ class ChainVerification:
     head_hash: str
     checkpoints_checked: int = 0
     signed_tree_size: int = 0
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """How the verdict was reached when that is worth saying (e.g. the parallel check failed
+    and the sequential one decided). Not part of the verdict: equal verdicts may differ here."""
 
 
 def _check_json_value(value: Any, path: str) -> None:

@@ -1972,16 +1972,39 @@ def verify_log(
 
     verdict = None
     workers = None
+    notes: list[str] = []
     if parallel and not failures:
-        workers = _start_parallel_check(store, connection, [size for size, _ in signed], soft)
+        try:
+            workers = _start_parallel_check(store, connection, [size for size, _ in signed], soft)
+        except Exception as exc:  # noqa: BLE001 - no workers: the sequential check decides
+            notes.append(f"the parallel verification could not start ({type(exc).__name__}: "
+                         f"{exc}); verified sequentially")
     try:
         if workers is not None:
             verdict = workers.finish(signed)
+            if workers.failure is not None:
+                notes.append(f"{workers.failure}; verified sequentially")
     finally:
         if workers is not None:
             workers.close()
+    for note in notes:
+        log.warning("ledger verification: %s", note)
     if verdict is None:  # the sequential check: also the exact diagnosis of any anomaly
         verdict = _verify_sequential(store, connection, signed, failures, soft)
+    verdict = _verify_tail(store, connection, signed, verdict, boundary, boundary_problem, writer)
+    return dataclasses.replace(verdict, notes=tuple(notes)) if notes else verdict
+
+
+def _verify_tail(
+    store: LedgerStore,
+    connection: Connection,
+    signed: Sequence[tuple[int, bytes]],
+    verdict: ChainVerification,
+    boundary: int,
+    boundary_problem: str | None,
+    writer: WriterKey | None,
+) -> ChainVerification:
+    """After the chain check: the id boundary, the stored frontier, the summary's writer note."""
     if not verdict.ok:
         return verdict
     problem = boundary_problem or _frontier_problem(store, connection, signed)
@@ -2276,6 +2299,32 @@ def _verify_range(job: tuple[Any, ...]) -> tuple[Any, ...]:
         connection.close()
 
 
+PARALLEL_VERIFY_TIMEOUT_BASE_S = 60.0
+PARALLEL_VERIFY_TIMEOUT_PER_EVENT_S = 100e-6
+"""How long the parent waits for the verification workers: a base plus this per event (≈ 10,000
+events/s, some 20-40× slower than a worker runs on a loaded core); past it the sequential check
+decides (and the result says so)."""
+
+
+def parallel_verify_timeout(events: int) -> float:
+    """Seconds the parent waits for the workers checking `events` events before it gives up."""
+    return PARALLEL_VERIFY_TIMEOUT_BASE_S + events * PARALLEL_VERIFY_TIMEOUT_PER_EVENT_S
+
+
+def _range_worker(jobs: Sequence[tuple[int, tuple[Any, ...]]], out: Any) -> None:
+    """Worker process: check each (index, range job), sending (index, result) after each; stops
+    at the first anomaly (the parent then runs the sequential check)."""
+    gc.disable()  # never finalise (close) the SQLite connections inherited from the parent
+    try:
+        for index, job in jobs:
+            result = _verify_range(job)
+            out.send((index, result))
+            if not result[0]:
+                break
+    finally:
+        out.close()
+
+
 class _ParallelCheck:
     """The intact-log check of a large SQLite ledger split over worker processes.
 
@@ -2283,23 +2332,68 @@ class _ParallelCheck:
     the whole: the root at a signed size k inside range j is fold_right(frontier of the ranges
     before j ++ [range j's root up to k]). Only an intact verdict is produced here; on any
     anomaly `finish` returns None and the caller runs the sequential check for the diagnosis.
+    The wait is bounded (`parallel_verify_timeout`); a worker that dies or does not answer in
+    time also gives None, with `failure` saying what happened (the caller reports it).
     """
 
-    def __init__(self, pool: Any, results: Any, size: int) -> None:
-        self.pool, self.results, self.size = pool, results, size
+    def __init__(self, processes: list[Any], connections: list[Any], jobs: int, size: int) -> None:
+        self.processes, self.connections, self.jobs, self.size = processes, connections, jobs, size
+        self.failure: str | None = None
 
     def close(self) -> None:
-        self.pool.terminate()
+        for process in self.processes:
+            if process.exitcode is None:
+                process.kill()
+        for process in self.processes:
+            process.join(1.0)
+        for connection in self.connections:
+            connection.close()
+
+    def _collect(self) -> dict[int, tuple[Any, ...]] | None:
+        """Every range's result, or None (an anomaly, or `failure` set) as soon as that is known."""
+        from multiprocessing.connection import wait
+
+        timeout = parallel_verify_timeout(self.size)
+        deadline = time.monotonic() + timeout
+        results: dict[int, tuple[Any, ...]] = {}
+        open_ = list(self.connections)
+        while open_:
+            left = deadline - time.monotonic()
+            ready = wait(open_, timeout=max(0.0, left)) if left > 0 else []
+            if not ready:
+                self.failure = (f"the verification workers did not answer within {timeout:.0f} s "
+                                f"({len(results)} of {self.jobs} ranges done)")
+                return None
+            for connection in ready:
+                try:
+                    index, result = connection.recv()
+                except EOFError:  # the worker closed its end: finished, or died
+                    open_.remove(connection)
+                    continue
+                if not result[0]:
+                    return None  # an anomaly: the sequential check names it
+                results[index] = result
+        if len(results) != self.jobs:
+            codes = sorted({p.exitcode for p in self.processes if p.exitcode not in (None, 0)})
+            how = f" (exit code {', '.join(map(str, codes))})" if codes else ""
+            self.failure = (f"a verification worker died{how} ({len(results)} of {self.jobs} "
+                            "ranges done)")
+            return None
+        return results
 
     def finish(self, signed: Sequence[tuple[int, bytes]] | None) -> ChainVerification | None:
         if signed is None or (signed and signed[-1][0] > self.size):
             return None
         try:
+            collected = self._collect()
+            if collected is None:
+                return None
             expected = dict(signed)
             ranges = MerkleFrontier()  # the tree over whole ranges' roots
             head = GENESIS_HASH
             matched = 0
-            for result in self.results:
+            for index in range(self.jobs):
+                result = collected[index]
                 ok, first_prev, last, roots, range_root = (*result, None, None, None, None)[:5]
                 if not ok or first_prev != head:
                     return None
@@ -2313,7 +2407,7 @@ class _ParallelCheck:
                 return None
             return _intact(self.size, head, signed)
         except Exception as exc:  # noqa: BLE001 - a worker failed: the sequential check decides
-            log.warning("parallel verification failed (%s); verifying sequentially", exc)
+            self.failure = f"the parallel verification failed ({type(exc).__name__}: {exc})"
             return None
 
 
@@ -2324,7 +2418,8 @@ def _start_parallel_check(
 
     Worker processes are forked, so only from a single-threaded process (forking while other
     threads hold locks is unsafe); they read the same file through their own connections, and
-    only events up to this snapshot's newest.
+    only events up to this snapshot's newest. Raises if they cannot be started (the caller
+    then verifies sequentially and says so).
     """
     import multiprocessing
 
@@ -2352,14 +2447,29 @@ def _start_parallel_check(
         jobs.append((str(path), sql, lo, hi, tuple(s for s in sizes if lo < s <= hi),
                      soft.ids_from, soft.writer))
     workers = min(cores, 2, len(jobs))
-    # gc off in the workers: they must never finalise (close) the SQLite connections they
-    # inherited; they exit with os._exit and allocate nothing cyclic
-    gc.freeze()  # and nothing the parent holds is even a candidate for collection there
+    context = multiprocessing.get_context("fork")
+    check = _ParallelCheck([], [], len(jobs), size)
+    # nothing the parent holds is even a candidate for collection in the workers (they also
+    # turn gc off: they must never finalise the SQLite connections they inherited)
+    gc.freeze()
     try:
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=gc.disable)
+        for number in range(workers):
+            receive, send = context.Pipe(duplex=False)
+            check.connections.append(receive)
+            share = [(index, jobs[index]) for index in range(number, len(jobs), workers)]
+            process = context.Process(target=_range_worker, args=(share, send), daemon=True,
+                                      name=f"fedpact-verify-{number}")
+            try:
+                process.start()
+            finally:
+                send.close()  # the worker holds the only write end: EOF when it ends or dies
+            check.processes.append(process)
+    except BaseException:
+        check.close()
+        raise
     finally:
         gc.unfreeze()
-    return _ParallelCheck(pool, pool.imap(_verify_range, jobs), size)
+    return check
 
 
 def _open_with_any(note: str, keys: Sequence[VerifierKey]) -> Checkpoint:
@@ -2485,7 +2595,7 @@ def check_kept_checkpoint(
     def failed(first_bad: int | None, reason: str) -> ChainVerification:
         return ChainVerification(
             False, verdict.events_checked, first_bad, reason, verdict.head_hash,
-            verdict.checkpoints_checked, verdict.signed_tree_size,
+            verdict.checkpoints_checked, verdict.signed_tree_size, verdict.notes,
         )
 
     try:

@@ -240,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = verify_database(url, keys, kept=kept)
         where = f" at event {result.first_bad_seq}" if result.first_bad_seq else ""
         print(("OK: " if result.ok else f"BROKEN{where}: ") + result.reason)
+        for note in result.notes:
+            print(f"note: {note}")
         return 0 if result.ok else 1
     except (LedgerError, OSError, ValueError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)

@@ -262,6 +262,8 @@ def verify(
     else:
         console.print(_verification_line(result, kept=kept is not None), highlight=False,
                       soft_wrap=True)
+        for note in getattr(result, "notes", ()):
+            console.print(f"[yellow]note[/yellow]: {note}", highlight=False, soft_wrap=True)
         if index_check is not None:
             if index_check.ok:
                 console.print(f"[green]✓ indexes match the chain[/green]: {index_check.summary()}",
