@@ -1775,6 +1775,17 @@ class IndexCheck:
             lines.append(f"  … and {len(self.problems) - limit} more")
         return "\n".join(lines)
 
+    def report(self, limit: int = 100) -> dict[str, Any]:
+        """The check as JSON data (the API's and the console's verify): at most `limit`
+        problems listed, `problem_count` says how many there are."""
+        return {"ok": self.ok, "events": self.events, "problem_count": len(self.problems),
+                "problems": list(self.problems[:limit]), "summary": self.summary(),
+                "repair": None if self.ok else INDEX_REPAIR}
+
+
+INDEX_REPAIR = ("repair event_index and consent_state with `fedpact audit reindex`; job_subjects "
+                "and merkle_nodes cannot be rebuilt from the chain: restore them from a backup")
+
 
 @dataclass(frozen=True)
 class SignedCheckpointInfo:

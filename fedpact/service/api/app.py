@@ -559,11 +559,16 @@ async def audit_events(
 
 @router.get("/audit/verify", tags=["audit"])
 def audit_verify(principal: Compliance, service: Service) -> dict:
-    """Recompute the hash chain, Merkle tree and signed checkpoints of the ledger."""
+    """Recompute the hash chain, Merkle tree and signed checkpoints of the ledger, then (on an
+    intact chain) compare the derived tables (event_index, consent_state, job_subjects, stored
+    Merkle nodes) with it, as `fedpact audit verify --indexes`. `ok` is false when either
+    fails; `chain_ok` is the chain's verdict alone; `indexes` is null when the chain failed."""
     result = service.ledger.verify()
-    return {"ok": result.ok, "events_checked": result.events_checked,
+    indexes = service.ledger.check_indexes().report() if result.ok else None
+    return {"ok": result.ok and indexes is not None and indexes["ok"], "chain_ok": result.ok,
+            "events_checked": result.events_checked,
             "first_bad_seq": result.first_bad_seq, "reason": result.reason,
-            "head_hash": result.head_hash}
+            "head_hash": result.head_hash, "notes": list(result.notes), "indexes": indexes}
 
 
 @router.get("/node/jobs", tags=["nodes"])

@@ -462,14 +462,17 @@ def install_console(app: FastAPI) -> None:
             error = exc.message
         except (LedgerError, FedpactError) as exc:
             error = str(exc)
+        indexes = None
         if verify.strip() not in ("", "0"):
             verification = service.ledger.verify()
+            if verification.ok:  # as `fedpact audit verify --indexes`
+                indexes = service.ledger.check_indexes().report()
         next_link = None
         if result["next_after_seq"] is not None:
             params = "&".join(f"{k}={quote(v)}" for k, v in query.items() if v)
             next_link = f"/console/audit?{params}&after_seq={result['next_after_seq']}"
         return page(request, "audit.html", principal, q=query, events=result["events"],
-                    next_link=next_link, error=error, verification=verification,
+                    next_link=next_link, error=error, verification=verification, indexes=indexes,
                     event_types=[t.value for t in EventType], status_code=422 if error else 200)
 
     # ---- registered partner datasets (read-only)
