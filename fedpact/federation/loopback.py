@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from .deployment import Connection, SuperLinkProcess, flower_env, flwr_cli, register_node
@@ -67,9 +68,11 @@ class LoopbackDeployment:
 
     def start_node(self, index: int, *, key: str | None = None, data_dir: str | Path | None = None,
                    stock: bool = False, track: bool = True, admission_wait: float = 120,
-                   own: tuple[str, str | Path, str | Path] | None = None) -> subprocess.Popen:
+                   own: tuple[str, str | Path, str | Path] | None = None,
+                   env: Mapping[str, str] | None = None) -> subprocess.Popen:
         """Partner node `index` serving partition `index` of the job's data set, or, with
-        `own` = (partner name, CSV, mapping), that partner's own file."""
+        `own` = (partner name, CSV, mapping), that partner's own file. `env`: extra environment
+        for the node's processes (test hooks, e.g. `fedpact.testing.node_fault.fault_env`)."""
         name = key or f"p{index}"
         log = open(self.root / f"node{index}.log", "ab")  # noqa: SIM115
         state = self.node_dir(index)
@@ -91,7 +94,7 @@ class LoopbackDeployment:
             if data_dir and not own:
                 argv += ["--data-dir", str(data_dir)]
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=flower_env())
+                                start_new_session=True, env=flower_env(**(env or {})))
         if track:
             self.nodes[index] = proc
         return proc
@@ -158,12 +161,16 @@ class LoopbackDeployment:
         return found
 
     def stop(self) -> None:
-        for index in list(self.nodes):
-            proc = self.nodes.pop(index)
-            try:
+        """Every node told to stop at once (then waited for, 15 s each at most), then the link."""
+        procs = [self.nodes.pop(index) for index in list(self.nodes)]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
                 proc.wait(15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         self.link.stop()

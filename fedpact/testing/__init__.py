@@ -1,0 +1,1 @@
+"""Test harness only: nothing here runs in a production coordinator or partner node."""
