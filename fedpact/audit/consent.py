@@ -30,7 +30,7 @@ import numpy as np
 from sqlalchemy import select
 
 from fedpact.audit.events import EventType, LedgerError, parse_timestamp, validate_payload
-from fedpact.audit.ledger import CONSENT_STATUS, Ledger, LedgerEvent, _consent_row, utc_iso
+from fedpact.audit.ledger import Ledger, LedgerEvent, utc_iso
 from fedpact.audit.normalise import clean_text, purpose_key
 from fedpact.audit.store import consent_state, job_subjects, ledger_events
 from fedpact.audit.subjects import SubjectKeys
@@ -371,11 +371,9 @@ class ConsentRegistry:
         consent events proven against the chain (see the module docstring); the latest effective
         time wins, so a late-imported older record does not override a newer one."""
         state: dict[tuple[str, str], ConsentRecord] = {}
-        for seq, kind, payload in self.ledger.proven_consent_events(subjects):
-            try:
-                row = _consent_row(CONSENT_STATUS[kind], payload, seq)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise LedgerError(f"event {seq} ({kind}) lacks a valid consent field: {exc}") from None
+        for seq, kind, payload, _, row in self.ledger.proven_consent_events(subjects, plain=False):
+            if isinstance(row, str):
+                raise LedgerError(f"event {seq} ({kind}) lacks a valid consent field: {row}")
             key = (row["subject"], row["purpose"])  # the purpose's key
             held = state.get(key)
             if held is None or row["effective_at"] >= held.effective_at:

@@ -1660,46 +1660,164 @@ class Ledger:
             )
 
     def proven_consent_events(
-        self, subjects: Collection[str] | None = None
-    ) -> list[tuple[int, str, dict[str, Any]]]:
+        self, subjects: Collection[str] | None = None, *, plain: bool = True
+    ) -> list[tuple[Any, ...]]:
         """(seq, event type, payload) of every consent event (of `subjects`, if given), in seq
-        order, read only after the whole log was verified in the same snapshot: links and
-        hashes, bound ids, every event's writer tag (with the writer key), and the signed
-        checkpoints (with this ledger's public key; without one, at least that no event a
-        checkpoint covers is gone). What consent enforcement decides from, instead of the
-        derived `consent_state` table, which anyone with write access could edit. Raises
-        LedgerError naming the first event that fails."""
+        order, read only from a log verified in the same snapshot: links and hashes, bound ids,
+        every event's writer tag (with the writer key), and the signed checkpoints (with this
+        ledger's public key; without one, at least that no event a checkpoint covers is gone).
+        What consent enforcement decides from, instead of the derived `consent_state` table,
+        which anyone with write access could edit. Raises LedgerError naming the first event
+        that fails.
+
+        Incremental: the first call verifies the whole log and remembers what it proved (see
+        `_ConsentProof`); a later call on this `Ledger` verifies only the events appended since
+        (fully, as above, their checkpoints' roots included) and re-checks the rest: every
+        checkpoint signature, the stored Merkle frontier, every proven event's seq and stored
+        hash (a deletion — even of the newest unsigned events —, insertion, reordering or
+        re-hashed rewrite), and the stored record of every consent event it returns. Any
+        doubt runs the full verification, which names the event. What a later call does not
+        re-hash is the record of a proven event it does not return (e.g. another subject's, or a
+        data.accessed event, altered in place with its stored hash left as it was): the
+        decision is made from the proven payloads, never from such a row, and `verify` names
+        it; a full verification also runs when the proof is older than
+        `CONSENT_FULL_RECHECK_S`. The proof is shared by this process's `Ledger`s on the same
+        database and keys. With `plain=False` each event also carries its hash and its
+        `consent_state` row (or why it gives none), derived once per proof."""
         keys = self.trusted_keys()
-        with self._connect(snapshot=True) as connection:
+        key_texts = tuple(k.encode() for k in keys)
+        identity = self._proof_identity(key_texts)
+        with _proof_lock(identity), self._connect(snapshot=True) as connection:
             checkpoints = [(int(size), note) for size, note in connection.execute(
                 select(ledger_checkpoints.c.tree_size, ledger_checkpoints.c.note)
                 .order_by(ledger_checkpoints.c.tree_size))]
-            verdict = verify_log(self._store, connection, checkpoints if keys else [], keys,
+            used = checkpoints if keys else []
+            proof = _CONSENT_PROOFS.get(identity)
+            if proof is not None and time.monotonic() - proof.made_at > CONSENT_FULL_RECHECK_S:
+                proof = None
+            _CONSENT_PROOFS.pop(identity, None)  # put back only once this call succeeds
+            if proof is not None:
+                found = self._extend_consent_proof(connection, proof, used, keys, checkpoints,
+                                                   subjects)
+                if found is not None:
+                    _keep_proof(identity, proof)
+                    return [event[:3] for event in found] if plain else found
+            # the full verification: the first time, and on any doubt (it names the event)
+            collected: dict[str, Any] = {}
+            verdict = verify_log(self._store, connection, used, keys,
                                  origin=self.origin, writer=self._writer_key,
-                                 ids_from=self._ids_from, parallel=False)
-            if verdict.ok and not keys and checkpoints and checkpoints[-1][0] > verdict.events_checked:
-                size = checkpoints[-1][0]
-                verdict = ChainVerification(
-                    False, verdict.events_checked, verdict.events_checked + 1,
-                    f"truncated: a checkpoint covers {size} events but the ledger holds only "
-                    f"{verdict.events_checked}", verdict.head_hash)
+                                 ids_from=self._ids_from, parallel=False, collect=collected)
+            verdict = _no_key_truncation(verdict, checkpoints, keys)
             if not verdict.ok:
-                where = f" at event {verdict.first_bad_seq}" if verdict.first_bad_seq else ""
-                raise LedgerError(
-                    f"consent cannot be decided: the chain does not verify{where}: "
-                    f"{verdict.reason}; run `fedpact audit verify`"
-                )
-            rows = connection.execute(
-                select(ledger_events.c.seq, ledger_events.c.event_type, ledger_events.c.payload)
-                .where(ledger_events.c.event_type.in_(sorted(CONSENT_STATUS)))
-                .order_by(ledger_events.c.seq)
-            )
-            found = []
-            for seq, kind, text in rows:
-                payload = json.loads(text)
-                if subjects is None or payload.get("subject") in subjects:
-                    found.append((int(seq), str(kind), payload))
-            return found
+                raise _refuse_consent(verdict)
+            if proof is not None:
+                problem = proof.prefix_problem(self._store, connection)
+                if problem is None and verdict.events_checked < proof.size:
+                    problem = (f"the log holds {verdict.events_checked} events but this ledger "
+                               f"verified {proof.size} earlier: events were removed")
+                if problem is not None:
+                    _keep_proof(identity, proof)  # it stays: every later call refuses too
+                    raise LedgerError(f"consent cannot be decided: {problem}; run `fedpact "
+                                      "audit verify`")
+            proof = self._new_consent_proof(connection, used, keys, key_texts, verdict,
+                                            collected)
+            _keep_proof(identity, proof)
+            found = proof.events(subjects)
+            return [event[:3] for event in found] if plain else found
+
+    def _extend_consent_proof(
+        self,
+        connection: Connection,
+        proof: _ConsentProof,
+        used: Sequence[tuple[int, Any]],
+        keys: Sequence[VerifierKey],
+        checkpoints: Sequence[tuple[int, Any]],
+        subjects: Collection[str] | None,
+    ) -> list[tuple[int, str, dict[str, Any]]] | None:
+        """The consent events for `subjects` from `proof` extended by the events appended since,
+        or None at the first doubt (the caller runs the full verification)."""
+        store = self._store
+        failures, signed, boundary, boundary_problem = _open_checkpoints(
+            used, keys, origin=self.origin,
+            writer=self._writer_key, ids_from=self._ids_from)
+        if failures or boundary_problem is not None or boundary != proof.boundary:
+            return None
+        if not proof.advance_signed(signed):
+            return None  # a checkpoint over proven events replaced, removed, or wrong
+        if proof.prefix_problem(store, connection) is not None:
+            return None
+        extended = _verify_suffix(store, connection, proof, signed, _SoftChecks(boundary,
+                                                                                self._writer_key))
+        if extended is None:
+            return None
+        frontier, hashes = extended
+        size = proof.size + len(hashes)
+        if checkpoints and not used and checkpoints[-1][0] > size:
+            return None
+        if _frontier_problem(store, connection, signed) is not None:
+            return None
+        wanted = proof.events(subjects)
+        if proof.content_problem(store, connection, wanted) is not None:
+            return None
+        consent = []
+        if hashes:
+            consent = self._consent_rows(connection, proof.size)
+        proof.add(hashes, consent)
+        proof.frontier = frontier
+        proof.settle(signed)
+        new = [event for event in proof.events(subjects) if event[0] > size - len(hashes)]
+        return wanted + new
+
+    def _proof_identity(self, key_texts: tuple[str, ...]) -> tuple[Any, ...]:
+        """Which remembered proof (`_CONSENT_PROOFS`) a consent check of this ledger may use:
+        the same database (for a file, the same file: a replaced one is proven afresh), log,
+        verifier keys, writer key and id boundary."""
+        url = self._url
+        where: Any = url.render_as_string(hide_password=True)
+        database = url.database if url.get_backend_name() == "sqlite" else None
+        if database and database != ":memory:" and not database.startswith("file:"):
+            path = Path(database).expanduser().absolute()
+            try:
+                info = path.stat()
+                where = (str(path.resolve()), info.st_dev, info.st_ino)
+            except OSError:
+                where = str(path)
+        elif database in (None, "", ":memory:") and url.get_backend_name() == "sqlite":
+            where = ("memory", id(self))  # an in-memory ledger is its own database
+        writer = self._writer_key
+        wid = None if writer is None else (writer.from_seq,
+                                           hashlib.sha256(writer.secret).hexdigest())
+        return (where, self.origin, key_texts, wid, self._ids_from)
+
+    def _consent_rows(self, connection: Connection, after: int) -> list[tuple[int, str, str, str]]:
+        """(seq, type, payload text, hash) of the consent events after seq `after`."""
+        return [(int(seq), str(kind), text, digest) for seq, kind, text, digest in connection.execute(
+            select(ledger_events.c.seq, ledger_events.c.event_type, ledger_events.c.payload,
+                   ledger_events.c.hash)
+            .where(ledger_events.c.seq > after,
+                   ledger_events.c.event_type.in_(sorted(CONSENT_STATUS)))
+            .order_by(ledger_events.c.seq))]
+
+    def _new_consent_proof(self, connection: Connection, used: Sequence[tuple[int, Any]],
+                           keys: Sequence[VerifierKey], key_texts: tuple[str, ...],
+                           verdict: ChainVerification, collected: dict[str, Any]) -> _ConsentProof:
+        """Remember what a full verification (`verdict`, in this snapshot; `collected` by it:
+        the hashes and frontiers it computed) proved."""
+        _, signed, boundary, _ = _open_checkpoints(
+            used, keys, origin=self.origin, writer=self._writer_key, ids_from=self._ids_from)
+        hashes = collected.get("hashes", [])
+        newest = signed[-1][0] if signed else 0
+        frontier = collected.get("frontier") or MerkleFrontier()
+        signed_frontier = collected.get("signed_frontier") or MerkleFrontier()
+        if (len(hashes) != verdict.events_checked or frontier.size != len(hashes)
+                or signed_frontier.size != newest):
+            raise LedgerError("consent cannot be decided: the verification did not cover the "
+                              "whole log; run `fedpact audit verify`")
+        proof = _ConsentProof(0, GENESIS_HASH, [], [], frontier, list(signed), boundary,
+                              key_texts, {}, time.monotonic(), signed_frontier, [])
+        proof.add(hashes, self._consent_rows(connection, 0))
+        del proof.unsigned[:newest]
+        return proof
 
     def check_indexes(self) -> IndexCheck:
         """Compare the derived tables with a recomputation from the chain (read-only).
@@ -1913,20 +2031,17 @@ class _SoftChecks:
         return None
 
 
-def verify_log(
-    store: LedgerStore,
-    connection: Connection,
+def _open_checkpoints(
     checkpoints: Sequence[tuple[int, Any]],
     keys: Sequence[VerifierKey],
     *,
-    origin: str | None = None,
-    writer: WriterKey | None = None,
-    ids_from: int | None = None,
-    parallel: bool = True,
-) -> ChainVerification:
-    """Verify the chain, the Merkle roots of every checkpoint and their signatures, then event ids
-    (from the seq signed checkpoints state, else the writer key's, else `ids_from` read from
-    ledger_meta), writer tags (with `writer`) and the stored Merkle frontier (see Ledger.verify)."""
+    origin: str | None,
+    writer: WriterKey | None,
+    ids_from: int | None,
+) -> tuple[list[tuple[int, str]], list[tuple[int, bytes]], int, str | None]:
+    """Open every stored checkpoint with `keys`: (failures, [(tree size, signed root)] of those
+    that verify, up to the first that does not; the seq from which event ids are bound; what is
+    wrong with that boundary, or None)."""
     failures: list[tuple[int, str]] = []
     signed: list[tuple[int, bytes]] = []
     stated: set[int] = set()
@@ -1979,6 +2094,26 @@ def verify_log(
             boundary_problem = (f"the writer key tags events from seq {writer.from_seq}, but the "
                                 f"signed checkpoints bind ids from seq {boundary}: a replaced "
                                 "writer key?")
+    return failures, signed, boundary, boundary_problem
+
+
+def verify_log(
+    store: LedgerStore,
+    connection: Connection,
+    checkpoints: Sequence[tuple[int, Any]],
+    keys: Sequence[VerifierKey],
+    *,
+    origin: str | None = None,
+    writer: WriterKey | None = None,
+    ids_from: int | None = None,
+    parallel: bool = True,
+    collect: dict[str, Any] | None = None,
+) -> ChainVerification:
+    """Verify the chain, the Merkle roots of every checkpoint and their signatures, then event ids
+    (from the seq signed checkpoints state, else the writer key's, else `ids_from` read from
+    ledger_meta), writer tags (with `writer`) and the stored Merkle frontier (see Ledger.verify)."""
+    failures, signed, boundary, boundary_problem = _open_checkpoints(
+        checkpoints, keys, origin=origin, writer=writer, ids_from=ids_from)
     soft = _SoftChecks(boundary, writer)
 
     verdict = None
@@ -2001,7 +2136,7 @@ def verify_log(
     for note in notes:
         log.warning("ledger verification: %s", note)
     if verdict is None:  # the sequential check: also the exact diagnosis of any anomaly
-        verdict = _verify_sequential(store, connection, signed, failures, soft)
+        verdict = _verify_sequential(store, connection, signed, failures, soft, collect)
     verdict = _verify_tail(store, connection, signed, verdict, boundary, boundary_problem, writer)
     return dataclasses.replace(verdict, notes=tuple(notes)) if notes else verdict
 
@@ -2042,8 +2177,13 @@ def _verify_sequential(
     signed: Sequence[tuple[int, bytes]],
     failures: list[tuple[int, str]],
     soft: _SoftChecks,
+    collect: dict[str, Any] | None = None,
 ) -> ChainVerification:
+    """With `collect` (a dict), also leave there what a consent proof remembers: "hashes" (of
+    every event accepted), "frontier" (at the end) and "signed_frontier" (at the newest signed
+    size reached)."""
     sha256 = hashlib.sha256
+    collected: list[str] | None = None if collect is None else collect.setdefault("hashes", [])
     state = {"seq": 0, "hash": GENESIS_HASH, "checked": 0}
     boundary_hashes: dict[int, str] = {0: GENESIS_HASH}
     frontier = MerkleFrontier()
@@ -2072,9 +2212,13 @@ def _verify_sequential(
             position += take
             state["checked"] += take
             state["seq"], state["hash"] = seqs[position - 1], part[-1]
+            if collected is not None:
+                collected.extend(part)
             if next_index < len(signed) and signed[next_index][0] == frontier.size:
                 size = frontier.size
                 boundary_hashes[size] = part[-1]
+                if collect is not None:
+                    collect["signed_frontier"] = MerkleFrontier(size, list(frontier.stack))
                 if frontier.root() != signed[next_index][1]:
                     start = signed[next_index - 1][0] if next_index else 0
                     failures.append(
@@ -2155,6 +2299,8 @@ def _verify_sequential(
     except _Stop:
         pass
     size = frontier.size
+    if collect is not None:
+        collect["frontier"] = frontier
 
     if not failures and next_index < len(signed):
         claimed = signed[next_index][0]
@@ -2240,6 +2386,268 @@ def _frontier_problem(store: LedgerStore, connection: Connection,
     return (f"the stored Merkle tree does not match the signed checkpoint at tree size {size}: "
             f"{_bad_frontier_node(store, connection, frontier)}; a checkpoint built on it would "
             "sign a wrong root")
+
+
+# --- consent decided from proven events, incrementally -----------------------------------------
+
+_PROOF_BLOCK = 1024
+"""The remembered hashes of proven events are kept as one SHA-256 per block of this many events."""
+
+
+def _block_digest(hashes: Sequence[str]) -> bytes:
+    return hashlib.sha256("".join(hashes).encode("ascii", "replace")).digest()
+
+
+def _refuse_consent(verdict: ChainVerification) -> LedgerError:
+    where = f" at event {verdict.first_bad_seq}" if verdict.first_bad_seq else ""
+    return LedgerError(f"consent cannot be decided: the chain does not verify{where}: "
+                       f"{verdict.reason}; run `fedpact audit verify`")
+
+
+@dataclass
+class _ConsentProof:
+    """What one `Ledger` proved about its log (see `Ledger.proven_consent_events`): the first
+    `size` events verified, fingerprinted by their stored hashes (a digest per block of
+    `_PROOF_BLOCK`), the chain head and Merkle frontier at `size`, the checkpoints that vouched
+    for them, and every consent event among them (seq, type, payload, hash) by subject."""
+
+    size: int
+    head: str
+    blocks: list[bytes]
+    tail: list[str]  # hashes of the events after the last whole block
+    frontier: MerkleFrontier
+    signed: list[tuple[int, bytes]]
+    boundary: int
+    keys: tuple[str, ...]
+    by_subject: dict[Any, list[list[Any]]]  # [seq, type, payload, hash, row or None]
+    made_at: float  # time.monotonic() of the full verification it started from
+    signed_frontier: MerkleFrontier  # at the newest signed size
+    unsigned: list[str]  # hashes of the proven events after it
+
+    def events(self, subjects: Collection[str] | None) -> list[tuple[Any, ...]]:
+        """(seq, type, payload, hash, its consent_state row or why it has none), in seq order."""
+        if subjects is None:
+            found = [e for events in self.by_subject.values() for e in events]
+        else:
+            found = [e for s in subjects if isinstance(s, str) for e in self.by_subject.get(s, ())]
+        found.sort(key=lambda e: e[0])
+        for entry in found:
+            if entry[4] is None:  # its consent_state row, derived on first use
+                try:
+                    entry[4] = _consent_row(CONSENT_STATUS[entry[1]], entry[2], entry[0])
+                except (KeyError, TypeError, ValueError) as exc:
+                    entry[4] = str(exc)  # named by whoever decides from it
+        return found
+
+    def advance_signed(self, signed: Sequence[tuple[int, bytes]]) -> bool:
+        """Check checkpoints signed since over events already proven (their roots, from the
+        remembered unsigned hashes); False if one does not match or an earlier one changed."""
+        last = self.signed[-1][0] if self.signed else 0
+        if [s for s in signed if s[0] <= last] != self.signed:
+            return False
+        frontier = MerkleFrontier(self.signed_frontier.size, list(self.signed_frontier.stack))
+        for size, root in signed:
+            if last < size <= self.size:
+                frontier.extend_level_by_level([leaf_hash(bytes.fromhex(h)) for h in
+                                                self.unsigned[frontier.size - last:size - last]])
+                if frontier.root() != root:
+                    return False
+        return True
+
+    def settle(self, signed: Sequence[tuple[int, bytes]]) -> None:
+        """After `add`: remember `signed` (all verified) and the frontier at the newest."""
+        last = self.signed[-1][0] if self.signed else 0
+        newest = signed[-1][0] if signed else 0
+        if newest > last:
+            self.signed_frontier.extend_level_by_level(
+                [leaf_hash(bytes.fromhex(h)) for h in self.unsigned[:newest - last]])
+            del self.unsigned[:newest - last]
+        self.signed = list(signed)
+
+    def add(self, hashes: Sequence[str], consent: Iterable[tuple[int, str, str, str]]) -> None:
+        """Take newly verified events: their hashes (in seq order), and their consent events
+        as (seq, type, payload text, hash)."""
+        self.tail.extend(hashes)
+        self.unsigned.extend(hashes)
+        whole = len(self.tail) - len(self.tail) % _PROOF_BLOCK
+        for start in range(0, whole, _PROOF_BLOCK):
+            self.blocks.append(_block_digest(self.tail[start:start + _PROOF_BLOCK]))
+        del self.tail[:whole]
+        self.size += len(hashes)
+        if hashes:
+            self.head = hashes[-1]
+        for seq, kind, text, digest in consent:
+            payload = json.loads(text)
+            self.by_subject.setdefault(payload.get("subject"), []).append(
+                [int(seq), str(kind), payload, digest, None])
+
+    def prefix_problem(self, store: LedgerStore, connection: Connection) -> str | None:
+        """None if events 1..size are still those proven (same seqs, same stored hashes); else
+        which proven events are gone or changed. A re-hashed rewrite, a deletion (also of the
+        newest unsigned events), an insertion or a reordering changes them."""
+        size = self.size
+        if not size:
+            return None
+        count, low, high = connection.exec_driver_sql(
+            store.paramstyle_named("SELECT count(*), min(seq), max(seq) FROM ledger_events "
+                                   "WHERE seq <= :size"), {"size": size}).one()
+        if (int(count), low, high) != (size, 1, size):
+            return (f"the log no longer holds the {size} events verified earlier (it holds "
+                    f"{int(count)} events with seq ≤ {size}): events were removed or inserted")
+        cursor = store.raw_cursor(connection)
+        try:
+            cursor.execute(f"SELECT hash FROM ledger_events WHERE seq <= {store.placeholder} "
+                           "ORDER BY seq", (size,))
+            hashes = [h for (h,) in cursor.fetchall()]
+        finally:
+            cursor.close()
+        try:
+            blocks = [_block_digest(hashes[s:s + _PROOF_BLOCK])
+                      for s in range(0, len(hashes) - len(self.tail), _PROOF_BLOCK)]
+            tail = hashes[len(hashes) - len(self.tail):] if self.tail else []
+        except TypeError:  # a hash of the wrong type
+            blocks, tail = [], []
+        if blocks == self.blocks and tail == self.tail:
+            return None
+        first = next((i for i, (a, b) in enumerate(zip(blocks, self.blocks, strict=False))
+                      if a != b), len(self.blocks))
+        lo = first * _PROOF_BLOCK + 1
+        hi = min(size, lo + _PROOF_BLOCK - 1)
+        return (f"the stored hashes of events {lo}..{hi} differ from those verified earlier: "
+                "events verified before were rewritten")
+
+    def content_problem(self, store: LedgerStore, connection: Connection,
+                        events: Sequence[tuple[Any, ...]]) -> int | None:
+        """The seq of the first of `events` (proven consent events) whose stored record no longer
+        hashes to its proven hash, else None."""
+        if not events:
+            return None
+        base = store.verify_rows_sql(bounded=True)
+        base = base[:base.index("WHERE e.seq >")]
+        want = {event[0]: event[3] for event in events}
+        seqs = sorted(want)
+        sha256 = hashlib.sha256
+        seen = 0
+        for start in range(0, len(seqs), 500):
+            part = seqs[start:start + 500]
+            marks = ", ".join([store.placeholder] * len(part))
+            cursor = store.raw_cursor(connection)
+            try:
+                cursor.execute(f"{base}WHERE e.seq IN ({marks}) ORDER BY e.seq", tuple(part))
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+            for row in rows:
+                seq, digest, record = row[0], row[2], row[3]
+                if (digest != want.get(seq) or record is None
+                        or sha256(record.encode("utf-8")).hexdigest() != digest):
+                    return int(seq)
+            seen += len(rows)
+            if seen != start + len(part):
+                found = {row[0] for row in rows}
+                return next(seq for seq in part if seq not in found)
+        return None
+
+
+def _verify_suffix(
+    store: LedgerStore,
+    connection: Connection,
+    proof: _ConsentProof,
+    signed: Sequence[tuple[int, bytes]],
+    soft: _SoftChecks,
+) -> tuple[MerkleFrontier, list[str]] | None:
+    """Check the events after those `proof` vouches for: contiguous seqs, links from its head,
+    record hashes, bound ids and writer tags, and the Merkle root at every signed size past it.
+    Returns (the frontier after them, their hashes), or None at the first doubt (the caller
+    then runs the full verification, which names the event)."""
+    frontier = MerkleFrontier(proof.frontier.size, list(proof.frontier.stack))
+    pending = [(size, root) for size, root in signed if size > proof.size]
+    sha256 = hashlib.sha256
+    after, last = proof.size, proof.head
+    hashes: list[str] = []
+    cursor = store.raw_cursor(connection)
+    try:
+        cursor.arraysize = _VERIFY_BATCH_ROWS
+        cursor.execute(store.verify_rows_sql(), (after,))
+        while True:
+            rows = cursor.fetchmany(_VERIFY_BATCH_ROWS)
+            if not rows:
+                break
+            seqs, prevs, digests, records, eids, stamps, macs = zip(*rows, strict=True)
+            try:
+                good = (
+                    seqs[0] == after + 1
+                    and seqs[-1] == after + len(seqs)
+                    and prevs[0] == last
+                    and prevs[1:] == digests[:-1]
+                    and tuple(
+                        [sha256(record.encode("utf-8")).hexdigest() for record in records]
+                    ) == digests
+                )
+            except AttributeError:  # NULL record: a column of the wrong type
+                good = False
+            if good:
+                soft.check(seqs, prevs, digests, eids, stamps, macs)
+                good = soft.id_problem is None and not soft.untagged
+            if not good:
+                return None
+            leaves = [sha256(b"\x00" + bytes.fromhex(digest)).digest() for digest in digests]
+            position = 0
+            while position < len(leaves):
+                take = len(leaves) - position
+                if pending:
+                    take = min(take, pending[0][0] - frontier.size)
+                frontier.extend_level_by_level(leaves[position:position + take])
+                position += take
+                if (pending and frontier.size == pending[0][0]
+                        and frontier.root() != pending.pop(0)[1]):
+                    return None
+            hashes.extend(digests)
+            after, last = seqs[-1], digests[-1]
+    finally:
+        cursor.close()
+    if pending:  # a signed checkpoint covers events that are not there
+        return None
+    return frontier, hashes
+
+
+CONSENT_FULL_RECHECK_S = 600.0
+"""Consent checks verify the whole log again when their proof is older than this."""
+
+_CONSENT_PROOFS: dict[tuple[Any, ...], _ConsentProof] = {}
+"""What consent checks proved, per database and keys (`Ledger._proof_identity`), shared by the
+`Ledger`s of this process (a data loader opens one per job)."""
+_PROOF_LOCKS: dict[tuple[Any, ...], threading.Lock] = {}
+_PROOF_LOCKS_LOCK = threading.Lock()
+
+
+def _proof_lock(identity: tuple[Any, ...]) -> threading.Lock:
+    with _PROOF_LOCKS_LOCK:
+        return _PROOF_LOCKS.setdefault(identity, threading.Lock())
+
+
+def _keep_proof(identity: tuple[Any, ...], proof: _ConsentProof) -> None:
+    _CONSENT_PROOFS[identity] = proof
+    while len(_CONSENT_PROOFS) > 16:  # the oldest first
+        _CONSENT_PROOFS.pop(next(iter(_CONSENT_PROOFS)))
+
+
+def forget_consent_proofs() -> None:
+    """Drop every remembered consent proof: the next consent check verifies its whole log."""
+    _CONSENT_PROOFS.clear()
+
+
+def _no_key_truncation(verdict: ChainVerification, checkpoints: Sequence[tuple[int, Any]],
+                       keys: Sequence[VerifierKey]) -> ChainVerification:
+    """Without a public key the checkpoints cannot be checked, but none may cover more events
+    than the log holds."""
+    if verdict.ok and not keys and checkpoints and checkpoints[-1][0] > verdict.events_checked:
+        size = checkpoints[-1][0]
+        return ChainVerification(
+            False, verdict.events_checked, verdict.events_checked + 1,
+            f"truncated: a checkpoint covers {size} events but the ledger holds only "
+            f"{verdict.events_checked}", verdict.head_hash)
+    return verdict
 
 
 PARALLEL_VERIFY_MIN_EVENTS = 200_000
