@@ -19,8 +19,8 @@ model can be released many times; the mechanism is the same.
 
     .venv/bin/python bench/tune_eval_release.py telco segment '[10, 5, 3]' '[10, 20, 40]' 3
 
-Arguments: data set, partitioning, JSON list of σ_eval, JSON list of bin counts (edges evenly
-spaced on logit −5…3, as today's 10), training runs per σ_eval (default 3), noise draws per
+Arguments: data set, partitioning, JSON list of σ_eval, JSON list of bin layouts (a bin count,
+edges evenly spaced on logit −5…3 as today's 10, or [bins, lowest, highest logit edge]), training runs per σ_eval (default 3), noise draws per
 run (default 200), and a JSON object of JobConfig settings over the demo's (e.g. Caravan's
 `demo.DEMO_TUNED` settings). Prints one Markdown row per (σ_eval, bins): DP-SGD σ, exact AUC (mean ± sd
 over runs), the binned AUC without noise, the released AUC (mean), its mean error against the
@@ -66,9 +66,13 @@ def train(dataset: str, partitioning: str, sigma_eval: float, settings=None):
     return sigma, [(n.test.labels, _scores(model, pipeline_for(n), n.test)) for n in nodes]
 
 
-def released(held_out, bins: int, sigma_eval: float, draws: int, rng) -> tuple[float, np.ndarray]:
-    """(binned AUC without noise, released AUCs over `draws` noise draws) on `bins` bins."""
-    metrics.RELEASE_LOGIT_EDGES = np.linspace(DEFAULT_EDGES[0], DEFAULT_EDGES[-1], bins + 1)
+def released(held_out, layout, sigma_eval: float, draws: int, rng) -> tuple[float, np.ndarray]:
+    """(binned AUC without noise, released AUCs over `draws` noise draws) on the bin `layout`:
+    a bin count (logit −5…3, as today) or [bins, lowest logit edge, highest logit edge]."""
+    bins, lo, hi = (layout, DEFAULT_EDGES[0], DEFAULT_EDGES[-1]) if isinstance(layout, int | float) \
+        else layout
+    bins = int(bins)
+    metrics.RELEASE_LOGIT_EDGES = np.linspace(lo, hi, bins + 1)
     try:
         hists = [metrics.release_histogram(y, s) for y, s in held_out]
         pos, neg = sum(h[0] for h in hists), sum(h[1] for h in hists)
@@ -103,12 +107,13 @@ def main(argv: list[str]) -> None:
         for bins in bin_counts:
             clean, errs, means = [], [], []
             for (_, held_out), ex in zip(trained, exact, strict=True):
-                c, aucs = released(held_out, int(bins), float(sigma_eval), draws, rng)
+                c, aucs = released(held_out, bins, float(sigma_eval), draws, rng)
                 clean.append(c)
                 means.append(aucs.mean())
                 errs.append(aucs - ex)
             errs = np.concatenate(errs)
-            print(f"| {sigma_eval} | {np.mean([s for s, _ in trained]):.3f} | {bins} | "
+            shown = bins if isinstance(bins, int | float) else f"{bins[0]} on logit {bins[1]}…{bins[2]}"
+            print(f"| {sigma_eval} | {np.mean([s for s, _ in trained]):.3f} | {shown} | "
                   f"{exact.mean():.3f} ± {exact.std():.3f} | {np.mean(clean):.3f} | "
                   f"{np.mean(means):.3f} | {errs.mean():+.3f} | {np.sqrt((errs ** 2).mean()):.3f} |",
                   flush=True)

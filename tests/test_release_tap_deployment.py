@@ -10,8 +10,9 @@ independently of the nodes' own `_send` check. One of the two nodes runs with a 
 its evaluation replies, the node's own check skipped — in evaluation replies because Flower's
 FedAvg itself refuses train replies whose metric keys differ between nodes, which would stop the
 job before the coordinator took the leak): the healthy node's replies pass, the faulty node's
-fail the same check, naming the field. (One job for both halves keeps the
-file's runtime near 40 s: most of a deployment job's time is its processes starting.)
+fail the same check, naming the field. The healthy node runs without the hook: fedpact's own
+node, untouched. (One job for both halves keeps the file's runtime near 40 s: most of a
+deployment job's time goes to starting its processes.)
 """
 
 from __future__ import annotations
@@ -56,23 +57,23 @@ def assert_classified(replies, allowed=None, *, dp: bool = True) -> None:
 
 @pytest.fixture(scope="module")
 def tapped(tmp_path_factory):
-    """SuperLink + 2 partner nodes (telco, 2 segments), the second with a broken `_send`; one
-    tapped job. Returns (deployment, job, result, replies, healthy partner, faulty partner)."""
+    """SuperLink + 2 partner nodes (telco, 2 segments), the second (partition 1) with a broken
+    `_send` in its evaluation replies; one tapped job. Returns (deployment, job, result, replies, healthy partner, faulty partner)."""
     root = tmp_path_factory.mktemp("tap")
     flag = root / "fault"
-    env = fault_env(root / "hooks", flag)
     d = LoopbackDeployment(root).start()
     try:
         job = _job(d, **SMALL, rounds=2, eval_every=1)
         healthy, faulty = partner_datasets(job)
         flag.write_text(f"{UNCLASSIFIED_METRIC} partner={faulty} phase=evaluate")
+        hooks = {1: fault_env(root / "hooks", flag)}  # node 0: no hook at all
         d.home.mkdir(parents=True, exist_ok=True)
         with Ledger.open(d.home / "ledger.db") as ledger:
             for name in (healthy, faulty):
                 PrivacyBudgets(ledger).set(name, 50.0, 1e-4, actor=f"admin:{name}")
         for i in range(2):
             d.register(f"p{i}")
-            d.start_node(i, env=env)
+            d.start_node(i, env=hooks.get(i))
         d.wait_connected(2)
         result = wait_for_result(d.connection, job, submit_tapped_job(d.connection, job),
                                  timeout=300)
