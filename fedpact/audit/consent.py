@@ -384,36 +384,41 @@ class ConsentRegistry:
     def _compare_with_index(self, state: Mapping[tuple[str, str], ConsentRecord],
                             subjects: set[str] | None) -> None:
         """Name every way `consent_state` differs from the chain for these subjects."""
-        query = select(consent_state)
+        columns = (consent_state.c.subject, consent_state.c.purpose, consent_state.c.status,
+                   consent_state.c.effective_at, consent_state.c.expires_at, consent_state.c.seq)
+        query = select(*columns)
         rows: list[Any] = []
         with self.ledger.store.read() as connection:
             if subjects is None or len(subjects) > 2000:
-                rows = list(connection.execute(query))
+                rows = connection.execute(query).all()
             else:
                 unique = sorted(subjects)
                 for start in range(0, len(unique), 500):
                     rows += connection.execute(
-                        query.where(consent_state.c.subject.in_(unique[start:start + 500])))
+                        query.where(consent_state.c.subject.in_(unique[start:start + 500]))).all()
         problems = []
         stored = {}
-        for row in rows:
-            if subjects is not None and row.subject not in subjects:
+        for subject, purpose, status, effective_at, expires_at, seq in rows:
+            if subjects is not None and subject not in subjects:
                 continue
-            stored[(row.subject, row.purpose)] = row
-        for key in sorted(state.keys() | stored.keys()):
-            want, have = state.get(key), stored.get(key)
+            stored[(subject, purpose)] = (status, effective_at, expires_at, seq)
+        wanted = {key: (r.status, r.effective_at, r.expires_at, r.seq) for key, r in state.items()}
+        if wanted == stored:
+            self.index_problems = []
+            return
+        for key in sorted(wanted.keys() | stored.keys()):
+            want, have = wanted.get(key), stored.get(key)
             subject, purpose = key
             if have is None:
                 problems.append(f"consent_state lacks {subject} / {purpose} (the chain says "
-                                f"{want.status}, event {want.seq})")  # type: ignore[union-attr]
+                                f"{want[0]}, event {want[3]})")  # type: ignore[index]
             elif want is None:
-                problems.append(f"consent_state says {subject} / {purpose} is {have.status} "
-                                f"(event {have.seq}), but the chain holds no consent event for it")
-            elif (have.status, have.effective_at, have.expires_at, have.seq) != (
-                    want.status, want.effective_at, want.expires_at, want.seq):
-                problems.append(f"consent_state says {subject} / {purpose} is {have.status} "
-                                f"(event {have.seq}), but the chain says {want.status} "
-                                f"(event {want.seq})")
+                problems.append(f"consent_state says {subject} / {purpose} is {have[0]} "
+                                f"(event {have[3]}), but the chain holds no consent event for it")
+            elif have != want:
+                problems.append(f"consent_state says {subject} / {purpose} is {have[0]} "
+                                f"(event {have[3]}), but the chain says {want[0]} "
+                                f"(event {want[3]})")
         self.index_problems = problems
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

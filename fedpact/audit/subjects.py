@@ -191,7 +191,7 @@ class SubjectKeys:
                 out.append(subject_id)
                 continue
             text = match_key(subject_id)
-            out.append("ps_" + hmac.new(key, text.encode("utf-8"), sha256).hexdigest()[:32])
+            out.append("ps_" + hmac.digest(key, text.encode("utf-8"), "sha256").hex()[:32])
         return out
 
     # --- data keys ----------------------------------------------------------------------------
