@@ -31,12 +31,31 @@ OPEN_STATES = ("pending_approval", "queued")
 """Job states in which partners still decide (governance.OPEN; repeated here to avoid a cycle)."""
 
 
-class DatasetError(FedpactError):
-    """A registration or a request naming partner datasets is refused; `status` is the HTTP one."""
+@dataclass(frozen=True)
+class RequestProblem:
+    """One reason `check_request` refuses a request: what kind (`unregistered`, `group`, `task`,
+    `tasks`, `label`, `positive`, `layout`, `admin`, `budget`), the partner dataset it concerns
+    (None when it concerns several: `tasks`, `label`, `positive`, `layout`), the facts a front end
+    words it with (`found`: e.g. the dataset's group or task; `details`: the layout differences),
+    and the API's message."""
 
-    def __init__(self, message: str, status: int = 422):
+    kind: str
+    dataset: str | None
+    message: str
+    found: str | None = None
+    details: tuple[str, ...] = ()
+
+
+class DatasetError(FedpactError):
+    """A registration or a request naming partner datasets is refused; `status` is the HTTP one.
+    `problems` holds each reason of a refused request (`check_request`), for a front end that
+    words them per dataset (the console's request form)."""
+
+    def __init__(self, message: str, status: int = 422,
+                 problems: list[RequestProblem] | None = None):
         super().__init__(message)
         self.status = status
+        self.problems = list(problems or [])
 
 
 def canonical_layout(layout: dict) -> dict:
@@ -213,54 +232,67 @@ class DatasetRegistry:
         registered, not all of `group`, of another task or label, of different layouts, without a
         partner admin, or (with DP) without a privacy budget."""
         found = {n: self.get(n) for n in names}
-        problems: list[str] = []
+        problems: list[RequestProblem] = []
+
+        def problem(kind: str, dataset: str | None, message: str, **facts) -> None:
+            problems.append(RequestProblem(kind, dataset, message, **facts))
+
         unknown = [n for n, e in found.items() if e is None]
         if unknown:
-            problems.append(f"partner dataset(s) {', '.join(unknown)} not registered: each "
-                            "partner admin registers its own with `fedpact dataset register` "
-                            "(POST /api/v1/datasets); GET /api/v1/datasets lists them")
+            message = (f"partner dataset(s) {', '.join(unknown)} not registered: each "
+                       "partner admin registers its own with `fedpact dataset register` "
+                       "(POST /api/v1/datasets); GET /api/v1/datasets lists them")
+            for n in unknown:
+                problem("unregistered", n, message)
         known = {n: e for n, e in found.items() if e is not None}
         for n, e in known.items():
             if e.group != group:
-                problems.append(f"partner dataset {n} belongs to group {e.group!r}, not {group!r}")
+                problem("group", n, f"partner dataset {n} belongs to group {e.group!r}, not {group!r}",
+                        found=e.group)
         if task is not None:
             for n, e in known.items():
                 if e.task != task:
-                    problems.append(f"partner dataset {n} is a {e.task} dataset, not {task}")
+                    problem("task", n, f"partner dataset {n} is a {e.task} dataset, not {task}",
+                            found=e.task)
         tasks = {e.task for e in known.values()}
         if len(tasks) > 1:
-            problems.append("the partner datasets have different tasks: "
-                            + "; ".join(f"{n}: {e.task}" for n, e in known.items()))
+            problem("tasks", None, "the partner datasets have different tasks: "
+                    + "; ".join(f"{n}: {e.task}" for n, e in known.items()),
+                    details=tuple(f"{n}: {e.task}" for n, e in known.items()))
         labels = {(e.label, tuple(e.positive) if e.positive is not None else None) for e in known.values()}
         if len({lab for lab, _ in labels}) > 1:
-            problems.append("the partner datasets have different label columns: "
-                            + "; ".join(f"{n}: {e.label!r}" for n, e in known.items()))
+            problem("label", None, "the partner datasets have different label columns: "
+                    + "; ".join(f"{n}: {e.label!r}" for n, e in known.items()),
+                    details=tuple(f"{n}: {e.label}" for n, e in known.items()))
         else:
             declared = {pos for _, pos in labels if pos is not None}
             if len(declared) > 1:
-                problems.append("the partner datasets mark positive rows with different label values: "
-                                + "; ".join(f"{n}: {list(e.positive)}" for n, e in known.items()
-                                            if e.positive is not None))
+                positives = [(n, list(e.positive)) for n, e in known.items() if e.positive is not None]
+                problem("positive", None, "the partner datasets mark positive rows with different "
+                        "label values: " + "; ".join(f"{n}: {pos}" for n, pos in positives),
+                        details=tuple(f"{n}: {', '.join(pos)}" for n, pos in positives))
         diffs = layout_differences({n: e.layout for n, e in known.items()})
         if diffs:
-            problems.append("the partner datasets' layouts differ, so their models could not be "
-                            "averaged: " + "; ".join(diffs[:20])
-                            + ("; …" if len(diffs) > 20 else "")
-                            + " (each partner declares the same columns, categories and bounds in "
-                              "its mapping and registers again; `fedpact data compare` shows them)")
+            problem("layout", None, "the partner datasets' layouts differ, so their models could not "
+                    "be averaged: " + "; ".join(diffs[:20])
+                    + ("; …" if len(diffs) > 20 else "")
+                    + " (each partner declares the same columns, categories and bounds in "
+                      "its mapping and registers again; `fedpact data compare` shows them)",
+                    details=tuple(diffs[:20]))
         for n in known:
             if not self.admins(n):
-                problems.append(f"partner dataset {n} has no partner admin to approve the job: an "
-                                f"operator grants one (fedpact admin role grant USER partner_admin "
-                                f"--scope {n})")
+                problem("admin", n, f"partner dataset {n} has no partner admin to approve the job: "
+                        f"an operator grants one (fedpact admin role grant USER partner_admin "
+                        f"--scope {n})")
         if dp:
             budgets = PrivacyBudgets(self.ledger).all()
             for n in known:
                 b = budgets.get(n)
                 if b is None or b.epsilon_max <= 0:
-                    problems.append(f"partner dataset {n} has no privacy budget: {budget_hint(n)}")
+                    problem("budget", n, f"partner dataset {n} has no privacy budget: {budget_hint(n)}")
         if problems:
-            raise DatasetError("cannot request this job: " + "; ".join(problems), 422)
+            messages = list(dict.fromkeys(p.message for p in problems))  # `unregistered`: one line
+            raise DatasetError("cannot request this job: " + "; ".join(messages), 422, problems)
         first = known[names[0]]
         return CheckedRequest(group, list(names), first.task, first.label, first.layout,
                               first.layout_sha256)
