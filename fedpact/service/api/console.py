@@ -36,11 +36,13 @@ from fedpact.audit import EventType, LedgerError
 from fedpact.audit.records import NO_PRIVACY_GUARANTEE
 from fedpact.errors import FedpactError
 from fedpact.federation.partition import SCHEMES
-from fedpact.models.datasets import BUILTIN_SPECS
+from fedpact.models.datasets import BUILTIN_SPECS, TASKS
 from fedpact.models.networks import MODEL_KINDS
+from fedpact.privacy.budget import PrivacyBudgets
 
 from .app import MAX_SEQ, over_tls, served_securely
 from .auth import IDLE_TIMEOUT_S, SESSION_MAX_S, AuthError, Principal
+from .datasets import DatasetError, RequestProblem
 from .governance import OPEN
 from .registry import PLOTS
 from .schemas import BudgetIn, JobRequestIn, clean_errors, error_summary
@@ -315,32 +317,44 @@ def install_console(app: FastAPI) -> None:
     def new_job_page(request: Request) -> HTMLResponse:
         principal = signed_in(request)
         need(principal, "data_scientist")
-        return _job_form(request, principal, {}, "")
+        return _job_form(request, principal)
 
     @app.post("/console/jobs", include_in_schema=False)
     async def submit_job(request: Request) -> Response:
+        """A request from the form: the schema's checks, then the dataset registry's admission
+        check (`DatasetRegistry.check_request`, as for the API) before anything is recorded; a
+        refused request comes back as the form with the choices kept and each reason next to
+        its field."""
         principal = await run_in_threadpool(signed_in, request)
         need(principal, "data_scientist")
         form = await read_form(request)
         check_csrf(principal, form)
-        fields = {k: v for k, v in form.items()
-                  if k not in ("csrf", "require_consent_shown") and v != ""}
-        fields["dp"] = "dp" in form
-        fields["secure_aggregation"] = "secure_aggregation" in form
-        # Consent enforcement is on unless the requester unticked the box the form shows
-        # (a form without the box, e.g. an older page, keeps it on).
-        fields["require_consent"] = ("require_consent" in form
-                                     or "require_consent_shown" not in form)
+        lists = parse_qs((await request.body()).decode("utf-8", errors="replace"),
+                         keep_blank_values=True)
+        service = _service(request)
+        chosen = _chosen_datasets(lists.get("partner_datasets", []))
+        fields = await run_in_threadpool(_request_fields, form, chosen, service.datasets)
+        again = {"form": form, "chosen": chosen}
         try:
             body = JobRequestIn.model_validate(fields)
-            service = _service(request)
+        except ValidationError as exc:
+            errors = _field_errors(exc.errors(), form, fields, chosen,
+                                   {e.group for e in service.datasets.list()})
+            return _job_form(request, principal, **again, errors=errors, status=422)
+        if body.partner_datasets is not None:
+            try:  # the admission check the API's submission runs, worded per dataset
+                await run_in_threadpool(service.datasets.check_request, body.dataset,
+                                        list(body.partner_datasets), task=body.task, dp=body.dp)
+            except DatasetError as exc:
+                errors, flagged = _admission_errors(exc, body)
+                return _job_form(request, principal, **again, errors=errors, flagged=flagged,
+                                 status=422)
+        try:
             job = await run_in_threadpool(service.board.submit, principal, body,
                                           home=str(service.home))
-        except ValidationError as exc:
-            message = error_summary(clean_errors(exc.errors()), located=False)
-            return _job_form(request, principal, form, message, 422)
         except FedpactError as exc:
-            return _job_form(request, principal, form, str(exc), 422)
+            return _job_form(request, principal, **again, errors=_refusal_errors(str(exc)),
+                             status=getattr(exc, "status", 422))
         return RedirectResponse(f"/console/jobs/{job.job_id}", status_code=303)
 
     @app.get("/console/jobs/{job_id}", include_in_schema=False)
@@ -519,8 +533,256 @@ def _safe_next(target: str) -> str:
     return target if target.startswith("/console/") and not target.startswith("//") else "/console/jobs"
 
 
-def _job_form(request: Request, principal: Principal, form: dict, error: str,
-              status: int = 200) -> HTMLResponse:
-    return page(request, "new_job.html", principal, status, form=form, error=error,
-                datasets=list(BUILTIN_SPECS), schemes=list(SCHEMES), kinds=list(MODEL_KINDS),
-                secure_aggregation=_service(request).board.supports_secure_aggregation)
+# --------------------------------------------------------------------------- the job request form
+
+_LABELS = {"dataset": "Data set", "partner_datasets": "Partner datasets", "task": "Task",
+           "partitioning": "Partitioning", "partners": "Partners", "purpose": "Purpose",
+           "features": "Features", "target_epsilon": "Target ε", "target_delta": "Target δ",
+           "rounds": "Rounds", "dp": "Differential privacy", "require_consent": "Consent enforcement",
+           "secure_aggregation": "Secure aggregation", "model": "Model",
+           "local_epochs": "Local epochs", "batch_size": "Batch size",
+           "learning_rate": "Learning rate", "max_grad_norm": "Clipping bound", "seed": "Seed",
+           "model_name": "Model name"}
+_PATTERNS = {
+    "purpose": "use 3 to 64 lower-case letters, digits or underscores, starting with a letter "
+               "(e.g. churn_model_training)",
+    "model_name": "use 3 to 48 lower-case letters, digits or hyphens, starting with a letter "
+                  "(e.g. churn-acme), or leave it empty",
+    "dataset": "choose a built-in data set, or the group of the partner datasets",
+    "partner_datasets": "a partner dataset's name is letters, digits and . _ / - (at most 100 "
+                        "characters)"}
+_BOOLS = ("dp", "require_consent", "secure_aggregation")
+
+
+def _schema_fields() -> dict[str, dict]:
+    """Each field of the API's job request (`JobRequestIn`): its label here, its default and its
+    bounds, as the schema declares them (the form restates no number)."""
+    out = {}
+    for name, info in JobRequestIn.model_fields.items():
+        spec: dict[str, Any] = {"label": _LABELS.get(name, name.replace("_", " ")),
+                                "required": info.is_required(),
+                                "default": None if info.is_required() else info.get_default()}
+        for meta in info.metadata:
+            for key in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+                if getattr(meta, key, None) is not None:
+                    spec[key] = getattr(meta, key)
+        spec["kind"] = {int: "int", float: "float", bool: "bool"}.get(info.annotation, "text")
+        low = (f"{spec['ge']}" if "ge" in spec else f"more than {spec['gt']}" if "gt" in spec
+               else "")
+        high = (f"{spec['le']}" if "le" in spec else f"less than {spec['lt']}" if "lt" in spec
+                else "")
+        if low and high:
+            spec["range"] = (f"{low} to {high}" if "ge" in spec and "le" in spec
+                             else f"{low}, {'at most ' if 'le' in spec else ''}{high}")
+        out[name] = spec
+    return out
+
+
+JOB_FIELDS = _schema_fields()
+
+
+def _short_value(value: Any, limit: int = 40) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _chosen_datasets(values: list[str]) -> list[str]:
+    """The partner datasets a form names: the ticked boxes, then the names typed in the text
+    field (separated by commas or spaces), each once, in that order."""
+    names: list[str] = []
+    for value in values:
+        for name in value.replace(",", " ").split():
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _request_fields(form: dict[str, str], chosen: list[str], registry) -> dict[str, Any]:
+    """The job request the form describes, as the API would receive it. Partitioning and the
+    number of partners split a built-in data set: left out when partner datasets are named; the
+    data set left empty means the group of the (registered) named datasets."""
+    fields: dict[str, Any] = {k: v.strip() for k, v in form.items()
+                              if k in JOB_FIELDS and k not in (*_BOOLS, "partner_datasets")
+                              and v.strip() != ""}
+    if "features" in fields:
+        fields["features"] = [c.strip() for c in fields["features"].split(",") if c.strip()]
+    fields["dp"] = "dp" in form
+    fields["secure_aggregation"] = "secure_aggregation" in form
+    # Consent enforcement is on unless the requester unticked the box the form shows
+    # (a form without the box, e.g. an older page, keeps it on).
+    fields["require_consent"] = "require_consent" in form or "require_consent_shown" not in form
+    if chosen:
+        fields["partner_datasets"] = list(chosen)
+        fields.pop("partitioning", None)
+        fields.pop("partners", None)
+        if "dataset" not in fields:
+            groups = [e.group for e in (registry.get(n) for n in chosen) if e is not None]
+            if groups:
+                fields["dataset"] = max(dict.fromkeys(groups), key=groups.count)
+    return fields
+
+
+def _field_errors(errors: list[dict], form: dict[str, str], fields: dict, chosen: list[str],
+                  groups: set[str]) -> dict[str, list[str]]:
+    """The schema's refusals in plain words, by form field (never the schema's regex)."""
+    out: dict[str, list[str]] = {}
+    for e in errors:
+        loc = list(e.get("loc") or ())
+        kind, ctx = e.get("type", ""), e.get("ctx") or {}
+        if not loc:  # a rule over several fields (the schema's model check)
+            field, message = _combination_error(str(e.get("msg", "")), fields, chosen, groups)
+            out.setdefault(field, []).append(message)
+            continue
+        name = str(loc[0])
+        label = JOB_FIELDS.get(name, {}).get("label", name)
+        typed = form.get(name, "")
+        if name == "partner_datasets" and len(loc) > 1:
+            typed = e.get("input", "")
+        you = f" (you typed {_short_value(typed)})" if str(typed).strip() else ""
+        if kind == "missing":
+            message = ({"dataset": "choose a built-in data set, or tick the partner datasets the "
+                                   "job trains on",
+                        "purpose": "give the purpose of processing, e.g. churn_model_training"}
+                       .get(name, f"{label} is required"))
+        elif kind == "greater_than_equal":
+            message = f"{label} must be at least {ctx.get('ge')}{you}"
+        elif kind == "greater_than":
+            message = f"{label} must be more than {ctx.get('gt')}{you}"
+        elif kind == "less_than_equal":
+            message = f"{label} must be at most {ctx.get('le')}{you}"
+        elif kind == "less_than":
+            message = f"{label} must be less than {ctx.get('lt')}{you}"
+        elif kind in ("int_parsing", "int_from_float", "int_type"):
+            message = f"{label} must be a whole number{you}"
+        elif kind in ("float_parsing", "float_type", "finite_number"):
+            message = f"{label} must be a number, e.g. 0.5 or 1e-5{you}"
+        elif kind == "string_pattern_mismatch":
+            message = f"{label}: {_PATTERNS.get(name, 'not a valid value')}{you}"
+        elif kind in ("literal_error", "enum"):
+            message = f"{label}: choose one of the listed values{you}"
+        elif kind == "too_long":
+            message = f"{label}: name at most {ctx.get('max_length')}"
+        else:
+            message = f"{label}: {str(e.get('msg', '')).removeprefix('Value error, ')}"
+        out.setdefault(name, []).append(message)
+    return out
+
+
+def _combination_error(message: str, fields: dict, chosen: list[str],
+                       groups: set[str]) -> tuple[str, str]:
+    """A schema rule over several fields, worded for the form (which field, what to do)."""
+    dataset = str(fields.get("dataset", ""))
+    if chosen and dataset in BUILTIN_SPECS:
+        return "dataset", (f"{dataset} is a built-in data set, but partner datasets are ticked: "
+                           "choose their group as the data set, or untick them")
+    if not chosen and dataset not in BUILTIN_SPECS:
+        if dataset in groups:
+            return "partner_datasets", f"tick the partner datasets of {dataset} the job trains on"
+        return "dataset", (f"{_short_value(dataset)} is neither a built-in data set nor the group "
+                           "of registered partner datasets")
+    return "request", message.removeprefix("Value error, ")
+
+
+def _admission_errors(exc: DatasetError, body: JobRequestIn) -> tuple[dict[str, list[str]], set[str]]:
+    """The registry's reasons for refusing the request, in plain words next to the field they
+    concern, and the partner datasets they name (marked in the form's list)."""
+    out: dict[str, list[str]] = {}
+    flagged: set[str] = set()
+    for p in exc.problems:
+        field, message = _admission_words(p, body)
+        out.setdefault(field, []).append(message)
+        if p.dataset:
+            flagged.add(p.dataset)
+    if not out:  # a refusal without reasons (not expected): its own words
+        out["partner_datasets"] = [str(exc)]
+    return out, flagged
+
+
+def _admission_words(p: RequestProblem, body: JobRequestIn) -> tuple[str, str]:
+    n, listed = p.dataset or "", "; ".join(p.details)
+    if p.kind == "unregistered":
+        return "partner_datasets", (f"{n} is not a registered dataset: its partner admin "
+                                    "registers it (fedpact dataset register); the Datasets page "
+                                    "lists the registered ones")
+    if p.kind == "group":
+        return "partner_datasets", (f"{n} belongs to the group {p.found}, not {body.dataset}: a "
+                                    "job trains on datasets of one group")
+    if p.kind == "task":
+        return "task", (f"{n} is a {p.found} dataset, not {body.task}: choose {p.found} or leave "
+                        "the task empty")
+    if p.kind == "tasks":
+        return "partner_datasets", (f"the chosen datasets have different tasks ({listed}): "
+                                    "choose datasets of one task")
+    if p.kind == "label":
+        return "partner_datasets", (f"the chosen datasets have different label columns "
+                                    f"({listed}): a job needs one label")
+    if p.kind == "positive":
+        return "partner_datasets", ("the chosen datasets mark positive rows with different label "
+                                    f"values ({listed})")
+    if p.kind == "layout":
+        return "partner_datasets", (f"the chosen datasets' layouts differ, so their models could "
+                                    f"not be averaged: {listed}. Each partner declares the same "
+                                    "columns, categories and bounds in its mapping and registers "
+                                    "again")
+    if p.kind == "admin":
+        return "partner_datasets", (f"{n} has no partner admin to approve the job — an operator "
+                                    f"grants someone the partner admin role for {n}")
+    if p.kind == "budget":
+        return "partner_datasets", (f"{n} has no budget — a partner admin of {n} can set one on "
+                                    "the Privacy budgets page")
+    return "partner_datasets", p.message
+
+
+def _refusal_errors(message: str) -> dict[str, list[str]]:
+    """A refusal of the job board (e.g. features, secure aggregation, a job setting) by field
+    where its message names one ("features: ..."), else for the whole request."""
+    head, _, rest = message.partition(":")
+    if head in JOB_FIELDS and rest.strip():
+        return {head: [f"{JOB_FIELDS[head]['label']}: {rest.strip()}"]}
+    return {"request": [message]}
+
+
+def _dataset_choices(service) -> dict[str, list[dict]]:
+    """The registered partner datasets by group: task, label, purpose, who registered it, its
+    partner admins and its privacy budget (None without one)."""
+    budgets = PrivacyBudgets(service.ledger).all()
+    groups: dict[str, list[dict]] = {}
+    for e in service.datasets.list():
+        b = budgets.get(e.name)
+        groups.setdefault(e.group, []).append({
+            "name": e.name, "task": e.task, "label": e.label, "purpose": e.purpose,
+            "registered_by": e.registered_by, "features": e.features,
+            "admins": service.datasets.admins(e.name),
+            "budget": None if b is None or b.epsilon_max <= 0 else
+            {"epsilon_max": b.epsilon_max, "epsilon_remaining": b.epsilon_remaining}})
+    return groups
+
+
+def _form_values(form: dict[str, str] | None) -> dict[str, Any]:
+    """What each field shows: the schema's defaults on a fresh form, the user's entries on a
+    form shown again."""
+    values = {n: ("" if s["default"] is None else s["default"]) for n, s in JOB_FIELDS.items()}
+    if form is None:
+        return values
+    for name in JOB_FIELDS:
+        if name in form and name not in _BOOLS and name != "partner_datasets":
+            values[name] = form[name]
+    values["dp"] = "dp" in form
+    values["secure_aggregation"] = "secure_aggregation" in form
+    values["require_consent"] = "require_consent" in form or "require_consent_shown" not in form
+    return values
+
+
+def _job_form(request: Request, principal: Principal, form: dict[str, str] | None = None,
+              chosen: list[str] | None = None, errors: dict[str, list[str]] | None = None,
+              flagged: set[str] | None = None, status: int = 200) -> HTMLResponse:
+    service = _service(request)
+    groups = _dataset_choices(service)
+    listed = {d["name"] for ds in groups.values() for d in ds}
+    chosen = list(chosen or [])
+    return page(request, "new_job.html", principal, status, v=_form_values(form),
+                fields=JOB_FIELDS, errors=errors or {}, flagged=flagged or set(),
+                chosen=chosen, typed=", ".join(n for n in chosen if n not in listed),
+                groups=groups, builtins={n: s.task for n, s in BUILTIN_SPECS.items()},
+                schemes=list(SCHEMES), kinds=list(MODEL_KINDS), tasks=list(TASKS),
+                secure_aggregation=service.board.supports_secure_aggregation)
