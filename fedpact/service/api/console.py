@@ -581,6 +581,13 @@ def _schema_fields() -> dict[str, dict]:
 JOB_FIELDS = _schema_fields()
 
 
+def _bound(value: Any) -> str:
+    """A bound as a person writes it: 0, not 0.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return str(value)
+
+
 def _short_value(value: Any, limit: int = 40) -> str:
     text = " ".join(str(value).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
@@ -645,13 +652,13 @@ def _field_errors(errors: list[dict], form: dict[str, str], fields: dict, chosen
                         "purpose": "give the purpose of processing, e.g. churn_model_training"}
                        .get(name, f"{label} is required"))
         elif kind == "greater_than_equal":
-            message = f"{label} must be at least {ctx.get('ge')}{you}"
+            message = f"{label} must be at least {_bound(ctx.get('ge'))}{you}"
         elif kind == "greater_than":
-            message = f"{label} must be more than {ctx.get('gt')}{you}"
+            message = f"{label} must be more than {_bound(ctx.get('gt'))}{you}"
         elif kind == "less_than_equal":
-            message = f"{label} must be at most {ctx.get('le')}{you}"
+            message = f"{label} must be at most {_bound(ctx.get('le'))}{you}"
         elif kind == "less_than":
-            message = f"{label} must be less than {ctx.get('lt')}{you}"
+            message = f"{label} must be less than {_bound(ctx.get('lt'))}{you}"
         elif kind in ("int_parsing", "int_from_float", "int_type"):
             message = f"{label} must be a whole number{you}"
         elif kind in ("float_parsing", "float_type", "finite_number"):
