@@ -338,23 +338,25 @@ def install_console(app: FastAPI) -> None:
         try:
             body = JobRequestIn.model_validate(fields)
         except ValidationError as exc:
-            errors = _field_errors(exc.errors(), form, fields, chosen,
-                                   {e.group for e in service.datasets.list()})
-            return _job_form(request, principal, **again, errors=errors, status=422)
+            groups = await run_in_threadpool(lambda: {e.group for e in service.datasets.list()})
+            errors = _field_errors(exc.errors(), form, fields, chosen, groups)
+            return await run_in_threadpool(_job_form, request, principal, **again,
+                                           errors=errors, status=422)
         if body.partner_datasets is not None:
             try:  # the admission check the API's submission runs, worded per dataset
                 await run_in_threadpool(service.datasets.check_request, body.dataset,
                                         list(body.partner_datasets), task=body.task, dp=body.dp)
             except DatasetError as exc:
                 errors, flagged = _admission_errors(exc, body)
-                return _job_form(request, principal, **again, errors=errors, flagged=flagged,
-                                 status=422)
+                return await run_in_threadpool(_job_form, request, principal, **again,
+                                               errors=errors, flagged=flagged, status=422)
         try:
             job = await run_in_threadpool(service.board.submit, principal, body,
                                           home=str(service.home))
         except FedpactError as exc:
-            return _job_form(request, principal, **again, errors=_refusal_errors(str(exc)),
-                             status=getattr(exc, "status", 422))
+            return await run_in_threadpool(_job_form, request, principal, **again,
+                                           errors=_refusal_errors(str(exc)),
+                                           status=getattr(exc, "status", 422))
         return RedirectResponse(f"/console/jobs/{job.job_id}", status_code=303)
 
     @app.get("/console/jobs/{job_id}", include_in_schema=False)
@@ -646,7 +648,10 @@ def _field_errors(errors: list[dict], form: dict[str, str], fields: dict, chosen
         if name == "partner_datasets" and len(loc) > 1:
             typed = e.get("input", "")
         you = f" (you typed {_short_value(typed)})" if str(typed).strip() else ""
-        if kind == "missing":
+        if kind == "missing" and name == "dataset" and chosen:
+            message = ("choose the group of the partner datasets (none of the named datasets is "
+                       "registered)")
+        elif kind == "missing":
             message = ({"dataset": "choose a built-in data set, or tick the partner datasets the "
                                    "job trains on",
                         "purpose": "give the purpose of processing, e.g. churn_model_training"}
@@ -744,6 +749,7 @@ def _refusal_errors(message: str) -> dict[str, list[str]]:
     """A refusal of the job board (e.g. features, secure aggregation, a job setting) by field
     where its message names one ("features: ..."), else for the whole request."""
     head, _, rest = message.partition(":")
+    rest = rest.replace("omit `features` to accept", "leave Features empty to use")
     if head in JOB_FIELDS and rest.strip():
         return {head: [f"{JOB_FIELDS[head]['label']}: {rest.strip()}"]}
     return {"request": [message]}
